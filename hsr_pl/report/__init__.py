@@ -1,0 +1,1 @@
+"""Human-facing output: rich tables, terminal heatmaps, optional PNG plots, JSON manifests."""
