@@ -1,0 +1,17 @@
+"""Data: VLGuard-format loading, collation, the data module, the embedded synthetic set."""
+
+from .collate import VLGuardCollator, build_messages
+from .datamodule import EvalSet, VLGuardDataModule
+from .vlguard import SPLITS, DataFormatError, load_vlguard, pairs_to_dataset, select_samples
+
+__all__ = [
+    "SPLITS",
+    "DataFormatError",
+    "EvalSet",
+    "VLGuardCollator",
+    "VLGuardDataModule",
+    "build_messages",
+    "load_vlguard",
+    "pairs_to_dataset",
+    "select_samples",
+]

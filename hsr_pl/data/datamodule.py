@@ -1,0 +1,214 @@
+"""``VLGuardDataModule``: training, evaluation and calibration data for hsr-pl.
+
+- ``train_dataloader``: every pair of ``train_path`` (or the splits in ``train_splits``), with
+  responses and prompt-masked labels, for supervised fine-tuning.
+- ``val_dataloader``: one prompt-only loader per entry of ``eval_sets``; each batch also carries
+  the references and the set's ``kind`` (harmful / utility / benign) so the module can score it.
+- ``calibration_dataloader(split, …)``: what the callbacks use (pruning statistics, head scores,
+  importance scores): a seeded selection of N examples of one split.
+
+The processor comes from the LightningModule (``trainer.lightning_module.processor``) unless one
+is given, so a YAML config names the model path once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from .collate import VLGuardCollator
+from .vlguard import SPLITS, load_vlguard, pairs_to_dataset, select_samples
+
+__all__ = ["EvalSet", "VLGuardDataModule"]
+
+EVAL_KINDS = ("harmful", "utility", "benign")
+
+
+@dataclass
+class EvalSet:
+    """One evaluation set: a VLGuard file, the split to read from it, and how to score it.
+
+    ``kind``: ``harmful`` -> attack success rate (the reply should be a refusal), ``utility`` ->
+    accuracy against the reference answer, ``benign`` -> over-refusal rate.
+    """
+
+    name: str
+    path: str
+    split: str = "safety"
+    kind: Literal["harmful", "utility", "benign"] = "harmful"
+    num_samples: int | None = None
+    image_root: str | None = None
+
+
+class _EvalCollator:
+    def __init__(self, inner: VLGuardCollator, eval_set: EvalSet) -> None:
+        self.inner, self.eval_set = inner, eval_set
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        batch["references"] = [e["response"] for e in examples]
+        batch["instructions"] = [e["instruction"] for e in examples]
+        batch["eval_set"] = self.eval_set.name
+        batch["kind"] = self.eval_set.kind
+        return batch
+
+
+class VLGuardDataModule(pl.LightningDataModule):
+    """VLGuard-format data for fit, validate and the HSR callbacks.
+
+    Args:
+        train_path: VLGuard JSON with the training pairs (also the default calibration source).
+        calibration_path: VLGuard JSON for calibration splits (default: ``train_path``).
+        image_root: folder the records' image paths are relative to (default: each JSON's folder).
+        eval_sets: evaluation sets for ``validate`` (see :class:`EvalSet`).
+        train_splits: which splits of ``train_path`` to train on (default: all).
+        processor: a processor object or a local path; default: the LightningModule's.
+        batch_size / eval_batch_size: per-device batch sizes.
+        num_samples: default calibration size per split (SPEC: 128).
+        seed: the seed of the calibration selection (seeded shuffle, first N).
+        max_length: optional token cap (longer rows are an error, never silently cut).
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        calibration_path: str | None = None,
+        image_root: str | None = None,
+        eval_sets: list[EvalSet] | None = None,
+        train_splits: list[str] | None = None,
+        processor: object | str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_samples: int = 128,
+        seed: int = 0,
+        num_workers: int = 0,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0 or eval_batch_size <= 0:
+            raise ValueError("batch_size and eval_batch_size must be positive")
+        for split in train_splits or ():
+            if split not in SPLITS:
+                raise ValueError(f"train_splits has unknown split {split!r}; choose from {SPLITS}")
+        self.eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in (eval_sets or [])]
+        for eval_set in self.eval_sets:
+            if eval_set.kind not in EVAL_KINDS:
+                raise ValueError(f"eval set {eval_set.name!r}: kind must be one of {EVAL_KINDS}")
+            if eval_set.split not in SPLITS:
+                raise ValueError(f"eval set {eval_set.name!r}: split must be one of {SPLITS}")
+            if not Path(eval_set.path).is_file():
+                raise FileNotFoundError(f"eval set {eval_set.name!r}: {eval_set.path} does not exist")
+        for label, path in (("train_path", train_path), ("calibration_path", calibration_path)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{label}={path} does not exist; give a VLGuard JSON file")
+        self.train_path = train_path
+        self.calibration_path = calibration_path or train_path
+        self.image_root = image_root
+        self.train_splits = train_splits
+        self._processor = processor
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_samples = num_samples
+        self.seed = seed
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self._examples: dict[str, list[dict]] = {}
+
+    # ------------------------------------------------------------------------------ plumbing
+    @property
+    def processor(self):
+        if isinstance(self._processor, str):
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self._processor)
+        if self._processor is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+            processor = getattr(module, "processor", None)
+            if processor is None:
+                raise RuntimeError(
+                    "VLGuardDataModule has no processor: pass processor=<path or object>, or use it "
+                    "with a LightningModule that has a .processor (LVLMModule does)"
+                )
+            return processor
+        return self._processor
+
+    def examples(self, path: str, image_root: str | None = None) -> list[dict]:
+        """Parsed (and validated) examples of one file, cached."""
+        key = f"{path}::{image_root or self.image_root}"
+        if key not in self._examples:
+            self._examples[key] = load_vlguard(path, image_root or self.image_root)
+        return self._examples[key]
+
+    def _loader(self, rows: list[dict], collate, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            rows,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+        )
+
+    @staticmethod
+    def _rows(dataset):
+        # A datasets.Dataset indexes to dicts; DataLoader needs a sequence of examples.
+        return [dataset[i] for i in range(len(dataset))]
+
+    # ----------------------------------------------------------------------------- loaders
+    def setup(self, stage: str) -> None:
+        # Parse and validate everything the stage needs before any heavy work starts.
+        if stage == "fit" and self.train_path is None:
+            raise ValueError("fit needs data.train_path (a VLGuard JSON file)")
+        if self.train_path is not None:
+            self.examples(self.train_path)
+        for eval_set in self.eval_sets:
+            self.examples(eval_set.path, eval_set.image_root)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_path is None:
+            raise ValueError("no train_path: set data.train_path to a VLGuard JSON file")
+        examples = self.examples(self.train_path)
+        if self.train_splits:
+            examples = [e for e in examples if e["split"] in self.train_splits]
+        dataset = pairs_to_dataset(examples, source=self.train_path)
+        collate = VLGuardCollator(self.processor, with_response=True, max_length=self.max_length)
+        return self._loader(self._rows(dataset), collate, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.eval_sets:
+            raise ValueError("validate needs data.eval_sets (name, path, split, kind)")
+        loaders = []
+        for eval_set in self.eval_sets:
+            dataset = pairs_to_dataset(
+                self.examples(eval_set.path, eval_set.image_root), eval_set.split, source=eval_set.path
+            )
+            dataset = select_samples(dataset, eval_set.num_samples, self.seed)
+            collate = _EvalCollator(VLGuardCollator(self.processor, with_response=False), eval_set)
+            loaders.append(self._loader(self._rows(dataset), collate, self.eval_batch_size, shuffle=False))
+        return loaders
+
+    def calibration_dataset(self, split: str, num_samples: int | None = None):
+        """The seeded selection of ``num_samples`` examples of ``split`` (a ``datasets.Dataset``)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown calibration split {split!r}; choose one of {SPLITS}")
+        if self.calibration_path is None:
+            raise ValueError("no calibration data: set data.calibration_path or data.train_path")
+        dataset = pairs_to_dataset(self.examples(self.calibration_path), split, source=self.calibration_path)
+        return select_samples(dataset, num_samples if num_samples is not None else self.num_samples, self.seed)
+
+    def calibration_dataloader(
+        self,
+        split: str,
+        num_samples: int | None = None,
+        *,
+        with_response: bool = True,
+        batch_size: int = 1,
+        shuffle: bool = False,
+    ) -> DataLoader:
+        """Batches of one split for the callbacks (see the module docstring of collate.py)."""
+        dataset = self.calibration_dataset(split, num_samples)
+        collate = VLGuardCollator(self.processor, with_response=with_response, max_length=self.max_length)
+        return self._loader(self._rows(dataset), collate, batch_size, shuffle=shuffle)

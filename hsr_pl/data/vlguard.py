@@ -1,0 +1,129 @@
+"""VLGuard-format records -> ``datasets.Dataset`` splits (SPEC §0).
+
+A VLGuard file is a JSON list; each record has an ``image`` path (relative to an image root), a
+``safe`` flag for the image, a ``harmful_category`` and ``instr-resp``: a list of dicts holding one
+of ``safe_instruction`` / ``unsafe_instruction`` / ``instruction`` and a ``response``. Each pair
+becomes one example of one split:
+
+- ``utility``      safe image + ``safe_instruction`` + helpful answer   ("safe_safes")
+- ``safety``       unsafe image + ``instruction`` + refusal            ("unsafes"), or any
+                   image + ``unsafe_instruction`` on an unsafe image
+- ``over_refusal`` safe image + ``unsafe_instruction`` + refusal        ("safe_unsafes")
+
+Everything is checked up front (missing image, malformed record, empty split) with an error that
+names the file and record index, so no calibration or training work starts on bad data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["SPLITS", "DataFormatError", "load_vlguard", "pairs_to_dataset", "select_samples"]
+
+SPLITS = ("utility", "safety", "over_refusal")
+_INSTRUCTION_KEYS = ("safe_instruction", "unsafe_instruction", "instruction")
+
+
+class DataFormatError(ValueError):
+    """A VLGuard-format file that cannot be used as it is."""
+
+
+def _split_of(safe_image: bool, key: str) -> str:
+    if key == "safe_instruction":
+        return "utility" if safe_image else "safety"
+    if key == "unsafe_instruction":
+        return "over_refusal" if safe_image else "safety"
+    return "utility" if safe_image else "safety"
+
+
+def _where(path: Path, index: int) -> str:
+    return f"{path}: record {index}"
+
+
+def load_vlguard(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
+    """Read a VLGuard JSON file into flat examples, one per instruction/response pair.
+
+    Each example: ``{"image": absolute path or None, "instruction", "response", "split",
+    "safe": bool, "category": str, "record": int}``. ``image_root`` defaults to the JSON file's
+    folder. A record whose ``image`` is null is a text-only prompt (for text-only LMs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VLGuard file {path} does not exist; pass an existing JSON file path")
+    root = Path(image_root) if image_root is not None else path.parent
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path} is not valid JSON ({err}); expected a JSON list of records") from None
+    if not isinstance(records, list):
+        raise DataFormatError(f"{path} holds a {type(records).__name__}; expected a JSON list of records")
+    examples: list[dict] = []
+    for index, record in enumerate(records):
+        where = _where(path, index)
+        if not isinstance(record, dict):
+            raise DataFormatError(f"{where} is a {type(record).__name__}, expected an object")
+        for key in ("safe", "instr-resp"):
+            if key not in record:
+                raise DataFormatError(f"{where} has no {key!r} field (fields: {sorted(record)})")
+        image = record.get("image")
+        if image is not None:
+            image_path = Path(image) if Path(image).is_absolute() else root / image
+            if not image_path.is_file():
+                raise FileNotFoundError(
+                    f"{where}: image {image_path} does not exist; check image_root (now {root})"
+                )
+            image = str(image_path)
+        pairs = record["instr-resp"]
+        if not isinstance(pairs, list) or not pairs:
+            raise DataFormatError(f"{where}: 'instr-resp' must be a non-empty list of dicts")
+        for j, pair in enumerate(pairs):
+            keys = [k for k in _INSTRUCTION_KEYS if isinstance(pair, dict) and k in pair]
+            if len(keys) != 1 or not isinstance(pair.get("response"), str):
+                raise DataFormatError(
+                    f"{where}, instr-resp[{j}]: expected exactly one of {_INSTRUCTION_KEYS} and a "
+                    f"'response' string, got {pair!r}"
+                )
+            instruction = pair[keys[0]]
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise DataFormatError(f"{where}, instr-resp[{j}]: empty instruction")
+            examples.append(
+                {
+                    "image": image,
+                    "instruction": instruction,
+                    "response": pair["response"],
+                    "split": _split_of(bool(record["safe"]), keys[0]),
+                    "safe": bool(record["safe"]),
+                    "category": str(record.get("harmful_category") or ""),
+                    "record": index,
+                }
+            )
+    return examples
+
+
+def pairs_to_dataset(examples: Iterable[dict], split: str | None = None, *, source: str = "data"):
+    """A ``datasets.Dataset`` of ``examples`` (optionally one split); empty -> error."""
+    from datasets import Dataset
+
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    rows = [e for e in examples if split is None or e["split"] == split]
+    if not rows:
+        raise DataFormatError(
+            f"{source} has no examples of split {split!r}; splits are derived from the records' "
+            "'safe' flag and instruction key (see SPEC §0)"
+        )
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    return Dataset.from_dict(columns)
+
+
+def select_samples(dataset, num_samples: int | None, seed: int):
+    """Seeded shuffle, then the first ``num_samples`` (all when None or larger than the set)."""
+    if num_samples is not None and num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    shuffled = dataset.shuffle(seed=seed)
+    if num_samples is None or num_samples >= len(shuffled):
+        return shuffled
+    return shuffled.select(range(num_samples))
