@@ -1,0 +1,245 @@
+"""``LVLMModule``: a LightningModule around a Hugging Face vision-language (or causal) model.
+
+- loads a local checkpoint in ``configure_model`` (so sharded strategies can wrap it), or wraps an
+  ``nn.Module`` passed in; ``tiny:<family>[-gqa]`` builds a tiny random model for tests and demos;
+- ``training_step``: supervised fine-tuning loss on answer tokens only (the collator labels the
+  prompt -100);
+- ``validation_step``: greedy generation on each evaluation set and the safety / utility metrics;
+- :meth:`generate`: batched greedy decoding with left padding, used by evaluation and the demo.
+
+Everything that can be checked cheaply (path exists, is a model folder, has a processor, is a
+supported architecture) is checked in ``__init__``, before any weights are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .models import get_adapter, supported_families
+
+__all__ = ["LVLMModule", "ModelLoadError"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_TEXT_ONLY = {"llama", "mistral", "qwen2"}
+
+
+class ModelLoadError(ValueError):
+    """A model path or argument that cannot be loaded; the message says how to fix it."""
+
+
+def _check_model_dir(path: Path, trust_remote_code: bool) -> str:
+    """Validate a local checkpoint folder cheaply; returns its ``model_type``."""
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; pass a local checkpoint folder")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is a file; pass the checkpoint *folder* (with config.json)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{path} is not a model folder (no config.json); point model= at the folder written by "
+            "save_pretrained"
+        )
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    known = {t for types in supported_families().values() for t in types}
+    if model_type not in known and not trust_remote_code:
+        raise ModelLoadError(
+            f"{path}: model_type={model_type!r} has no hsr-pl adapter. Supported: {sorted(known)}. "
+            "Add an adapter (docs/adapters.md)."
+        )
+    has_processor = any(
+        (path / name).is_file()
+        for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+    )
+    if not has_processor:
+        raise ModelLoadError(
+            f"{path} has no processor or tokenizer files; save the processor next to the weights "
+            "(processor.save_pretrained(path)) or pass processor=<folder>"
+        )
+    return model_type
+
+
+class LVLMModule(pl.LightningModule):
+    """Wraps an HF image-text-to-text model (or a text-only causal LM) for fit and validate.
+
+    Args:
+        model: a local checkpoint folder, ``"tiny:<family>"`` / ``"tiny:<family>-gqa"`` (random
+            tiny model from config), ``"organism"`` (the shipped aligned tiny LVLM), or a model.
+        processor: a processor object or folder; default: the model folder.
+        dtype: weights dtype when loading (``float32``, ``bfloat16``, ``float16``).
+        attn_implementation: passed to ``from_pretrained`` (``eager`` keeps head hooks exact).
+        trust_remote_code: off unless you turn it on.
+        learning_rate / weight_decay / warmup_steps: the default AdamW + linear warm-up; override
+            with LightningCLI's ``optimizer:`` / ``lr_scheduler:`` keys.
+        max_new_tokens: generation budget for evaluation (greedy).
+        judge: name of the refusal judge for ASR (see :mod:`hsr_pl.metrics`).
+        refusal: the aligned refusal sentence, for the ``strict`` judge.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module = "tiny:llava",
+        processor: Any = None,
+        dtype: str = "float32",
+        attn_implementation: str | None = "eager",
+        trust_remote_code: bool = False,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        max_new_tokens: int = 32,
+        judge: str = "keyword-gcg",
+        refusal: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dtype not in _DTYPES:
+            raise ModelLoadError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        if max_new_tokens <= 0:
+            raise ValueError("max_new_tokens must be positive")
+        self.save_hyperparameters(ignore=["model", "processor"])
+        self.model_source = model if isinstance(model, str) else None
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self._model_type: str | None = None
+        self._tiny_processor = None
+        if isinstance(model, str):
+            self._model_type = self._prepare_source(model, trust_remote_code)
+        if isinstance(processor, str):
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(processor, trust_remote_code=trust_remote_code)
+        self.processor = processor if processor is not None else self._default_processor()
+        self.eval_metrics: nn.ModuleDict | None = None
+
+    # ------------------------------------------------------------------------------ loading
+    def _prepare_source(self, source: str, trust_remote_code: bool) -> str:
+        if source.startswith("tiny:"):
+            from .models.tiny import TINY_BUILDERS, build_tiny
+
+            family = source.removeprefix("tiny:")
+            gqa = family.endswith("-gqa")
+            family = family.removesuffix("-gqa")
+            if family not in TINY_BUILDERS:
+                raise ModelLoadError(f"{source!r}: no tiny builder; known: {sorted(TINY_BUILDERS)}")
+            # Tiny models are cheap: build now so the processor is known to the data module.
+            self.model, self._tiny_processor = build_tiny(family, gqa=gqa)
+            return self.model.config.model_type
+        if source == "organism":
+            from .models.organism import ORGANISM_PACKAGE_PATH
+
+            self.model_source = str(ORGANISM_PACKAGE_PATH)
+            return _check_model_dir(Path(ORGANISM_PACKAGE_PATH), trust_remote_code)
+        return _check_model_dir(Path(source).expanduser(), trust_remote_code)
+
+    def _default_processor(self):
+        if self._tiny_processor is not None:
+            return self._tiny_processor
+        if self.model_source is None:
+            return None
+        from transformers import AutoProcessor, AutoTokenizer
+
+        path = Path(self.model_source).expanduser()
+        loader = AutoTokenizer if self._model_type in _TEXT_ONLY else AutoProcessor
+        return loader.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+
+    def configure_model(self) -> None:
+        """Load the weights (once). Called by Lightning inside the strategy's init context."""
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        loader = AutoModelForCausalLM if self._model_type in _TEXT_ONLY else AutoModelForImageTextToText
+        kwargs = dict(dtype=_DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        if self.hparams.attn_implementation:
+            kwargs["attn_implementation"] = self.hparams.attn_implementation
+        rank_zero_info(f"hsr-pl: loading {self.model_source} ({self.hparams.dtype})")
+        self.model = loader.from_pretrained(Path(self.model_source).expanduser(), **kwargs)
+        get_adapter(self.model)  # fail now, not deep inside a callback
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    # ----------------------------------------------------------------------------- training
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        """The tensors of a collated batch (drops references, names and other metadata)."""
+        return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if "labels" not in batch:
+            raise ValueError("training batches need labels (collate with with_response=True)")
+        loss = self.model(**self.model_inputs(batch)).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.learning_rate,
+        )
+        if self.hparams.warmup_steps <= 0:
+            return optimizer
+        warmup = self.hparams.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int | None = None) -> list[str]:
+        """Greedy replies for a left-padded prompt batch, decoded without special tokens."""
+        inputs = self.model_inputs(batch)
+        inputs.pop("labels", None)
+        width = inputs["input_ids"].shape[1]
+        tokenizer = self.tokenizer
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
+
+    # --------------------------------------------------------------------------- validation
+    def _metrics_for(self, eval_set: str, kind: str):
+        from .evaluation import build_eval_metrics
+
+        if self.eval_metrics is None:
+            self.eval_metrics = nn.ModuleDict()
+        if eval_set not in self.eval_metrics:
+            self.eval_metrics[eval_set] = build_eval_metrics(
+                kind, judge=self.hparams.judge, refusal=self.hparams.refusal
+            ).to(self.device)
+        return self.eval_metrics[eval_set]
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        replies = self.generate(batch)
+        metrics = self._metrics_for(batch["eval_set"], batch["kind"])
+        metrics.update(replies, batch["references"])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.eval_metrics is None:
+            return
+        from .report.evaluation import print_eval_table
+
+        rows = []
+        for eval_set, metrics in self.eval_metrics.items():
+            values = metrics.compute()
+            for name, value in values.items():
+                self.log(f"val/{eval_set}/{name}", value, add_dataloader_idx=False, sync_dist=False)
+            rows.append((eval_set, metrics.kind, values, int(metrics.count())))
+            metrics.reset()
+        if self.trainer.is_global_zero:
+            print_eval_table(rows)
