@@ -1,0 +1,139 @@
+"""VLGuard-format loading, split mapping, collation and the data module's loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hsr_pl.data import DataFormatError, VLGuardCollator, VLGuardDataModule, load_vlguard, select_samples
+from hsr_pl.data.vlguard import pairs_to_dataset
+from vlguard_fixture import REFUSAL, make_vlguard_fixture
+
+
+@pytest.fixture
+def fixture_path(tmp_path):
+    return make_vlguard_fixture(tmp_path, n=9)
+
+
+def test_split_mapping_follows_spec(fixture_path):
+    examples = load_vlguard(fixture_path)
+    by_split = {}
+    for e in examples:
+        by_split.setdefault(e["split"], []).append(e)
+    # 9 records: 6 safe (utility + over_refusal pair each), 3 unsafe (safety).
+    assert len(by_split["utility"]) == 6
+    assert len(by_split["over_refusal"]) == 6
+    assert len(by_split["safety"]) == 3
+    assert all(e["safe"] for e in by_split["utility"] + by_split["over_refusal"])
+    assert not any(e["safe"] for e in by_split["safety"])
+    assert all(e["response"] == REFUSAL for e in by_split["safety"] + by_split["over_refusal"])
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r[1].pop("instr-resp"), "record 1 has no 'instr-resp'"),
+        (lambda r: r[2].update({"image": "images/missing.png"}), "record 2: image"),
+        (lambda r: r[0]["instr-resp"].append({"response": "x"}), "record 0, instr-resp[2]"),
+        (lambda r: r[3].update({"instr-resp": []}), "record 3: 'instr-resp' must be a non-empty list"),
+    ],
+)
+def test_malformed_records_are_named(fixture_path, mutate, message):
+    records = json.loads(fixture_path.read_text())
+    mutate(records)
+    fixture_path.write_text(json.dumps(records))
+    with pytest.raises((DataFormatError, FileNotFoundError), match=message.replace("[", r"\[")):
+        load_vlguard(fixture_path)
+
+
+def test_not_a_list_and_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_vlguard(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1}')
+    with pytest.raises(DataFormatError, match="expected a JSON list"):
+        load_vlguard(bad)
+
+
+def test_empty_split_is_an_error(fixture_path):
+    examples = [e for e in load_vlguard(fixture_path) if e["split"] != "safety"]
+    with pytest.raises(DataFormatError, match="no examples of split 'safety'"):
+        pairs_to_dataset(examples, "safety")
+
+
+def test_seeded_selection_is_a_prefix_of_the_seeded_shuffle(fixture_path):
+    dataset = pairs_to_dataset(load_vlguard(fixture_path), "utility")
+    a = select_samples(dataset, 3, seed=7)
+    b = select_samples(dataset, 5, seed=7)
+    assert [r["record"] for r in a] == [r["record"] for r in b][:3]
+    c = select_samples(dataset, 6, seed=8)
+    assert sorted(r["record"] for r in c) == sorted(r["record"] for r in dataset)
+    with pytest.raises(ValueError, match="positive"):
+        select_samples(dataset, 0, seed=1)
+
+
+def test_collator_masks_prompt_and_padding(tiny_llava, fixture_path):
+    _, processor = tiny_llava
+    examples = load_vlguard(fixture_path)[:4]
+    batch = VLGuardCollator(processor, with_response=True)(examples)
+    tokenizer = processor.tokenizer
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == mask.shape
+    assert batch["pixel_values"].shape[0] == len(examples)
+    for row, example in enumerate(examples):
+        # Left padding: zeros only at the start.
+        n = int(mask[row].sum())
+        assert mask[row, -n:].all() and not mask[row, :-n].any()
+        answer = labels[row][labels[row] != -100]
+        expected = tokenizer(example["response"] + " </s>", add_special_tokens=False).input_ids
+        assert answer.tolist() == expected
+        # The labelled tokens are exactly the last len(answer) tokens of the row.
+        assert torch.equal(ids[row, -len(answer):], answer)
+    prompt_only = VLGuardCollator(processor, with_response=False)(examples)
+    assert "labels" not in prompt_only
+    last = tokenizer.convert_ids_to_tokens(prompt_only["input_ids"][:, -2:].reshape(-1).tolist())
+    assert last == ["assistant", ":"] * len(examples)
+
+
+def test_collator_needs_a_chat_template(tiny_llava):
+    _, processor = tiny_llava
+    processor.chat_template = None
+    processor.tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        VLGuardCollator(processor)
+
+
+def test_datamodule_calibration_and_eval_loaders(tiny_llava, fixture_path):
+    model, processor = tiny_llava
+    dm = VLGuardDataModule(
+        train_path=str(fixture_path),
+        processor=processor,
+        batch_size=2,
+        eval_sets=[{"name": "harm", "path": str(fixture_path), "split": "safety", "kind": "harmful"}],
+        num_samples=4,
+    )
+    dm.setup("fit")
+    batches = list(dm.calibration_dataloader("utility", 3, batch_size=2))
+    assert sum(b["input_ids"].shape[0] for b in batches) == 3
+    assert all((b["labels"] != -100).any(dim=1).all() for b in batches)
+    assert model(**batches[0]).loss.isfinite()
+    (val,) = dm.val_dataloader()
+    batch = next(iter(val))
+    assert batch["kind"] == "harmful" and batch["eval_set"] == "harm"
+    assert batch["references"] == [REFUSAL] * batch["input_ids"].shape[0]
+    with pytest.raises(ValueError, match="unknown calibration split"):
+        dm.calibration_dataloader("harmful")
+
+
+def test_datamodule_rejects_bad_arguments(fixture_path):
+    with pytest.raises(FileNotFoundError, match="train_path"):
+        VLGuardDataModule(train_path="/nope/train.json")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        VLGuardDataModule(eval_sets=[{"name": "x", "path": str(fixture_path), "kind": "toxic"}])
+    with pytest.raises(ValueError, match="unknown split"):
+        VLGuardDataModule(train_path=str(fixture_path), train_splits=["safe"])
+    dm = VLGuardDataModule(train_path=str(fixture_path))
+    with pytest.raises(RuntimeError, match="no processor"):
+        dm.train_dataloader()
