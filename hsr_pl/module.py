@@ -173,6 +173,10 @@ class LVLMModule(pl.LightningModule):
         """The tensors of a collated batch (drops references, names and other metadata)."""
         return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns a model in eval mode; fine-tuning wants dropout etc. active.
+        self.model.train()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "labels" not in batch:
             raise ValueError("training batches need labels (collate with with_response=True)")
