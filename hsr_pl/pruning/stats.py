@@ -1,0 +1,190 @@
+"""Forward-hook statistics of the inputs of target linears, over selected tokens only.
+
+Two accumulators, both in float32 whatever the model dtype, both in the reference's running-mean
+form (so masks match locuslab/wanda and IST-DASLab/sparsegpt bit for bit):
+
+* :class:`RowStats` (Wanda): ``scaler_row_j = (1/N) * sum over samples of sum over tokens x_j^2``.
+* :class:`HessianStats` (SparseGPT): ``H = (2/N) * sum X X^T``.
+
+N counts calibration *samples* (rows of a batch), as in the reference; the number of tokens that
+contributed is kept too. Which tokens count comes from a :class:`TokenSelection` that the runner
+points at the current batch before each forward: the response tokens (``labels != -100`` at the
+same positions, no shift) or all non-padding tokens (``attention_mask != 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CalibrationError, PruningConfigError
+
+__all__ = [
+    "HessianStats",
+    "RowStats",
+    "StatsCollector",
+    "TokenSelection",
+    "token_mask",
+]
+
+TOKEN_MODES = ("response", "all")
+Reduce = Callable[[Tensor], Tensor]
+
+
+def token_mask(batch: Mapping[str, Tensor], tokens: str = "response") -> Tensor:
+    """Bool ``[batch, seq]``: which positions of ``batch`` feed the statistics.
+
+    ``response``: ``labels != -100`` (labels are aligned with input_ids; HF shifts them inside the
+    loss, we do not). ``all``: every position whose ``attention_mask`` is non-zero.
+    """
+    if tokens not in TOKEN_MODES:
+        raise PruningConfigError(f"tokens={tokens!r} is unknown; use 'response' or 'all'")
+    input_ids = batch.get("input_ids")
+    if tokens == "response":
+        labels = batch.get("labels")
+        if labels is None:
+            raise CalibrationError(
+                "tokens='response' needs `labels` in every calibration batch (-100 outside the response); "
+                "load the calibration set with with_response=True, or use tokens='all'"
+            )
+        return labels != -100
+    attn = batch.get("attention_mask")
+    if attn is not None:
+        return attn != 0
+    if input_ids is None:
+        raise CalibrationError("a calibration batch has neither attention_mask nor input_ids")
+    return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+
+
+class TokenSelection:
+    """The current batch's token mask, shared by every hook; the runner sets it per batch."""
+
+    def __init__(self) -> None:
+        self.mask: Tensor | None = None
+
+    def set(self, mask: Tensor | None) -> None:
+        self.mask = mask
+
+    def select(self, x: Tensor) -> tuple[Tensor, int]:
+        """``x [B, T, d]`` -> ``(selected rows [n, d], number of samples B)``."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        samples = x.shape[0]
+        if self.mask is None:
+            return x.reshape(-1, x.shape[-1]), samples
+        mask = self.mask.to(x.device)
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise CalibrationError(
+                f"token mask of shape {tuple(mask.shape)} does not match the linear's input "
+                f"{tuple(x.shape[:-1])}: the batch's labels/attention_mask must align with the decoder sequence"
+            )
+        return x[mask], samples
+
+
+class RowStats:
+    """Per-input-channel running mean of the summed squares (Wanda's ``scaler_row``)."""
+
+    def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
+        self.scaler_row = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.nsamples = 0
+        self.ntokens = 0
+
+    def add(self, rows: Tensor, samples: int) -> None:
+        """Add the selected input rows ``[n, d]`` of ``samples`` calibration samples."""
+        if rows.shape[0] == 0:
+            return
+        inp = rows.t()
+        self.scaler_row *= self.nsamples / (self.nsamples + samples)
+        self.nsamples += samples
+        self.ntokens += rows.shape[0]
+        inp = inp.type(torch.float32)
+        self.scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / self.nsamples
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"scaler_row": self.scaler_row}
+
+
+class HessianStats:
+    """Running ``H = (2/N) sum X X^T`` in float32 (SparseGPT's ``add_batch``)."""
+
+    def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.nsamples = 0
+        self.ntokens = 0
+
+    def add(self, rows: Tensor, samples: int) -> None:
+        if rows.shape[0] == 0:
+            return
+        inp = rows.t()
+        self.H *= self.nsamples / (self.nsamples + samples)
+        self.nsamples += samples
+        self.ntokens += rows.shape[0]
+        inp = math.sqrt(2 / self.nsamples) * inp.float()
+        self.H += inp.matmul(inp.t())
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"H": self.H}
+
+
+STAT_KINDS: dict[str, type[RowStats] | type[HessianStats]] = {"row": RowStats, "hessian": HessianStats}
+
+
+class StatsCollector:
+    """Forward hooks on a set of linears that feed one accumulator per linear.
+
+    Use as a context manager: hooks are removed on exit, even after an error.
+    """
+
+    def __init__(self, linears: Mapping[str, nn.Linear], kind: str, selection: TokenSelection) -> None:
+        if kind not in STAT_KINDS:
+            raise PruningConfigError(f"statistic kind {kind!r} is unknown; use one of {sorted(STAT_KINDS)}")
+        self.linears = dict(linears)
+        self.selection = selection
+        self.stats = {
+            name: STAT_KINDS[kind](lin.in_features, device=lin.weight.device) for name, lin in self.linears.items()
+        }
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            rows, samples = self.selection.select(args[0].detach())
+            self.stats[name].add(rows, samples)
+
+        return hook
+
+    def __enter__(self) -> StatsCollector:
+        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def finalize(self, reduce: Reduce | None = None) -> dict[str, RowStats | HessianStats]:
+        """Apply ``reduce`` (e.g. a DDP all_reduce) to every statistic, then check it is usable."""
+        for name, stat in self.stats.items():
+            for tensor in stat.tensors().values():
+                if reduce is not None:
+                    reduced = reduce(tensor)
+                    if reduced is not None and reduced is not tensor:
+                        tensor.copy_(reduced)
+            if reduce is not None:
+                counts = torch.tensor([stat.ntokens], dtype=torch.float64, device=next(iter(stat.tensors().values())).device)
+                counted = reduce(counts)
+                stat.ntokens = int((counted if counted is not None else counts).item())
+            if stat.ntokens == 0:
+                raise CalibrationError(
+                    f"{name}: zero calibration tokens reached this linear; with tokens='response' every batch "
+                    "needs response labels (labels != -100), otherwise pass more/longer samples or tokens='all'"
+                )
+            for key, tensor in stat.tensors().items():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise CalibrationError(
+                        f"{name}: the activation statistic {key} holds NaN/inf; the model overflows on the "
+                        "calibration data (run it in float32/bfloat16 instead of float16, or check the inputs)"
+                    )
+        return self.stats
