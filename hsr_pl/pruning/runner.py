@@ -92,8 +92,10 @@ class PruningConfig:
             raise PruningConfigError(
                 f"granularity='matrix' applies to magnitude only; {self.method} selects per row as its reference does"
             )
-        if int(self.blocksize) <= 0 or (nm != UNSTRUCTURED and self.blocksize % nm[1]):
-            raise PruningConfigError(f"blocksize={self.blocksize} must be positive and a multiple of M; use 128")
+        if int(self.blocksize) <= 0 or (self.method == "sparsegpt" and nm != UNSTRUCTURED and self.blocksize % nm[1]):
+            raise PruningConfigError(
+                f"blocksize={self.blocksize} must be positive (and for SparseGPT N:M a multiple of M); use 128"
+            )
         if not self.percdamp > 0:
             raise PruningConfigError(f"percdamp={self.percdamp} must be > 0; the reference uses 0.01")
 
