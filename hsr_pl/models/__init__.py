@@ -1,4 +1,4 @@
-"""Model-family knowledge: adapters, geometry, tiny builders."""
+"""Model-family knowledge: adapters, geometry, tiny builders, image-only processors."""
 
 from . import families as _families  # noqa: F401  (registers the adapters)
 from .adapters import (
@@ -10,6 +10,9 @@ from .adapters import (
     split_heads,
     supported_families,
 )
+from .processors import register_image_only_processors
+
+register_image_only_processors()
 
 __all__ = [
     "HeadGeometry",
