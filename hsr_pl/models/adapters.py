@@ -71,21 +71,36 @@ class HeadGeometry:
         return slice(g * self.head_dim, (g + 1) * self.head_dim)
 
 
-def split_heads(states: Tensor, num_heads: int, head_dim: int) -> Tensor:
-    """View projection outputs as ``[..., num_heads, head_dim]``.
+def split_heads(states: Tensor, num_heads: int, head_dim: int, *, head_major: bool | None = None) -> Tensor:
+    """View per-head states as ``[..., seq, num_heads, head_dim]``; in-place edits reach ``states``.
 
-    Accepts both the flat layout of a q/k/v projection output (``[..., H * d_h]``) and the
-    already split layout of a per-head norm's output (``[..., H, d_h]``); returns a view, so
-    in-place edits reach the original tensor.
+    Three layouts occur at the adapters' hook points: the flat output of a q/k/v projection
+    (``[..., seq, H * d_h]``, LLaMA and most families), token-major split states
+    (``[..., seq, H, d_h]``) and head-major split states (``[batch, H, seq, d_h]``: Gemma3's
+    ``q_norm``/``k_norm`` run after the transpose). ``head_major`` says which split layout
+    ``states`` has; left ``None`` it is read from the shape, and a shape that fits both split
+    layouts (seq == H) raises instead of guessing -- pass ``head_major`` or use the adapter's
+    :meth:`ModelAdapter.query_heads`, which knows its family's layout.
     """
-    if states.shape[-1] == num_heads * head_dim and not (
-        states.dim() >= 2 and states.shape[-2:] == (num_heads, head_dim)
-    ):
-        return states.view(*states.shape[:-1], num_heads, head_dim)
-    if states.dim() >= 2 and tuple(states.shape[-2:]) == (num_heads, head_dim):
+    shape = tuple(states.shape)
+    token_major_fits = len(shape) >= 2 and shape[-2:] == (num_heads, head_dim)
+    head_major_fits = len(shape) >= 3 and shape[-3] == num_heads and shape[-1] == head_dim
+    if shape and shape[-1] == num_heads * head_dim and not token_major_fits and not head_major:
+        return states.view(*shape[:-1], num_heads, head_dim)
+    if head_major is None:
+        if token_major_fits and head_major_fits:
+            raise ValueError(
+                f"states of shape {shape} fit both [..., seq, {num_heads}, {head_dim}] and "
+                f"[batch, {num_heads}, seq, {head_dim}]; pass head_major=True/False or use "
+                "adapter.query_heads(layer, states)"
+            )
+        head_major = head_major_fits and not token_major_fits
+    if head_major and head_major_fits:
+        return states.transpose(-3, -2)
+    if not head_major and token_major_fits:
         return states
     raise ValueError(
-        f"cannot split states of shape {tuple(states.shape)} into {num_heads} heads of {head_dim}"
+        f"cannot split states of shape {shape} into {num_heads} heads of {head_dim} (head_major={head_major})"
     )
 
 
@@ -146,6 +161,9 @@ class ModelAdapter:
     # every head after any per-head norm and before RoPE. Gemma3 overrides with q_norm / k_norm.
     query_states_name: ClassVar[str] = "q_proj"
     key_states_name: ClassVar[str] = "k_proj"
+    # Layout of those modules' outputs when already split per head: False -> [..., seq, H, d_h]
+    # (or flat [..., seq, H*d_h]); True -> [batch, H, seq, d_h] (Gemma3's norms).
+    states_head_major: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -192,7 +210,10 @@ class ModelAdapter:
         return out
 
     def query_states_module(self, index: int) -> nn.Module:
-        """Its forward output holds the query states of all heads (pre-RoPE)."""
+        """Its forward output holds the query states of all heads (pre-RoPE).
+
+        Read it through :meth:`query_heads` (or :func:`split_heads`) to get ``[..., seq, H, d_h]``.
+        """
         return getattr(self.attention(index), self.query_states_name)
 
     def key_states_module(self, index: int) -> nn.Module:
@@ -200,6 +221,30 @@ class ModelAdapter:
 
     def value_states_module(self, index: int) -> nn.Module:
         return self.projections(index)["v"]
+
+    def query_heads(self, index: int, states: Tensor) -> Tensor:
+        """``[..., seq, H, d_h]`` view of :meth:`query_states_module` ``(index)``'s output."""
+        geo = self.geometry(index)
+        return split_heads(
+            states,
+            geo.num_heads,
+            geo.head_dim,
+            head_major=self._head_major(states, geo.num_heads, geo.head_dim),
+        )
+
+    def key_heads(self, index: int, states: Tensor) -> Tensor:
+        """``[..., seq, H_kv, d_h]`` view of :meth:`key_states_module` ``(index)``'s output."""
+        geo = self.geometry(index)
+        return split_heads(
+            states,
+            geo.num_kv_heads,
+            geo.head_dim,
+            head_major=self._head_major(states, geo.num_kv_heads, geo.head_dim),
+        )
+
+    def _head_major(self, states: Tensor, heads: int, head_dim: int) -> bool | None:
+        # flat outputs need no layout; split ones follow the family's declared layout
+        return None if states.shape[-1] == heads * head_dim else self.states_head_major
 
     def o_proj(self, index: int) -> nn.Linear:
         """A forward pre-hook on it sees the concatenated per-head outputs (o_proj input)."""
