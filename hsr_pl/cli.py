@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from .data import VLGuardDataModule
 from .module import LVLMModule
 
-__all__ = ["HSRCLI", "main"]
+__all__ = ["HSRCLI", "main", "run_cli"]
 
 
 class HSRCLI(LightningCLI):
@@ -27,9 +27,16 @@ class HSRCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "validate":
+            # hsr-pl prints one evaluation table; Lightning's per-dataloader tables repeat it.
+            parser.set_defaults({"verbose": False})
+        return parser
 
-def main(args: list[str] | None = None) -> HSRCLI:
-    """Entry point of the ``hsr-pl`` console script."""
+
+def run_cli(args: list[str] | None = None) -> HSRCLI:
+    """Run the CLI (``args`` instead of ``sys.argv``) and return it, trainer and model included."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return HSRCLI(
         LVLMModule,
@@ -39,6 +46,11 @@ def main(args: list[str] | None = None) -> HSRCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of the ``hsr-pl`` console script."""
+    run_cli()
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ class LVLMModule(pl.LightningModule):
         learning_rate / weight_decay / warmup_steps: the default AdamW + linear warm-up; override
             with LightningCLI's ``optimizer:`` / ``lr_scheduler:`` keys.
         max_new_tokens: generation budget for evaluation (greedy).
-        judge: name of the refusal judge for ASR (see :mod:`hsr_pl.metrics`).
+        judges: names of the judges for ASR and over-refusal (see :func:`hsr_pl.judges.make_judge`;
+            default ``["keyword-gcg"]``); every reported rate carries its judge's name.
         refusal: the aligned refusal sentence, for the ``strict`` judge.
     """
 
@@ -93,7 +94,7 @@ class LVLMModule(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         max_new_tokens: int = 32,
-        judge: str = "keyword-gcg",
+        judges: list[str] | None = None,
         refusal: str | None = None,
     ) -> None:
         super().__init__()
@@ -224,14 +225,14 @@ class LVLMModule(pl.LightningModule):
             self.eval_metrics = nn.ModuleDict()
         if eval_set not in self.eval_metrics:
             self.eval_metrics[eval_set] = build_eval_metrics(
-                kind, judge=self.hparams.judge, refusal=self.hparams.refusal
+                kind, judges=self.hparams.judges or ["keyword-gcg"], refusal=self.hparams.refusal
             ).to(self.device)
         return self.eval_metrics[eval_set]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         replies = self.generate(batch)
         metrics = self._metrics_for(batch["eval_set"], batch["kind"])
-        metrics.update(replies, batch["references"])
+        metrics.update(replies, batch["references"], batch.get("instructions"))
 
     def on_validation_epoch_end(self) -> None:
         if self.eval_metrics is None:
@@ -242,7 +243,9 @@ class LVLMModule(pl.LightningModule):
         for eval_set, metrics in self.eval_metrics.items():
             values = metrics.compute()
             for name, value in values.items():
-                self.log(f"val/{eval_set}/{name}", value, add_dataloader_idx=False, sync_dist=False)
+                # "asr[keyword-gcg]" -> "val/<set>/asr/keyword-gcg" (brackets are rich markup).
+                key = name.replace("[", "/").replace("]", "")
+                self.log(f"val/{eval_set}/{key}", value, add_dataloader_idx=False, sync_dist=False)
             rows.append((eval_set, metrics.kind, values, int(metrics.count())))
             metrics.reset()
         if self.trainer.is_global_zero:

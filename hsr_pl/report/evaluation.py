@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["eval_table", "print_eval_table"]
 
@@ -16,19 +17,18 @@ def _fmt(value) -> str:
 
 
 def eval_table(rows: Iterable[tuple[str, str, Mapping[str, object], int]]) -> Table:
-    """One row per evaluation set: its kind, n, and every metric (names carry the judge)."""
-    rows = list(rows)
-    columns: list[str] = []
-    for _, _, values, _ in rows:
-        columns.extend(name for name in values if name not in columns)
+    """One line per (evaluation set, metric); a metric's name carries its judge."""
     table = Table(title="hsr-pl evaluation (greedy decoding)", header_style="bold")
-    table.add_column("set")
-    table.add_column("kind")
+    table.add_column("set", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
     table.add_column("n", justify="right")
-    for name in columns:
-        table.add_column(name, justify="right")
+    table.add_column("metric [judge]", no_wrap=True)
+    table.add_column("value", justify="right", no_wrap=True)
     for eval_set, kind, values, count in rows:
-        table.add_row(eval_set, kind, str(count), *(_fmt(values[c]) if c in values else "" for c in columns))
+        for i, (name, value) in enumerate(values.items()):
+            first = i == 0
+            table.add_row(eval_set if first else "", kind if first else "", str(count) if first else "",
+                          Text(name), _fmt(value))
     return table
 
 
