@@ -168,6 +168,10 @@ def test_subsets_and_progress():
     calls = []
     gradient_head_scores(model, with_resp, cfg, heads=["1-3", "0-2"], progress=lambda layer, s: calls.append(layer))
     assert calls == [0, 1]
+    # prompt-only batches: the target is the intact model's top next token
+    _, _, prompts = setup_model("llama", False)
+    est = gradient_head_scores(model, prompts)
+    assert len(est) == 8 and all(v > 0 and v == v for v in est.values())
 
 
 def test_dispatch_and_top_heads():

@@ -35,6 +35,7 @@ __all__ = [
     "ScoreAccumulator",
     "intact_pass",
     "model_inputs",
+    "prepare_batches",
     "resolve_targets",
 ]
 
@@ -137,6 +138,14 @@ def forward_outputs(model: nn.Module, item: IntactBatch, cfg: ScoreConfig) -> tu
     return logits, hidden
 
 
+def prepare_batches(model: nn.Module, batches: Sequence[Mapping[str, object]], cfg: ScoreConfig) -> list[IntactBatch]:
+    """Validate and index every batch (scored positions, last prompt token) without running it."""
+    if not batches:
+        raise ValueError("no calibration batches: need at least one prompt to score heads")
+    device = next(model.parameters()).device
+    return [_prepare(batch, cfg, device) for batch in batches]
+
+
 @torch.no_grad()
 def intact_pass(
     model: nn.Module,
@@ -152,10 +161,7 @@ def intact_pass(
     ``extra_hooks(i)`` may return a context manager entered around batch ``i``'s forward (the
     exact engine uses it to capture layer inputs).
     """
-    if not batches:
-        raise ValueError("no calibration batches: need at least one prompt to score heads")
-    device = next(model.parameters()).device
-    items = [_prepare(batch, cfg, device) for batch in batches]
+    items = prepare_batches(model, batches, cfg)
     means: dict[int, Tensor] = {}
     masks = [item.token_mask for item in items] if cfg.ablation == "mean" else []
     from contextlib import ExitStack, nullcontext

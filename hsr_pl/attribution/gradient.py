@@ -43,7 +43,7 @@ from hsr_pl.models.adapters import ModelAdapter, get_adapter
 from hsr_pl.state import head_key
 
 from .ablation import HeadScaling
-from .common import IntactBatch, ProgressFn, intact_pass, resolve_targets
+from .common import IntactBatch, ProgressFn, intact_pass, prepare_batches, resolve_targets
 from .scores import ScoreConfig, per_prompt_mean
 
 __all__ = ["gradient_head_scores"]
@@ -94,7 +94,11 @@ def gradient_head_scores(
     if not targets:
         return {}
     layer_list = list(targets)
-    items, means = intact_pass(model, adapter, batches, cfg, layer_list)
+    if cfg.ablation == "mean":
+        items, means = intact_pass(model, adapter, batches, cfg, layer_list)
+    else:
+        # The forward at α = 1 is the intact forward: no separate intact pass is needed.
+        items, means = prepare_batches(model, batches, cfg), {}
     num_heads = max(adapter.geometry(layer).num_heads for layer in layer_list)
     delta = (1.0 - cfg.epsilon) if cfg.ablation in ("head", "qkv") else 1.0
     centers = means if cfg.ablation == "mean" else None
@@ -113,6 +117,8 @@ def gradient_head_scores(
             with torch.enable_grad(), HeadScaling(adapter, layer_list, alpha, centers):
                 logits = model(**item.inputs, use_cache=False).logits[item.rows, item.cols]
                 logq = torch.log_softmax(logits.to(dtype), dim=-1)
+                if item.logits is None:
+                    item.logits = logits.detach()
                 if estimator == "loglik":
                     y = _targets_tokens(item, batch)
                     logp = logq.gather(-1, y[:, None]).squeeze(-1)
