@@ -53,47 +53,9 @@ def make_batches(processor, *, response: bool, sizes=(3, 2), dtype=torch.float64
             for i in range(k, k + size)
         ]
         k += size
-        try:
-            batch = collate(examples)
-        except ValueError as err:
-            if "images" not in str(err):
-                raise
-            batch = _nested_image_batch(processor, examples, response)
+        batch = collate(examples)
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.is_floating_point():
                 batch[key] = value.to(dtype)
         out.append(batch)
     return out
-
-
-def _nested_image_batch(processor, examples: list[dict], response: bool) -> dict:
-    """For processors that want one image list per sample (Gemma3, Mllama, SmolVLM); labels by
-    the same rule as the collator (left padding: the response is the tail of each row)."""
-    from PIL import Image
-
-    from hsr_pl.data.collate import build_messages
-
-    tok = getattr(processor, "tokenizer", processor)
-    tok.padding_side = "left"
-    images = [[Image.open(e["image"]).convert("RGB")] for e in examples]
-
-    def encode(with_resp: bool) -> dict:
-        texts = [
-            processor.apply_chat_template(
-                build_messages(e["instruction"], e["response"] if with_resp else None, True),
-                add_generation_prompt=not with_resp, tokenize=False,
-            )
-            for e in examples
-        ]
-        return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
-
-    prompt = encode(False)
-    if not response:
-        return prompt
-    full = encode(True)
-    labels = torch.full_like(full["input_ids"], -100)
-    n_resp = full["attention_mask"].sum(1) - prompt["attention_mask"].sum(1)
-    for row, n in enumerate(n_resp.tolist()):
-        labels[row, -n:] = full["input_ids"][row, -n:]
-    full["labels"] = labels
-    return full

@@ -9,6 +9,7 @@ import torch
 
 from hsr_pl.data import DataFormatError, VLGuardCollator, VLGuardDataModule, load_vlguard, select_samples
 from hsr_pl.data.vlguard import pairs_to_dataset
+
 from vlguard_fixture import REFUSAL, make_vlguard_fixture
 
 
@@ -137,3 +138,19 @@ def test_datamodule_rejects_bad_arguments(fixture_path):
     dm = VLGuardDataModule(train_path=str(fixture_path))
     with pytest.raises(RuntimeError, match="no processor"):
         dm.train_dataloader()
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "gemma3", "idefics3", "smolvlm", "mllama", "internvl"])
+def test_collator_batches_every_vision_family(family, fixture_path):
+    from hsr_pl.models.tiny import build_tiny
+
+    model, processor = build_tiny(family)
+    examples = load_vlguard(fixture_path)[:3]
+    batch = VLGuardCollator(processor, with_response=True)(examples)
+    labels = batch["labels"]
+    for row in range(len(examples)):
+        n = int((labels[row] != -100).sum())
+        assert n > 0
+        # Left padding: the response is the tail of the row.
+        assert (labels[row, -n:] != -100).all()
+    assert model(**batch).loss.isfinite()

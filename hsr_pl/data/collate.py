@@ -92,7 +92,9 @@ class VLGuardCollator:
         has_image = [e.get("image") is not None for e in examples]
         if any(has_image) and not all(has_image):
             raise ValueError("a batch mixes examples with and without images; batch them apart")
-        images = [_open_image(e["image"]) for e in examples] if all(has_image) else []
+        # One image list per sample: every family's processor accepts the nested form, and
+        # Gemma3 / Mllama / SmolVLM reject a flat list for batches of more than one row.
+        images = [[_open_image(e["image"])] for e in examples] if all(has_image) else []
         prompts = [self._template(build_messages(e["instruction"], None, bool(images)), True) for e in examples]
         if not self.with_response:
             batch = self._encode(prompts, images)
