@@ -1,3 +1,5 @@
 """Lightning callbacks of hsr-pl (installed as ``hsr_pl.callbacks``)."""
 
-__all__: list[str] = []
+from .pruning import Pruning
+
+__all__ = ["Pruning"]

@@ -1,0 +1,476 @@
+"""``Pruning``: prune the language model's decoder-layer linears, once, and keep them pruned.
+
+Thin orchestration around :func:`hsr_pl.pruning.prune_model` (the maths lives there):
+
+* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``on=``), exactly once —
+  a resumed fit or a second validate finds ``done`` in the callback's state and does not prune
+  again;
+* data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=True,
+  batch_size=...)``; under DDP each rank takes every ``world_size``-th sample, and the statistics
+  are all-reduced before any mask is chosen, so every rank prunes identically;
+* results: masks (and the dense values realignment may restore) go to :class:`hsr_pl.state.HSRState`
+  (``get_state(pl_module)``, names qualified inside the Hugging Face model);
+* during fit: the masks are re-applied after every training batch (after ``optimizer.step``),
+  except entries that realignment restored (``state.restored``).
+
+Everything that can be checked — options, regexes, data module, split, token counts, N:M
+divisibility — is checked before a weight changes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+from typing_extensions import override
+
+from hsr_pl.models import get_adapter
+from hsr_pl.pruning import (
+    CalibrationError,
+    PartialPruningError,
+    PruningConfig,
+    PruningConfigError,
+    PruningResult,
+    prune_model,
+    token_mask,
+)
+from hsr_pl.state import HSRState, get_state
+
+__all__ = ["Pruning"]
+
+WHEN = ("fit_start", "validation_start")
+Batch = dict[str, Tensor]
+
+
+def _as_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    for item in items:
+        if not isinstance(item, str):
+            raise PruningConfigError(f"{label} must be a list of regex strings, got {item!r}")
+        try:
+            re.compile(item)
+        except re.error as exc:
+            raise PruningConfigError(f"{label} regex {item!r} does not compile ({exc}); fix or escape it") from None
+    return items
+
+
+def hf_model(pl_module: nn.Module) -> nn.Module:
+    """The Hugging Face model a LightningModule wraps (``LVLMModule.model``), else the module itself."""
+    inner = getattr(pl_module, "model", None) if isinstance(pl_module, pl.LightningModule) else None
+    if isinstance(inner, nn.Module):
+        return inner
+    return pl_module
+
+
+# ------------------------------------------------------------------------------- distributed
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(fallback: torch.device) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback if fallback.type != "cuda" else torch.device("cpu")
+
+
+class WeightedAllReduce:
+    """``reduce=`` for :func:`prune_model` under DDP: ``all_reduce(sum)`` of ``weight * t``.
+
+    Wanda's ``scaler_row`` and SparseGPT's ``H`` are running means over a rank's own samples;
+    with ``weight = n_rank / n_total`` (samples that contributed tokens) their weighted sum is the
+    mean over the union of all shards — exact, not only for equal shards. SNIP's scores are sums:
+    ``weight = 1``. The pure code also passes token counts through ``reduce``; they only serve the
+    "zero tokens" check, which a weighted sum of counts keeps correct (positive iff any rank saw a
+    token).
+    """
+
+    def __init__(self, weight: float) -> None:
+        self.weight = float(weight)
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        out = tensor * self.weight
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
+def _shard(loader: Iterable[Batch], rank: int, world: int) -> Iterable[Batch]:
+    """This rank's part of the calibration set: samples ``rank, rank + world, …`` (the union is all)."""
+    if world == 1:
+        return loader
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DataLoader) and hasattr(dataset, "__len__") and not isinstance(dataset, IterableDataset):
+        size = len(dataset)
+        if size < world:
+            raise CalibrationError(
+                f"{size} calibration samples cannot be split over {world} ranks; raise num_samples to at least {world}"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=loader.batch_size,
+            sampler=list(range(rank, size, world)),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+    return (batch for i, batch in enumerate(loader) if i % world == rank)
+
+
+# -------------------------------------------------------------------------------- contexts
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Statistics from the deterministic model (no dropout), then the caller's modes back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.train(flag)
+
+
+@contextmanager
+def _layer_progress(enabled: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns) as progress:
+        task = progress.add_task(description, total=None)
+
+        def on_layer(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield on_layer
+
+
+class Pruning(Callback):
+    """Prune the language model's decoder-layer linears (Wanda, SparseGPT, magnitude, SNIP).
+
+    Args:
+        method: ``wanda`` | ``sparsegpt`` | ``magnitude`` | ``snip``.
+        sparsity: fraction pruned, in (0, 1). None: 0.5 unstructured, N/M for an N:M structure.
+        mask_structure: ``"0:0"`` unstructured, or ``"N:M"`` (e.g. ``"2:4"``).
+        mode: ``sequential`` (default for wanda/sparsegpt, as the references) or ``oneshot``.
+            Mllama (cross-attention layers in the decoder) supports only ``oneshot``.
+        tokens: ``response`` (SPEC default: answer tokens feed the statistics) or ``all``.
+        calibration: the data module's calibration split (``utility`` | ``safety`` | ``over_refusal``).
+        num_samples: calibration samples (SPEC: 128); None: the data module's default.
+        batch_size: calibration batch size. Keep 1 for statistics bit-identical to the references.
+        targets: regexes (``re.search``) over the qualified names of the model's ``nn.Linear``
+            modules; default: every decoder-layer linear of the language model. A regex that
+            matches nothing, or matches a linear outside the decoder layers, is an error.
+        ignore: regexes removing linears from ``targets``.
+        keep_originals: regexes over the pruned names whose dense values are kept for
+            realignment; default: the attention projections (q/k/v/o), the only weights HSR restores.
+        on: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``): where
+            the callback prunes, whichever comes first; it prunes once.
+        granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
+    """
+
+    def __init__(
+        self,
+        method: str = "wanda",
+        sparsity: float | None = None,
+        mask_structure: str = "0:0",
+        mode: str | None = None,
+        tokens: str = "response",
+        calibration: str = "utility",
+        num_samples: int | None = 128,
+        batch_size: int = 1,
+        targets: str | list[str] | None = None,
+        ignore: str | list[str] | None = None,
+        keep_originals: str | list[str] | None = None,
+        on: str | list[str] = ("fit_start", "validation_start"),
+        granularity: str = "row",
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if sparsity is None and str(mask_structure).strip() in ("0:0", ""):
+            sparsity = 0.5
+        self.config = PruningConfig(
+            method=method,
+            sparsity=sparsity,
+            mask_structure=mask_structure,
+            mode=mode,
+            tokens=tokens,
+            granularity=granularity,
+            blocksize=blocksize,
+            percdamp=percdamp,
+        )
+        if not isinstance(calibration, str) or not calibration:
+            raise PruningConfigError(f"calibration={calibration!r} must name a data-module split, e.g. 'utility'")
+        if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples <= 0):
+            raise PruningConfigError(f"num_samples={num_samples!r} must be a positive integer (SPEC: 128) or None")
+        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
+            raise PruningConfigError(
+                f"batch_size={batch_size!r} must be a positive integer; 1 reproduces the references bit for bit"
+            )
+        when = [on] if isinstance(on, str) else list(on)
+        bad = [w for w in when if w not in WHEN]
+        if bad or not when:
+            raise PruningConfigError(f"on={on!r}: choose one or both of {list(WHEN)}")
+        self.calibration = calibration
+        self.num_samples = None if num_samples is None else int(num_samples)
+        self.batch_size = int(batch_size)
+        self.targets = _as_list(targets, "targets")
+        self.ignore = _as_list(ignore, "ignore") or []
+        self.keep_originals = _as_list(keep_originals, "keep_originals")
+        self.on = tuple(dict.fromkeys(when))
+        self.result: PruningResult | None = None
+        self._done = False
+        self._state: HSRState | None = None
+        self._loaded: dict | None = None
+        self._deferred = False
+
+    @property
+    def done(self) -> bool:
+        """True once this callback pruned the model (or restored a run where it had)."""
+        return self._done
+
+    @property
+    def target_sparsity(self) -> float:
+        nm = self.config.nm
+        return float(self.config.sparsity) if self.config.sparsity is not None else nm[0] / nm[1]
+
+    # --------------------------------------------------------------------------- targeting
+    def resolve_targets(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """``(names to prune, names whose dense values to keep)`` for ``model`` (an HF model)."""
+        adapter = get_adapter(model)
+        decoder = adapter.target_linears()
+        ignored = [n for n in decoder if any(re.search(p, n) for p in self.ignore)]
+        if self.targets is None:
+            chosen = [n for n in decoder if n not in ignored]
+        else:
+            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+            example = next(iter(decoder), "?")
+            hits: set[str] = set()
+            for pattern in self.targets:
+                matched = [n for n in linears if re.search(pattern, n)]
+                if not matched:
+                    raise PruningConfigError(
+                        f"targets regex {pattern!r} matches no nn.Linear of the model; names look like "
+                        f"{example!r} (regexes are matched with re.search)"
+                    )
+                outside = [n for n in matched if n not in decoder and not any(re.search(p, n) for p in self.ignore)]
+                if outside:
+                    raise PruningConfigError(
+                        f"targets regex {pattern!r} also matches {len(outside)} linear(s) outside the language "
+                        f"model's decoder layers (e.g. {outside[0]!r}); only decoder-layer linears are pruned "
+                        "(SPEC §1): anchor the regex or add those names to ignore"
+                    )
+                hits.update(matched)
+            chosen = [n for n in decoder if n in hits and n not in ignored]
+        if not chosen:
+            raise PruningConfigError(f"targets={self.targets} with ignore={self.ignore} leave no linear to prune")
+        if self.keep_originals is None:
+            projections = {adapter.name_of(p) for i in adapter.layer_indices() for p in adapter.projections(i).values()}
+            keep = [n for n in chosen if n in projections]
+        else:
+            keep = []
+            for pattern in self.keep_originals:
+                matched = [n for n in chosen if re.search(pattern, n)]
+                if not matched:
+                    raise PruningConfigError(
+                        f"keep_originals regex {pattern!r} matches none of the {len(chosen)} pruned linears "
+                        f"(e.g. {chosen[0]!r}); fix it or drop it"
+                    )
+                keep.extend(matched)
+            keep = [n for n in chosen if n in set(keep)]
+        return chosen, keep
+
+    # ------------------------------------------------------------------------- calibration
+    def calibration_batches(self, trainer: pl.Trainer, device: torch.device) -> list[Batch]:
+        """This rank's calibration batches (tensors only, on ``device``)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
+            raise CalibrationError(
+                f"Pruning(method={self.config.method!r}) needs calibration data: run the trainer with a data "
+                "module that has calibration_dataloader(split, num_samples, ...) (hsr_pl.data.VLGuardDataModule), "
+                "or use method='magnitude'"
+            )
+        try:
+            loader = datamodule.calibration_dataloader(
+                self.calibration, self.num_samples, with_response=True, batch_size=self.batch_size
+            )
+        except (ValueError, KeyError) as exc:
+            raise CalibrationError(f"Pruning(calibration={self.calibration!r}): {exc}") from exc
+        rank, world = _world()
+        batches = []
+        for batch in _shard(loader, rank, world):
+            batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)})
+        return batches
+
+    def _check_counts(self, batches: Sequence[Batch], device: torch.device) -> tuple[int, int, float]:
+        """Global (samples, tokens) and this rank's weight; the same error on every rank if unusable."""
+        tokens_mode = "response" if self.config.method == "snip" else self.config.tokens
+        samples = tokens = 0
+        for batch in batches:
+            mask = token_mask(batch, tokens_mode)
+            count = int(mask.sum())
+            if count:
+                samples += mask.shape[0]
+                tokens += count
+        rank, world = _world()
+        counts = torch.zeros(world, 2, dtype=torch.float64)
+        counts[rank] = torch.tensor([samples, tokens], dtype=torch.float64)
+        if world > 1:
+            counts = counts.to(_comm_device(device))
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+            counts = counts.cpu()
+        total_samples, total_tokens = (int(v) for v in counts.sum(0).tolist())
+        if total_tokens == 0:
+            raise CalibrationError(
+                f"zero calibration tokens in {self.calibration!r} with tokens={tokens_mode!r}: the batches' labels mark "
+                "no response (labels != -100); calibrate with responses, or use tokens='all'"
+            )
+        empty = [r for r in range(world) if counts[r, 1] == 0]
+        if empty:
+            raise CalibrationError(
+                f"ranks {empty} got no calibration tokens in their shard of {total_samples} samples; "
+                f"raise num_samples (every rank needs samples with {tokens_mode} tokens)"
+            )
+        return total_samples, total_tokens, samples / total_samples
+
+    # ------------------------------------------------------------------------------ pruning
+    def prune(
+        self,
+        pl_module: nn.Module,
+        batches: Sequence[Batch] | None,
+        *,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        progress: bool = False,
+    ) -> PruningResult:
+        """Prune ``pl_module``'s model in place and record masks/originals in its :class:`HSRState`."""
+        model = hf_model(pl_module)
+        targets, keep = self.resolve_targets(model)
+        progress_bar = _layer_progress(progress, f"pruning ({self.config.method})")
+        with progress_bar as on_layer, _eval_mode(model):
+            try:
+                result = prune_model(
+                    model, batches, self.config, targets=targets, keep_originals=keep, on_layer=on_layer, reduce=reduce
+                )
+            except PartialPruningError as exc:
+                cause = exc.__cause__ or exc
+                raise PartialPruningError(
+                    f"Pruning callback ({self.config.method}, sparsity {self.target_sparsity:g}) failed part-way: "
+                    f"{type(cause).__name__}: {cause}; HSRState was not filled",
+                    exc.pruned_layers,
+                ) from exc
+        state = get_state(pl_module)
+        for name, mask in result.masks.items():
+            state.record_pruning(name, mask, result.originals.get(name))
+        state.sparsity = self.target_sparsity
+        state.method = self.config.method
+        self.result = result
+        self._state = state
+        self._done = True
+        return result
+
+    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Grad-enabled tensors even inside validate's inference mode (SNIP needs backward passes).
+        with torch.inference_mode(False):
+            reduce = None
+            batches = None
+            if self.config.needs_data:
+                batches = self.calibration_batches(trainer, pl_module.device)
+                _, tokens, weight = self._check_counts(batches, pl_module.device)
+                if _world()[1] > 1:
+                    reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
+            self.prune(pl_module, batches, reduce=reduce, progress=trainer.is_global_zero)
+        self._report(trainer, pl_module)
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from hsr_pl.report.sparsity import print_sparsity_table, sparsity_rows
+
+        model = hf_model(pl_module)
+        rows = sparsity_rows(model, self._state)
+        sparsity = sum(r.zeros for r in rows) / max(sum(r.total for r in rows), 1)
+        if trainer.is_global_zero:
+            print_sparsity_table(model, self._state)
+        rank_zero_info(
+            f"hsr-pl: {self.config.method} pruned {len(rows)} linears to {100 * sparsity:.2f} % sparsity "
+            f"(target {100 * self.target_sparsity:g} %)"
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"pruning/sparsity": sparsity}, step=trainer.global_step)
+
+    def _sync_state(self, pl_module: pl.LightningModule) -> None:
+        """Put a checkpoint's HSRState on the module and re-apply its masks."""
+        if self._loaded is None:
+            return
+        state = get_state(pl_module)
+        state.load_state_dict(self._loaded)
+        self._loaded = None
+        self._state = state
+        if state.pruned:
+            state.apply_masks(hf_model(pl_module))
+
+    # -------------------------------------------------------------------------------- hooks
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            self._deferred = True  # this strategy restores our state only after on_fit_start
+            return
+        self._sync_state(pl_module)
+        if self._done:
+            return
+        if "fit_start" in self.on:
+            self._act(trainer, pl_module)
+        else:
+            rank_zero_warn(
+                f"Pruning(on={list(self.on)}) acts at the start of trainer.validate only; this fit trains the dense "
+                "model. Add 'fit_start' to `on` to prune before fine-tuning."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._deferred:
+            return
+        self._deferred = False
+        self._sync_state(pl_module)
+        if not self._done and "fit_start" in self.on:
+            self._act(trainer, pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return  # validation inside fit: fit_start decides
+        self._sync_state(pl_module)
+        if not self._done and "validation_start" in self.on:
+            self._act(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Runs after optimizer.step (and after a skipped step under accumulation: harmless).
+        if self._done and self._state is not None and self._state.pruned:
+            self._state.apply_masks(hf_model(pl_module))
+
+    # -------------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = self._state.state_dict() if self._state is not None else self._loaded
+        return {"done": self._done, "hsr_state": state}
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._done = bool(state_dict.get("done", False))
+        self._loaded = state_dict.get("hsr_state")
+
