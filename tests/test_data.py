@@ -154,3 +154,22 @@ def test_collator_batches_every_vision_family(family, fixture_path):
         # Left padding: the response is the tail of the row.
         assert (labels[row, -n:] != -100).all()
     assert model(**batch).loss.isfinite()
+
+
+def test_calibration_may_join_splits(tiny_llava, fixture_path):
+    _, processor = tiny_llava
+    dm = VLGuardDataModule(train_path=str(fixture_path), processor=processor)
+    joined = dm.calibration_dataset("safety+over_refusal", None)
+    assert sorted(joined["split"]) == sorted(["safety"] * 3 + ["over_refusal"] * 6)
+    with pytest.raises(ValueError, match="unknown split 'harm'"):
+        dm.calibration_dataset("safety+harm")
+
+
+def test_questions_on_unsafe_images_are_utility(tmp_path):
+    path = tmp_path / "d.json"
+    (tmp_path / "x.png").write_bytes((make_vlguard_fixture(tmp_path / "f", n=1).parent / "images" / "000.png").read_bytes())
+    path.write_text(json.dumps([{"image": "x.png", "safe": False, "harmful_category": "w", "instr-resp": [
+        {"safe_instruction": "what colour is the shape ?", "response": "red"},
+        {"unsafe_instruction": "how do i make this ?", "response": REFUSAL},
+        {"instruction": "how do i use this ?", "response": REFUSAL}]}]))
+    assert [e["split"] for e in load_vlguard(path)] == ["utility", "safety", "safety"]

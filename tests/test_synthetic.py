@@ -227,8 +227,11 @@ def test_vlguard_roles_agree_with_the_loader(tmp_path):
     for split in ("train", "calibration", "eval_harmful_text"):
         examples = load_vlguard(out / f"{split}.json")
         records = json.loads((out / f"{split}.json").read_text())
+        expected = {"harmful_text": "over_refusal", "harmful_image": "safety"}
+        by_kind = [expected.get(r["kind"], "utility") for r in records for _ in r["instr-resp"]]
+        assert [e["split"] for e in examples] == by_kind
         roles = [S.vlguard_role(r["safe"], S.instruction_of(p)[0]) for r in records for p in r["instr-resp"]]
-        assert [e["split"] for e in examples] == roles
+        assert roles == by_kind
     calibration = load_vlguard(out / "calibration.json")
     assert Counter(e["split"] for e in calibration) == {"utility": 20, "safety": 10, "over_refusal": 10}
 

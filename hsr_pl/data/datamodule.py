@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from .collate import VLGuardCollator
-from .vlguard import SPLITS, load_vlguard, pairs_to_dataset, select_samples
+from .vlguard import SPLITS, load_vlguard, pairs_to_dataset, parse_split, select_samples
 
 __all__ = ["EvalSet", "VLGuardDataModule"]
 
@@ -94,12 +94,13 @@ class VLGuardDataModule(pl.LightningDataModule):
         for split in train_splits or ():
             if split not in SPLITS:
                 raise ValueError(f"train_splits has unknown split {split!r}; choose from {SPLITS}")
-        self.eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in (eval_sets or [])]
+        eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in (eval_sets or [])]
+        for eval_set in eval_sets:
+            parse_split(eval_set.split)
+        self.eval_sets = eval_sets
         for eval_set in self.eval_sets:
             if eval_set.kind not in EVAL_KINDS:
                 raise ValueError(f"eval set {eval_set.name!r}: kind must be one of {EVAL_KINDS}")
-            if eval_set.split not in SPLITS:
-                raise ValueError(f"eval set {eval_set.name!r}: split must be one of {SPLITS}")
             if not Path(eval_set.path).is_file():
                 raise FileNotFoundError(f"eval set {eval_set.name!r}: {eval_set.path} does not exist")
         for label, path in (("train_path", train_path), ("calibration_path", calibration_path)):
@@ -191,9 +192,14 @@ class VLGuardDataModule(pl.LightningDataModule):
         return loaders
 
     def calibration_dataset(self, split: str, num_samples: int | None = None):
-        """The seeded selection of ``num_samples`` examples of ``split`` (a ``datasets.Dataset``)."""
-        if split not in SPLITS:
-            raise ValueError(f"unknown calibration split {split!r}; choose one of {SPLITS}")
+        """The seeded selection of ``num_samples`` examples of ``split`` (a ``datasets.Dataset``).
+
+        ``split`` may join several splits with '+' (``"safety+over_refusal"``).
+        """
+        try:
+            parse_split(split)
+        except ValueError as err:
+            raise ValueError(f"unknown calibration split: {err}") from None
         if self.calibration_path is None:
             raise ValueError("no calibration data: set data.calibration_path or data.train_path")
         dataset = pairs_to_dataset(self.examples(self.calibration_path), split, source=self.calibration_path)

@@ -375,20 +375,18 @@ def instruction_of(pair: dict[str, str]) -> tuple[str, str]:
 
 
 def vlguard_role(safe: bool, key: str) -> str:
-    """The calibration split of one (image, instruction) pair, as ``hsr_pl.data.vlguard`` assigns it.
+    """The split of one (image, instruction) pair, exactly as ``hsr_pl.data.vlguard`` assigns it.
 
-    Safe image + ``safe_instruction`` -> ``"utility"`` ("safe_safes"); safe image +
-    ``unsafe_instruction`` -> ``"over_refusal"`` (SPEC's name for "safe_unsafes", which here are the
-    ``harmful_text`` refusals); unsafe image + any key -> ``"safety"`` ("unsafes"). Note that the
-    organism's ``glyph_qa`` pairs (an unsafe image with a question that *must be answered*) land in
-    ``"safety"`` under this rule, which is why they are kept out of the calibration files; use the
-    ``kind`` field to tell them apart.
+    ``safe_instruction`` -> ``"utility"`` (also the organism's ``glyph_qa`` questions on unsafe
+    images, which must be answered); safe image + ``unsafe_instruction`` -> ``"over_refusal"``
+    (SPEC's "safe_unsafes": here the ``harmful_text`` refusals); unsafe image + ``instruction`` or
+    ``unsafe_instruction`` -> ``"safety"`` ("unsafes": here the ``harmful_image`` refusals).
     """
+    from .vlguard import split_of
+
     if key not in ("safe_instruction", "unsafe_instruction", "instruction"):
         raise ValueError(f"unknown instruction key {key!r}")
-    if not safe:
-        return "safety"
-    return "over_refusal" if key == "unsafe_instruction" else "utility"
+    return split_of(safe, key)
 
 
 def to_dataset(split: SyntheticSplit):

@@ -5,10 +5,14 @@ A VLGuard file is a JSON list; each record has an ``image`` path (relative to an
 of ``safe_instruction`` / ``unsafe_instruction`` / ``instruction`` and a ``response``. Each pair
 becomes one example of one split:
 
-- ``utility``      safe image + ``safe_instruction`` + helpful answer   ("safe_safes")
-- ``safety``       unsafe image + ``instruction`` + refusal            ("unsafes"), or any
-                   image + ``unsafe_instruction`` on an unsafe image
+- ``utility``      ``safe_instruction`` + helpful answer ("safe_safes"; also on an unsafe image,
+                   where the question about it must still be answered — VLGuard has no such
+                   pair, the embedded synthetic set does)
+- ``safety``       unsafe image + ``instruction`` or ``unsafe_instruction`` + refusal ("unsafes")
 - ``over_refusal`` safe image + ``unsafe_instruction`` + refusal        ("safe_unsafes")
+
+Callers may join splits with ``+`` (``"safety+over_refusal"``): the harmful requests whose harm is
+in the image and those whose harm is in the words.
 
 Everything is checked up front (missing image, malformed record, empty split) with an error that
 names the file and record index, so no calibration or training work starts on bad data.
@@ -21,7 +25,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["SPLITS", "DataFormatError", "load_vlguard", "pairs_to_dataset", "select_samples"]
+__all__ = ["SPLITS", "DataFormatError", "load_vlguard", "pairs_to_dataset", "parse_split", "select_samples", "split_of"]
 
 SPLITS = ("utility", "safety", "over_refusal")
 _INSTRUCTION_KEYS = ("safe_instruction", "unsafe_instruction", "instruction")
@@ -31,9 +35,10 @@ class DataFormatError(ValueError):
     """A VLGuard-format file that cannot be used as it is."""
 
 
-def _split_of(safe_image: bool, key: str) -> str:
+def split_of(safe_image: bool, key: str) -> str:
+    """The split of one pair: see the module docstring."""
     if key == "safe_instruction":
-        return "utility" if safe_image else "safety"
+        return "utility"
     if key == "unsafe_instruction":
         return "over_refusal" if safe_image else "safety"
     return "utility" if safe_image else "safety"
@@ -94,7 +99,7 @@ def load_vlguard(path: str | os.PathLike, image_root: str | os.PathLike | None =
                     "image": image,
                     "instruction": instruction,
                     "response": pair["response"],
-                    "split": _split_of(bool(record["safe"]), keys[0]),
+                    "split": split_of(bool(record["safe"]), keys[0]),
                     "safe": bool(record["safe"]),
                     "category": str(record.get("harmful_category") or ""),
                     "record": index,
@@ -103,13 +108,22 @@ def load_vlguard(path: str | os.PathLike, image_root: str | os.PathLike | None =
     return examples
 
 
+def parse_split(split: str) -> tuple[str, ...]:
+    """``"safety+over_refusal"`` -> ``("safety", "over_refusal")``, each checked."""
+    parts = tuple(p.strip() for p in str(split).split("+"))
+    for part in parts:
+        if part not in SPLITS:
+            raise ValueError(f"unknown split {part!r} in {split!r}; choose from {SPLITS}, joined with '+'")
+    return parts
+
+
 def pairs_to_dataset(examples: Iterable[dict], split: str | None = None, *, source: str = "data"):
-    """A ``datasets.Dataset`` of ``examples`` (optionally one split); empty -> error."""
+    """A ``datasets.Dataset`` of ``examples`` (optionally one split, or several joined by '+');
+    an empty selection is an error."""
     from datasets import Dataset
 
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    rows = [e for e in examples if split is None or e["split"] == split]
+    wanted = parse_split(split) if split is not None else None
+    rows = [e for e in examples if wanted is None or e["split"] in wanted]
     if not rows:
         raise DataFormatError(
             f"{source} has no examples of split {split!r}; splits are derived from the records' "
