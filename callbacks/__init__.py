@@ -1,5 +1,7 @@
 """Lightning callbacks of hsr-pl (installed as ``hsr_pl.callbacks``)."""
 
+from .export import ExportPretrained
+from .head_attribution import SafetyHeadAttribution
 from .pruning import Pruning
 
-__all__ = ["Pruning"]
+__all__ = ["ExportPretrained", "Pruning", "SafetyHeadAttribution"]

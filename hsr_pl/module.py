@@ -14,6 +14,8 @@ supported architecture) is checked in ``__init__``, before any weights are read.
 from __future__ import annotations
 
 import json
+import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,20 @@ __all__ = ["LVLMModule", "ModelLoadError"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _TEXT_ONLY = {"llama", "mistral", "qwen2"}
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Linear warm-up over ``warmup`` steps, then constant or a half cosine that reaches ``floor``
+    at step ``total - 1``.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup + 1:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - 1 - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class ModelLoadError(ValueError):
@@ -70,13 +86,17 @@ class LVLMModule(pl.LightningModule):
 
     Args:
         model: a local checkpoint folder, ``"tiny:<family>"`` / ``"tiny:<family>-gqa"`` (random
-            tiny model from config), ``"organism"`` (the shipped aligned tiny LVLM), or a model.
+            tiny model from config), ``"organism"`` (the shipped aligned tiny LVLM),
+            ``"organism:init"`` / ``"organism:init-gqa"`` (the organism's architecture, random
+            init from ``init_seed``: what ``configs/organism.yaml`` trains), or a model.
         processor: a processor object or folder; default: the model folder.
         dtype: weights dtype when loading (``float32``, ``bfloat16``, ``float16``).
         attn_implementation: passed to ``from_pretrained`` (``eager`` keeps head hooks exact).
         trust_remote_code: off unless you turn it on.
-        learning_rate / weight_decay / warmup_steps: the default AdamW + linear warm-up; override
-            with LightningCLI's ``optimizer:`` / ``lr_scheduler:`` keys.
+        learning_rate / weight_decay / betas / warmup_steps / lr_schedule / min_lr_ratio: the
+            default AdamW with linear warm-up, then ``constant`` or ``cosine`` decay to
+            ``min_lr_ratio × learning_rate`` at the last step; override with LightningCLI's
+            ``optimizer:`` / ``lr_scheduler:`` keys.
         max_new_tokens: generation budget for evaluation (greedy).
         judges: names of the judges for ASR and over-refusal (see :func:`hsr_pl.judges.make_judge`;
             default ``["keyword-gcg"]``); every reported rate carries its judge's name.
@@ -92,7 +112,11 @@ class LVLMModule(pl.LightningModule):
         trust_remote_code: bool = False,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.0,
+        init_seed: int = 0,
         max_new_tokens: int = 32,
         judges: list[str] | None = None,
         refusal: str | None = None,
@@ -102,6 +126,10 @@ class LVLMModule(pl.LightningModule):
             raise ModelLoadError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         if max_new_tokens <= 0:
             raise ValueError("max_new_tokens must be positive")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule={lr_schedule!r}: use 'constant' or 'cosine'")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
         self.save_hyperparameters(ignore=["model", "processor"])
         self.model_source = model if isinstance(model, str) else None
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
@@ -128,6 +156,13 @@ class LVLMModule(pl.LightningModule):
                 raise ModelLoadError(f"{source!r}: no tiny builder; known: {sorted(TINY_BUILDERS)}")
             # Tiny models are cheap: build now so the processor is known to the data module.
             self.model, self._tiny_processor = build_tiny(family, gqa=gqa)
+            return self.model.config.model_type
+        if source in ("organism:init", "organism:init-gqa"):
+            from .models.organism import build_organism
+
+            self.model, self._tiny_processor = build_organism(
+                seed=self.hparams.init_seed, gqa=source.endswith("-gqa")
+            )
             return self.model.config.model_type
         if source == "organism":
             from .models.organism import ORGANISM_PACKAGE_PATH
@@ -193,11 +228,19 @@ class LVLMModule(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate,
+            betas=tuple(self.hparams.betas),
         )
-        if self.hparams.warmup_steps <= 0:
+        if self.hparams.warmup_steps <= 0 and self.hparams.lr_schedule == "constant":
             return optimizer
-        warmup = self.hparams.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
+        factor = partial(
+            lr_factor,
+            warmup=self.hparams.warmup_steps,
+            total=total,
+            schedule=self.hparams.lr_schedule,
+            floor=self.hparams.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --------------------------------------------------------------------------- generation

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hsr_pl.data import VLGuardCollator, load_vlguard
 from hsr_pl.models.tiny import build_tiny, save_tiny
 from hsr_pl.module import LVLMModule, ModelLoadError
+
 from vlguard_fixture import make_vlguard_fixture
 
 
@@ -98,3 +99,27 @@ def test_batched_generation_matches_unbatched_greedy_loop(tmp_path):
         single = collate([example])
         expected = _greedy_reference(module.model, single["input_ids"], single["pixel_values"], 6, tokenizer.eos_token_id)
         assert reply == tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_lr_factor_warmup_then_cosine_to_floor():
+    from hsr_pl.module import lr_factor
+
+    f = [lr_factor(s, warmup=4, total=13, schedule="cosine", floor=0.05) for s in range(13)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0)
+    assert f[-1] == pytest.approx(0.05)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))  # monotone decay after warm-up
+    # Half way through the decay the cosine sits half way between 1 and the floor.
+    assert f[8] == pytest.approx(0.05 + 0.95 * 0.5)
+    assert [lr_factor(s, warmup=0, total=5, schedule="constant", floor=0.0) for s in range(5)] == [1.0] * 5
+    with pytest.raises(ValueError, match="lr_schedule"):
+        LVLMModule(model="tiny:llava", lr_schedule="linear")
+
+
+def test_organism_init_builds_the_organism_architecture():
+    module = LVLMModule(model="organism:init", init_seed=3)
+    text = module.model.config.text_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.hidden_size) == (4, 8, 128)
+    again = LVLMModule(model="organism:init", init_seed=3)
+    for (name, a), (_, b) in zip(module.model.named_parameters(), again.model.named_parameters()):
+        assert torch.equal(a, b), name

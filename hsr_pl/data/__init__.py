@@ -2,10 +2,12 @@
 
 from .collate import VLGuardCollator, build_messages
 from .datamodule import EvalSet, VLGuardDataModule
+from .synthetic_module import SyntheticDataModule
 from .vlguard import SPLITS, DataFormatError, load_vlguard, pairs_to_dataset, select_samples
 
 __all__ = [
     "SPLITS",
+    "SyntheticDataModule",
     "DataFormatError",
     "EvalSet",
     "VLGuardCollator",

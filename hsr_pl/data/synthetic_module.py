@@ -1,0 +1,116 @@
+"""``SyntheticDataModule``: the embedded synthetic VLGuard-format set, generated on first use.
+
+The organism's configs name this module instead of file paths, so ``hsr-pl fit --config
+configs/organism.yaml`` works as written on a fresh machine: the data set is generated (seeded,
+deterministic, a few seconds) into a cache folder the first time, reused afterwards, and then read
+through the ordinary :class:`VLGuardDataModule` code path like any VLGuard file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from . import synthetic
+from .datamodule import EvalSet, VLGuardDataModule
+
+__all__ = ["SYNTHETIC_EVAL_SETS", "SyntheticDataModule", "ensure_synthetic"]
+
+# How each held-out synthetic split is read and scored (see docs/organism.md).
+SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
+    "eval_harmful_text": ("over_refusal", "harmful"),
+    "eval_harmful_image": ("safety", "harmful"),
+    "eval_utility": ("utility", "utility"),
+    "eval_benign": ("utility", "benign"),
+    "eval_glyph_qa": ("utility", "utility"),
+}
+
+
+def _default_dir(args: dict) -> Path:
+    root = Path(os.environ.get("HSR_PL_CACHE", Path.home() / ".cache" / "hsr_pl")) / "synthetic"
+    name = "seed{seed}-train{n_train}-calib{n_calib}-eval{n_eval}-harm{harmful_fraction}".format(**args)
+    return root / name
+
+
+def ensure_synthetic(data_dir: str | os.PathLike | None = None, **args) -> Path:
+    """Generate the synthetic set into ``data_dir`` unless an identical one is already there.
+
+    Safe when several processes of one job call it at once (a lock file serialises them).
+    """
+    folder = Path(data_dir) if data_dir is not None else _default_dir(args)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            found = json.loads(manifest.read_text())
+            same = found.get("seed") == args["seed"] and found.get("harmful_fraction") == args["harmful_fraction"] and (
+                found.get("sizes", {}).get("train") == args["n_train"]
+            )
+            if same:
+                return folder
+        synthetic.generate(folder, overwrite=True, **args)
+    return folder
+
+
+class SyntheticDataModule(VLGuardDataModule):
+    """The embedded synthetic data set behind the :class:`VLGuardDataModule` interface.
+
+    Args:
+        seed / n_train / n_calib / n_eval / harmful_fraction: generator settings
+            (:func:`hsr_pl.data.synthetic.generate`).
+        data_dir: where to generate (default ``$HSR_PL_CACHE`` or ``~/.cache/hsr_pl``, under
+            ``synthetic/<settings>``).
+        eval_splits: which held-out splits to evaluate (default all five).
+        eval_num_samples: cap per evaluation split (default: all ``n_eval``).
+        The rest as in :class:`VLGuardDataModule`; calibration reads ``calibration.json``.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        n_train: int = 6000,
+        n_calib: int = 256,
+        n_eval: int = 300,
+        harmful_fraction: float = 0.15,
+        data_dir: str | None = None,
+        eval_splits: list[str] | None = None,
+        eval_num_samples: int | None = None,
+        processor: object | str | None = None,
+        batch_size: int = 48,
+        eval_batch_size: int = 100,
+        num_samples: int = 128,
+        calibration_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        eval_splits = list(SYNTHETIC_EVAL_SETS) if eval_splits is None else list(eval_splits)
+        unknown = [s for s in eval_splits if s not in SYNTHETIC_EVAL_SETS]
+        if unknown:
+            raise ValueError(f"unknown synthetic eval splits {unknown}; choose from {list(SYNTHETIC_EVAL_SETS)}")
+        folder = ensure_synthetic(
+            data_dir, seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval, harmful_fraction=harmful_fraction
+        )
+        eval_sets = [
+            EvalSet(
+                name=name.removeprefix("eval_"),
+                path=str(folder / f"{name}.json"),
+                split=SYNTHETIC_EVAL_SETS[name][0],
+                kind=SYNTHETIC_EVAL_SETS[name][1],
+                num_samples=eval_num_samples,
+            )
+            for name in eval_splits
+        ]
+        super().__init__(
+            train_path=str(folder / "train.json"),
+            calibration_path=str(folder / "calibration.json"),
+            eval_sets=eval_sets,
+            processor=processor,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_samples=num_samples,
+            seed=calibration_seed,
+            num_workers=num_workers,
+        )
+        self.data_dir = folder
