@@ -389,10 +389,11 @@ class Pruning(Callback):
             batches = None
             if self.config.needs_data:
                 batches = self.calibration_batches(trainer, pl_module.device)
-                _, tokens, weight = self._check_counts(batches, pl_module.device)
+                _, _, weight = self._check_counts(batches, pl_module.device)
                 if _world()[1] > 1:
                     reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
-            self.prune(pl_module, batches, reduce=reduce, progress=trainer.is_global_zero)
+            show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+            self.prune(pl_module, batches, reduce=reduce, progress=show)
         self._report(trainer, pl_module)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hsr_pl.callbacks import Pruning
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
@@ -255,6 +256,11 @@ def test_checkpoint_resume_restores_state_and_does_not_prune_again(tmp_path, mon
         assert bool((weight[~state.keep_mask(name)] == 0).all()), name
     weight = dict(resumed_module.model.named_modules())[restore.name].weight.detach()
     assert bool((weight[restore.positions[:, 0], restore.positions[:, 1]] != 0).all())
+    # validate(ckpt_path=...) with a fresh callback: state restored, nothing pruned again.
+    validated, third = make_module(), Pruning(num_samples=4)
+    make_trainer(tmp_path, [third]).validate(validated, datamodule=make_data(), ckpt_path=last, verbose=False)
+    assert counter.calls == 1 and third.done
+    assert all(torch.equal(get_state(validated).pruned[n], m) for n, m in saved["pruned"].items())
     # The callback's own state round-trips through a checkpoint dict.
     again = Pruning()
     again.load_state_dict(second.state_dict())
@@ -325,14 +331,48 @@ def test_failure_after_a_pruned_layer_says_which_and_to_reload(tmp_path):
 
 
 # ------------------------------------------------------------------------------- magnitude
-def test_magnitude_needs_no_datamodule(tmp_path):
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[dict, int | None]] = []
+
+    name = "recording"
+    version = 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((dict(metrics), step))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_magnitude_needs_no_datamodule_and_logs_the_sparsity(tmp_path):
     module = make_module()
     callback = Pruning(method="magnitude", sparsity=0.25, on="validation_start")
-    trainer = make_trainer(tmp_path, [callback])
+    logger = RecordingLogger()
+    trainer = make_trainer(tmp_path, [callback], logger=logger)
     loader = make_data(processor=module.processor).val_dataloader()[0]  # plain loaders, no data module
     trainer.validate(module, dataloaders=loader, verbose=False)
     for name, mask in get_state(module).pruned.items():
         assert (mask.sum(1) == math.floor(mask.shape[1] * 0.25)).all(), name
+    assert ({"pruning/sparsity": 0.25}, 0) in logger.metrics
+
+
+def test_fit_without_fit_start_warns_and_trains_dense(tmp_path):
+    module = make_module()
+    callback = Pruning(num_samples=4, on="validation_start")
+    with pytest.warns(UserWarning, match="acts at the start of trainer.validate only"):
+        make_trainer(tmp_path, [callback], max_steps=1, limit_val_batches=0).fit(module, datamodule=make_data())
+    assert not callback.done and not get_state(module).pruned
+
+
+def test_shards_split_the_selected_samples_over_ranks():
+    loader = DataLoader(list(range(7)), batch_size=2, collate_fn=lambda rows: torch.tensor(rows))
+    shards = [[t.tolist() for t in pruning_module._shard(loader, rank, 2)] for rank in range(2)]
+    assert shards == [[[0, 2], [4, 6]], [[1, 3], [5]]]
+    assert [t.tolist() for t in pruning_module._shard(loader, 0, 1)] == [[0, 1], [2, 3], [4, 5], [6]]
+    with pytest.raises(CalibrationError, match="cannot be split over 8 ranks; raise num_samples to at least 8"):
+        pruning_module._shard(loader, 0, 8)
 
 
 # ---------------------------------------------------------------------------- the table
