@@ -1,0 +1,632 @@
+"""``SafetyHeadAttribution``: score every attention head's safety role (SPEC §2, Ships), once.
+
+Thin orchestration around :func:`hsr_pl.attribution.head_scores` (the maths lives there):
+
+* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``on=``), exactly once — a
+  resumed fit finds ``done`` in the callback's state and does not rescan;
+* what: the model *as it is when called*: put this callback before ``Pruning`` in the callbacks
+  list to score the dense model (it warns when the model already looks pruned);
+* data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=...)``
+  — prompts alone for ``positions='last'``, prompt + aligned refusal for ``positions='response'``.
+  Every rank sees the *whole* calibration set (a score is a per-head mean over the set);
+* DDP: the (layer, head) pairs are split across ranks — whole layers per rank where possible,
+  since the exact engine caches layer inputs — and the scores all-gathered, so every rank ends with
+  the same scores and the same top-h;
+* results: ``get_state(pl_module).head_scores`` / ``.top_heads`` (what realignment reads), the
+  released ``{"<layer>-<head>": score}`` JSON at ``output``, ``<stem>.top.json``, a PNG heatmap
+  (matplotlib) and a terminal heatmap;
+* long scans: a rich progress bar with ETA over layers, the finished layers written atomically to
+  ``<stem>.partial.json`` after each layer (with the settings), and ``resume: true`` to continue a
+  killed scan with identical final scores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from hsr_pl.attribution import (
+    ABLATION_MODES,
+    ENGINES,
+    POSITIONS,
+    SCORES,
+    ScoreConfig,
+    exact_head_scores,
+    gradient_head_scores,
+    head_scores,
+    naive_head_scores,
+    top_heads,
+)
+from hsr_pl.models import get_adapter
+from hsr_pl.models.adapters import ModelAdapter
+from hsr_pl.state import get_state, head_key, parse_head_key
+
+__all__ = ["SafetyHeadAttribution", "assign_heads"]
+
+WHEN = ("fit_start", "validation_start")
+SPLITS = ("safety", "utility", "over_refusal")
+# Fraction of exact zeros in the attention projections above which the model "looks pruned".
+PRUNED_ZERO_FRACTION = 0.2
+_ENGINE_FNS = {"exact": exact_head_scores, "naive": naive_head_scores, "gradient": gradient_head_scores}
+# Engine arguments the callback sets itself.
+_RESERVED = {"model", "batches", "cfg", "layers", "heads", "progress", "adapter"}
+Pair = tuple[int, int]
+
+
+def _positive_int(value: Any, name: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer ({hint})")
+    return value
+
+
+def _hf_model(pl_module: nn.Module) -> nn.Module:
+    """The Hugging Face model a LightningModule wraps (``LVLMModule.model``), else the module."""
+    inner = getattr(pl_module, "model", None) if isinstance(pl_module, pl.LightningModule) else None
+    return inner if isinstance(inner, nn.Module) else pl_module
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Score the deterministic model (no dropout), then give every module its mode back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.train(flag)
+
+
+def assign_heads(targets: Mapping[int, Sequence[int]], world: int, num_layers: int | None = None) -> list[list[Pair]]:
+    """Split the ``{layer: [head, ...]}`` to score into ``world`` shares, one per rank.
+
+    Whole layers stay on one rank (the exact engine caches a layer's inputs and batches its heads
+    in one forward, so a split layer costs more and may differ in the last float bit); a layer is
+    halved only while there are fewer pieces than ranks. Pieces go largest-first to the least
+    loaded rank, a piece of layer l costing ``heads × (num_layers − l)`` (the layers re-run).
+    Deterministic, so every rank computes the same split.
+    """
+    if world < 1:
+        raise ValueError(f"world={world} must be ≥ 1")
+    depth = (max(targets) + 1 if targets else 0) if num_layers is None else num_layers
+    pieces: list[tuple[int, list[int]]] = [(layer, sorted(heads)) for layer, heads in sorted(targets.items()) if heads]
+
+    def cost(piece: tuple[int, list[int]]) -> int:
+        return len(piece[1]) * max(1, depth - piece[0])
+
+    while len(pieces) < world:
+        splittable = [p for p in pieces if len(p[1]) > 1]
+        if not splittable:
+            break
+        big = max(splittable, key=lambda p: (cost(p), -p[0]))
+        i = pieces.index(big)
+        half = len(big[1]) // 2
+        pieces[i : i + 1] = [(big[0], big[1][:half]), (big[0], big[1][half:])]
+    shares: list[list[Pair]] = [[] for _ in range(world)]
+    load = [0] * world
+    for piece in sorted(pieces, key=lambda p: (-cost(p), p[0], p[1][0])):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        load[rank] += cost(piece)
+        shares[rank].extend((piece[0], h) for h in piece[1])
+    return [sorted(share) for share in shares]
+
+
+class SafetyHeadAttribution(Callback):
+    """Score every attention head by how much ablating it moves the model on harmful prompts.
+
+    Args:
+        score: ``kl`` (Ships, per prompt), ``subspace`` (principal angles of final hidden states)
+            or ``reference`` (the released script's column-0 angle, reproduction only).
+        positions: ``last`` (the last prompt token) or ``response`` (averaged over the
+            teacher-forced aligned refusal as well; ``kl`` only).
+        ablation: ``head`` (default: one query head), ``qkv`` (the released scripts; whole KV
+            group under GQA), ``zero`` or ``mean``.
+        epsilon: the ``head`` / ``qkv`` scale (1e-5).
+        r_max: principal angles summed by ``subspace``.
+        engine: ``exact`` (naive's scores, faster), ``naive`` (the reference loop) or ``gradient``
+            (one forward + backward per batch; ``kl`` only; an estimate).
+        engine_kwargs: extra arguments of the engine, e.g. ``{"max_batch_heads": 8}`` (exact) or
+            ``{"estimator": "fisher"}`` (gradient).
+        calibration: the data module's calibration split (``safety``: harmful image + instruction).
+        num_samples: calibration prompts (SPEC: 128).
+        batch_size: calibration batch size (the scripts: 1).
+        top_h: how many top heads to select (scripts: 10 for LLaVA-NeXT-Vicuna-7B).
+        output: JSON path for ``{"<layer>-<head>": score}``; next to it ``<stem>.top.json``,
+            ``<stem>.png`` and, while scanning, ``<stem>.partial.json``. None: no files.
+        scores_path: load precomputed scores in the released format instead of scanning.
+        resume: continue a killed scan from ``<stem>.partial.json`` (refused if the settings,
+            calibration data or weights differ).
+        on: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``); the
+            callback scores once, whichever comes first.
+        progress_bar: rich progress bar with ETA on rank 0.
+        heatmap: print the terminal heatmap on rank 0 at the end.
+    """
+
+    def __init__(
+        self,
+        score: str = "kl",
+        positions: str = "last",
+        ablation: str = "head",
+        epsilon: float = 1e-5,
+        r_max: int = 1,
+        engine: str = "exact",
+        engine_kwargs: dict[str, Any] | None = None,
+        calibration: str = "safety",
+        num_samples: int = 128,
+        batch_size: int = 1,
+        top_h: int = 10,
+        output: str | None = None,
+        scores_path: str | None = None,
+        resume: bool = False,
+        on: str | list[str] = ("fit_start", "validation_start"),
+        progress_bar: bool = True,
+        heatmap: bool = True,
+    ) -> None:
+        super().__init__()
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} is not one of {SCORES}; 'kl' is Ships' per-prompt score")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions={positions!r} is not one of {POSITIONS}")
+        if ablation not in ABLATION_MODES:
+            raise ValueError(f"ablation={ablation!r} is not one of {ABLATION_MODES}; 'head' is the default")
+        if positions == "response" and score != "kl":
+            raise ValueError(
+                f"positions='response' averages the KL over the aligned response; score={score!r} always uses the "
+                "last prompt token: drop positions (or use score='kl')"
+            )
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not one of {ENGINES}; 'exact' gives the naive loop's scores faster")
+        if engine == "gradient" and score != "kl":
+            raise ValueError(
+                f"engine='gradient' estimates KL scores only; score={score!r} needs engine='exact' (or 'naive')"
+            )
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+            raise ValueError(f"epsilon={epsilon!r} must be a number in [0, 1) (default 1e-5)")
+        self.config = ScoreConfig(
+            score=score, positions=positions, ablation=ablation, epsilon=float(epsilon),
+            r_max=_positive_int(r_max, "r_max", "principal angles summed by subspace; default 1"),
+        )  # validates epsilon as well
+        self.engine = engine
+        self.engine_kwargs = self._check_engine_kwargs(engine, engine_kwargs)
+        if calibration not in SPLITS:
+            raise ValueError(f"calibration={calibration!r} is not a calibration split {SPLITS}; Ships uses 'safety'")
+        self.calibration = calibration
+        self.num_samples = _positive_int(num_samples, "num_samples", "calibration prompts; SPEC: 128")
+        self.batch_size = _positive_int(batch_size, "batch_size", "1 reproduces the released scripts")
+        if isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0:
+            raise ValueError(f"top_h={top_h!r} must be an integer ≥ 0 (scripts: 10 for LLaVA-NeXT-7B, 4 for LLaMA3-8B)")
+        self.top_h = top_h
+        self.output = self._check_output(output)
+        self.scores_path = None if scores_path is None else Path(scores_path)
+        self._precomputed: dict[str, float] | None = None
+        if self.scores_path is not None:
+            if not self.scores_path.is_file():
+                raise FileNotFoundError(
+                    f"scores_path={str(scores_path)!r} does not exist; give a {{\"<layer>-<head>\": score}} JSON file "
+                    "(e.g. the output of an earlier scan) or drop scores_path to scan"
+                )
+            from hsr_pl.report.heads import read_scores
+
+            self._precomputed = read_scores(self.scores_path)
+        if resume and self.output is None:
+            raise ValueError("resume=True needs output=<path.json>: the partial results live next to it")
+        if resume and self.scores_path is not None:
+            raise ValueError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
+        self.resume = bool(resume)
+        when = [on] if isinstance(on, str) else list(on)
+        bad = [w for w in when if w not in WHEN]
+        if bad or not when:
+            raise ValueError(f"on={on!r}: choose one or both of {list(WHEN)}")
+        self.on = tuple(dict.fromkeys(when))
+        self.progress_bar = bool(progress_bar)
+        self.heatmap = bool(heatmap)
+        self.scores: dict[str, float] = {}
+        self.top: list[Pair] = []
+        self._done = False
+        self._deferred = False
+        self._settings: dict[str, Any] = {}
+        self._partial: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_engine_kwargs(engine: str, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        kwargs = dict(kwargs or {})
+        params = inspect.signature(_ENGINE_FNS[engine]).parameters
+        allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in _RESERVED)
+        for name in kwargs:
+            if name not in allowed:
+                raise ValueError(f"engine_kwargs has {name!r}, which engine={engine!r} does not take; it takes {allowed}")
+        try:
+            json.dumps(kwargs)
+        except TypeError:
+            raise ValueError(f"engine_kwargs={kwargs!r} must hold plain JSON values (numbers, strings, booleans)") from None
+        return kwargs
+
+    @staticmethod
+    def _check_output(output: str | None) -> Path | None:
+        if output is None:
+            return None
+        path = Path(output)
+        if path.suffix != ".json":
+            raise ValueError(f"output={output!r} must be a .json file path (e.g. runs/heads/head_scores.json)")
+        if path.is_dir():
+            raise ValueError(f"output={output!r} is a directory; give a file path ending in .json")
+        return path
+
+    # ----------------------------------------------------------------------------- paths
+    def _sibling(self, suffix: str) -> Path:
+        assert self.output is not None
+        return self.output.with_name(self.output.stem + suffix)
+
+    @property
+    def top_path(self) -> Path | None:
+        """``<stem>.top.json``: the top-h heads, best first, with their scores and the settings."""
+        return None if self.output is None else self._sibling(".top.json")
+
+    @property
+    def png_path(self) -> Path | None:
+        return None if self.output is None else self._sibling(".png")
+
+    def partial_path(self, rank: int = 0, world: int = 1) -> Path | None:
+        """Where this rank keeps its finished layers: ``<stem>.partial.json`` (one process) or
+        ``<stem>.partial.rank<r>.json`` under DDP."""
+        if self.output is None:
+            return None
+        return self._sibling(".partial.json" if world == 1 else f".partial.rank{rank}.json")
+
+    def _partial_files(self) -> list[Path]:
+        if self.output is None:
+            return []
+        return sorted(self.output.parent.glob(self.output.stem + ".partial*.json"))
+
+    @property
+    def done(self) -> bool:
+        """True once the scores are known (scanned, loaded, or restored from a checkpoint)."""
+        return self._done
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            score=self.config.score, positions=self.config.positions, ablation=self.config.ablation,
+            calibration=self.calibration,
+        )
+
+    # ----------------------------------------------------------------------- calibration
+    def calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Tensor]]:
+        """The full calibration set (on every rank), tensors only, floats in the model's dtype."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
+            raise RuntimeError(
+                "SafetyHeadAttribution needs calibration data: run the trainer with a data module that has "
+                "calibration_dataloader(split, num_samples, ...) (hsr_pl.data.VLGuardDataModule), or pass "
+                "scores_path= to load precomputed scores"
+            )
+        loader = datamodule.calibration_dataloader(
+            self.calibration, self.num_samples,
+            with_response=self.config.positions == "response", batch_size=self.batch_size,
+        )
+        dtype = next(_hf_model(pl_module).parameters()).dtype
+        batches = []
+        for batch in loader:
+            batches.append({
+                k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items() if isinstance(v, Tensor)
+            })
+        if not batches:
+            raise RuntimeError(f"calibration split {self.calibration!r} is empty; add {self.calibration} examples")
+        return batches
+
+    # ------------------------------------------------------------------ extension points
+    def on_layer_scored(self, layer: int, scores: Mapping[str, float]) -> None:
+        """Called on every rank after each finished layer: saves the partial file. Override to
+        observe progress (call ``super()`` to keep the resume file)."""
+        self._partial.update(scores)
+        rank, world = _world()
+        path = self.partial_path(rank, world)
+        if path is not None:
+            from hsr_pl.report.heads import write_partial
+
+            write_partial(path, self._settings, self._partial)
+
+    def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Rank 0: write the output files and print the heatmap. Override to report differently."""
+        from hsr_pl.report import heads as report
+
+        title = self._title()
+        if self.output is not None:
+            report.write_scores(self.output, self.scores)
+            report.write_json_atomic(self.top_path, {
+                "top_h": self.top_h,
+                "heads": [list(pair) for pair in self.top],
+                "keys": [head_key(*pair) for pair in self.top],
+                "scores": [self.scores[head_key(*pair)] for pair in self.top],
+                "settings": self._settings or self._describe(),
+            })
+            try:
+                report.save_heatmap_png(self.png_path, self.scores, self.top, title)
+            except ImportError:
+                rank_zero_info("hsr-pl: matplotlib not installed; no PNG heatmap (pip install 'hsr-pl[plot]')")
+        if self.heatmap:
+            report.print_heatmap(self.scores, self.top, title)
+
+    # -------------------------------------------------------------------------- checks
+    def _expected_keys(self, adapter: ModelAdapter) -> dict[int, list[int]]:
+        return {layer: list(range(adapter.geometry(layer).num_heads)) for layer in adapter.layer_indices()}
+
+    def _check_against_model(self, adapter: ModelAdapter) -> dict[int, list[int]]:
+        expected = self._expected_keys(adapter)
+        total = sum(len(h) for h in expected.values())
+        if self.top_h > total:
+            raise ValueError(f"top_h={self.top_h} exceeds the model's {total} attention heads; lower top_h")
+        if self._precomputed is not None:
+            want = {head_key(layer, h) for layer, heads in expected.items() for h in heads}
+            if set(self._precomputed) != want:
+                got_layers = sorted({parse_head_key(k)[0] for k in self._precomputed})
+                got_heads = max(parse_head_key(k)[1] for k in self._precomputed) + 1
+                n_heads = max(len(h) for h in expected.values())
+                raise ValueError(
+                    f"scores_path={str(self.scores_path)!r} holds {len(self._precomputed)} scores "
+                    f"({len(got_layers)} layers × {got_heads} heads) but the model has {len(expected)} self-attention "
+                    f"layers × {n_heads} heads ({len(want)} heads): use scores computed for this model, or drop "
+                    "scores_path to scan"
+                )
+        return expected
+
+    @torch.no_grad()
+    def _warn_if_pruned(self, pl_module: pl.LightningModule, adapter: ModelAdapter) -> None:
+        zeros = total = 0
+        for layer in adapter.layer_indices():
+            for proj in adapter.projections(layer).values():
+                zeros += int((proj.weight == 0).sum())
+                total += proj.weight.numel()
+        fraction = zeros / max(total, 1)
+        pruned_by_us = bool(get_state(pl_module).pruned)
+        if fraction >= PRUNED_ZERO_FRACTION or pruned_by_us:
+            why = "Pruning already ran" if pruned_by_us else f"{100 * fraction:.0f} % of the attention weights are 0"
+            rank_zero_warn(
+                f"SafetyHeadAttribution is scoring a model that looks pruned ({why}). HSR scores the dense model: put "
+                "SafetyHeadAttribution before Pruning in trainer.callbacks (or pass scores_path=)."
+            )
+
+    # ------------------------------------------------------------------------ settings
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "score": self.config.score, "positions": self.config.positions, "ablation": self.config.ablation,
+            "epsilon": self.config.epsilon, "r_max": self.config.r_max, "engine": self.engine,
+            "engine_kwargs": self.engine_kwargs, "calibration": self.calibration, "batch_size": self.batch_size,
+        }
+
+    @torch.no_grad()
+    def _fingerprint(self, model: nn.Module, adapter: ModelAdapter, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
+        """Cheap identity of the calibration data (every tensor) and weights (last o_proj), so a
+        resume cannot mix scores of different prompts or models."""
+        data = hashlib.sha256()
+        for batch in batches:
+            for key in sorted(batch):
+                value = batch[key].detach().cpu().contiguous()
+                data.update(key.encode())
+                data.update(str(tuple(value.shape)).encode())
+                data.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        last = adapter.layer_indices()[-1]
+        weight = adapter.projections(last)["o"].weight.detach().cpu().contiguous()
+        weights = hashlib.sha256(weight.view(torch.uint8).numpy().tobytes()).hexdigest()
+        config = getattr(model, "config", None)
+        return {
+            "num_samples": sum(int(b["input_ids"].shape[0]) for b in batches),
+            "data_sha256": data.hexdigest(),
+            "weights_sha256": weights,
+            "model_type": getattr(config, "model_type", type(model).__name__),
+            "heads": {str(layer): adapter.geometry(layer).num_heads for layer in adapter.layer_indices()},
+        }
+
+    # ---------------------------------------------------------------------------- resume
+    def _load_partials(self) -> dict[str, float]:
+        """Scores of a killed scan with the same settings (rank 0 reads; the caller broadcasts)."""
+        from hsr_pl.report.heads import read_partial
+
+        merged: dict[str, float] = {}
+        for path in self._partial_files():
+            settings, scores = read_partial(path)
+            if settings != self._settings:
+                diff = sorted(k for k in set(settings) | set(self._settings) if settings.get(k) != self._settings.get(k))
+                detail = ", ".join(f"{k}: {settings.get(k)!r} there vs {self._settings.get(k)!r} now" for k in diff[:4])
+                raise ValueError(
+                    f"resume refused: {path} was written with different settings ({detail}). Delete it to start "
+                    "afresh, set resume: false, or rerun with the settings it was written with"
+                )
+            merged.update(scores)
+        return merged
+
+    def _resume_state(self, trainer: pl.Trainer) -> dict[str, float]:
+        if not self.resume:
+            return {}
+        rank, _ = _world()
+        payload: tuple[str | None, dict[str, float]] = (None, {})
+        if rank == 0:
+            try:
+                payload = (None, self._load_partials())
+            except ValueError as exc:
+                payload = (str(exc), {})
+        error, scores = trainer.strategy.broadcast(payload, src=0)
+        if error is not None:
+            raise ValueError(error)
+        if scores:
+            rank_zero_info(f"hsr-pl: resuming head attribution: {len(scores)} heads already scored")
+        else:
+            rank_zero_info("hsr-pl: resume=True but no partial head-attribution file was found; scanning from the start")
+        return scores
+
+    # ------------------------------------------------------------------------------ scan
+    @contextmanager
+    def _progress(self, layers: Sequence[int], depth: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+        """Progress over layers; a layer's weight is the number of layers it re-runs, so the ETA
+        holds for the exact engine (early layers cost more)."""
+        weight = {layer: max(1, depth - layer) for layer in layers}
+        if not enabled or not layers:
+            yield lambda layer: None
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[layers]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        done = 0
+        with Progress(*columns) as progress:
+            task = progress.add_task(
+                f"head attribution ({self.config.score}, {self.engine})", total=sum(weight.values()),
+                layers=f"0/{len(layers)} layers",
+            )
+
+            def advance(layer: int) -> None:
+                nonlocal done
+                done += 1
+                progress.update(task, advance=weight.get(layer, 1), layers=f"{done}/{len(layers)} layers")
+
+            yield advance
+
+    def scan(
+        self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], heads: Sequence[Pair],
+        adapter: ModelAdapter, show_progress: bool = False,
+    ) -> dict[str, float]:
+        """Score ``heads`` of ``model`` (this rank's share) with the configured engine."""
+        if not heads:
+            return {}
+        layers = sorted({layer for layer, _ in heads})
+        with self._progress(layers, len(adapter.all_layers()), show_progress) as advance, _eval_mode(model):
+
+            def progress(layer: int, scores: dict[str, float]) -> None:
+                self.on_layer_scored(layer, scores)
+                advance(layer)
+
+            return head_scores(
+                model, batches, self.config, engine=self.engine, heads=list(heads), progress=progress,
+                adapter=adapter, **self.engine_kwargs,
+            )
+
+    def _gather(self, scores: dict[str, float]) -> dict[str, float]:
+        rank, world = _world()
+        if world == 1:
+            return dict(scores)
+        shares: list[dict[str, float] | None] = [None] * world
+        dist.all_gather_object(shares, scores)
+        merged: dict[str, float] = {}
+        for share in shares:
+            merged.update(share or {})
+        return merged
+
+    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = _hf_model(pl_module)
+        adapter = get_adapter(model)
+        expected = self._check_against_model(adapter)
+        start = time.perf_counter()
+        if self._precomputed is not None:
+            scores = dict(self._precomputed)
+            rank_zero_info(f"hsr-pl: loaded {len(scores)} head scores from {self.scores_path}")
+        else:
+            self._warn_if_pruned(pl_module, adapter)
+            # Grad-enabled tensors even inside validate's inference mode (the gradient engine).
+            with torch.inference_mode(False):
+                batches = self.calibration_batches(trainer, pl_module)
+                self._settings = {**self._describe(), **self._fingerprint(model, adapter, batches)}
+                previous = self._resume_state(trainer)
+                self._partial = dict(previous)
+                remaining = {
+                    layer: [h for h in heads if head_key(layer, h) not in previous] for layer, heads in expected.items()
+                }
+                rank, world = _world()
+                share = assign_heads(remaining, world, len(adapter.all_layers()))[rank]
+                mine = self.scan(model, batches, share, adapter, show_progress=self.progress_bar and trainer.is_global_zero)
+            scores = {**previous, **self._gather(mine)}
+            missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
+            if missing:
+                raise RuntimeError(f"head attribution finished without scores for {missing[:8]}; please report this")
+        self.scores = {head_key(layer, h): scores[head_key(layer, h)] for layer, hs in expected.items() for h in hs}
+        self.top = top_heads(self.scores, self.top_h)
+        self._done = True
+        self._publish(pl_module)
+        if trainer.is_global_zero:
+            self.report(trainer, pl_module)
+            if self._precomputed is None:
+                for path in self._partial_files():
+                    path.unlink(missing_ok=True)
+        rank_zero_info(
+            f"hsr-pl: head attribution ({self.config.score}, {self.config.positions}, {self.config.ablation}, "
+            f"{self.engine}) of {len(self.scores)} heads in {time.perf_counter() - start:.1f} s; top-{self.top_h}: "
+            + ", ".join(head_key(*pair) for pair in self.top)
+        )
+
+    def _publish(self, pl_module: pl.LightningModule) -> None:
+        state = get_state(pl_module)
+        state.head_scores = dict(self.scores)
+        state.top_heads = list(self.top)
+
+    def _title(self) -> str:
+        cfg = self.config
+        where = f", {cfg.positions}" if cfg.score == "kl" else ""
+        return f"safety-head scores: {cfg.score}{where}, {cfg.ablation} ablation"
+
+    # ----------------------------------------------------------------------------- hooks
+    def _maybe_act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        if self._done:
+            self._publish(pl_module)  # restored from a checkpoint: hand the scores on, no rescan
+            return
+        if when in self.on:
+            self._act(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            self._deferred = True  # this strategy restores our state only after on_fit_start
+            return
+        self._maybe_act(trainer, pl_module, "fit_start")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._maybe_act(trainer, pl_module, "fit_start")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return  # validation inside fit: fit_start decides
+        self._maybe_act(trainer, pl_module, "validation_start")
+
+    # ----------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "done": self._done,
+            "head_scores": dict(self.scores),
+            "top_heads": [list(pair) for pair in self.top],
+            "settings": dict(self._settings),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._done = bool(state_dict.get("done", False))
+        self.scores = {str(k): float(v) for k, v in state_dict.get("head_scores", {}).items()}
+        self.top = [(int(p[0]), int(p[1])) for p in state_dict.get("top_heads", [])]
+        self._settings = dict(state_dict.get("settings", {}))
