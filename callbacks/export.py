@@ -56,16 +56,16 @@ class ExportPretrained(Callback):
 
     Args:
         dirpath: the output folder (replaced as a whole).
-        on: ``fit_end`` (default) or ``validation_end``.
+        when: ``fit_end`` (default) or ``validation_end``.
     """
 
-    def __init__(self, dirpath: str, on: str = "fit_end") -> None:
+    def __init__(self, dirpath: str, when: str = "fit_end") -> None:
         if not dirpath:
             raise ValueError("dirpath is empty; give the folder to write the checkpoint to")
-        if on not in _WHEN:
-            raise ValueError(f"on={on!r}: choose one of {_WHEN}")
+        if when not in _WHEN:
+            raise ValueError(f"when={when!r}: choose one of {_WHEN}")
         self.dirpath = str(dirpath)
-        self.on = on
+        self.when = when
         if Path(self.dirpath).exists() and not Path(self.dirpath).is_dir():
             raise ValueError(f"dirpath={self.dirpath} is a file; give a folder")
 
@@ -86,10 +86,10 @@ class ExportPretrained(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on == "fit_end":
+        if self.when == "fit_end":
             self._export(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on == "validation_end" and not trainer.sanity_checking:
+        if self.when == "validation_end" and not trainer.sanity_checking:
             self._export(trainer, pl_module)

@@ -2,7 +2,7 @@
 
 Thin orchestration around :func:`hsr_pl.pruning.prune_model` (the maths lives there):
 
-* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``on=``), exactly once —
+* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``when=``), exactly once —
   a resumed fit or a second validate finds ``done`` in the callback's state and does not prune
   again;
 * data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=True,
@@ -177,7 +177,7 @@ class Pruning(Callback):
         ignore: regexes removing linears from ``targets``.
         keep_originals: regexes over the pruned names whose dense values are kept for
             realignment; default: the attention projections (q/k/v/o), the only weights HSR restores.
-        on: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``): where
+        when: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``): where
             the callback prunes, whichever comes first; it prunes once.
         granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
     """
@@ -195,7 +195,7 @@ class Pruning(Callback):
         targets: str | list[str] | None = None,
         ignore: str | list[str] | None = None,
         keep_originals: str | list[str] | None = None,
-        on: str | list[str] = ("fit_start", "validation_start"),
+        when: str | list[str] = ("fit_start", "validation_start"),
         granularity: str = "row",
         blocksize: int = 128,
         percdamp: float = 0.01,
@@ -221,17 +221,18 @@ class Pruning(Callback):
             raise PruningConfigError(
                 f"batch_size={batch_size!r} must be a positive integer; 1 reproduces the references bit for bit"
             )
-        when = [on] if isinstance(on, str) else list(on)
+        when_arg = when
+        when = [when] if isinstance(when, str) else list(when)
         bad = [w for w in when if w not in WHEN]
         if bad or not when:
-            raise PruningConfigError(f"on={on!r}: choose one or both of {list(WHEN)}")
+            raise PruningConfigError(f"when={when_arg!r}: choose one or both of {list(WHEN)}")
         self.calibration = calibration
         self.num_samples = None if num_samples is None else int(num_samples)
         self.batch_size = int(batch_size)
         self.targets = _as_list(targets, "targets")
         self.ignore = _as_list(ignore, "ignore") or []
         self.keep_originals = _as_list(keep_originals, "keep_originals")
-        self.on = tuple(dict.fromkeys(when))
+        self.when = tuple(dict.fromkeys(when))
         self.result: PruningResult | None = None
         self._done = False
         self._state: HSRState | None = None
@@ -431,11 +432,11 @@ class Pruning(Callback):
         self._sync_state(pl_module)
         if self._done:
             return
-        if "fit_start" in self.on:
+        if "fit_start" in self.when:
             self._act(trainer, pl_module)
         else:
             rank_zero_warn(
-                f"Pruning(on={list(self.on)}) acts at the start of trainer.validate only; this fit trains the dense "
+                f"Pruning(when={list(self.when)}) acts at the start of trainer.validate only; this fit trains the dense "
                 "model. Add 'fit_start' to `on` to prune before fine-tuning."
             )
 
@@ -445,7 +446,7 @@ class Pruning(Callback):
             return
         self._deferred = False
         self._sync_state(pl_module)
-        if not self._done and "fit_start" in self.on:
+        if not self._done and "fit_start" in self.when:
             self._act(trainer, pl_module)
 
     @override
@@ -453,7 +454,7 @@ class Pruning(Callback):
         if trainer.state.fn != TrainerFn.VALIDATING:
             return  # validation inside fit: fit_start decides
         self._sync_state(pl_module)
-        if not self._done and "validation_start" in self.on:
+        if not self._done and "validation_start" in self.when:
             self._act(trainer, pl_module)
 
     @override

@@ -91,8 +91,8 @@ class CountPrunes:
         (dict(mask_structure="1:4", sparsity=0.5), "conflicts"),
         (dict(method="magnitude", mode="sequential"), "no sequential mode"),
         (dict(tokens="prompt"), "tokens='prompt'"),
-        (dict(on="test_start"), "on='test_start'"),
-        (dict(on=[]), "choose one or both"),
+        (dict(when="test_start"), "when='test_start'"),
+        (dict(when=[]), "choose one or both"),
         (dict(targets=["q_proj("]), "does not compile"),
         (dict(ignore=[3]), "list of regex strings"),
         (dict(num_samples=0), "num_samples=0"),
@@ -149,7 +149,7 @@ def test_validate_prunes_once_fills_the_state_and_matches_prune_model(tmp_path, 
     counter = CountPrunes(monkeypatch)
     module, data = make_module(), make_data()
     dense = copy.deepcopy(module.model)
-    callback = Pruning(method="wanda", sparsity=0.5, num_samples=8, on="validation_start")
+    callback = Pruning(method="wanda", sparsity=0.5, num_samples=8, when="validation_start")
     trainer = make_trainer(tmp_path, [callback])
     trainer.validate(module, datamodule=data, verbose=False)
     assert counter.calls == 1 and callback.done
@@ -209,7 +209,7 @@ class MarkRestored(Callback):
 def test_fit_keeps_pruned_entries_zero_except_restored(tmp_path):
     module, data = make_module(lr=0.05), make_data()
     restore = MarkRestored()
-    trainer = make_trainer(tmp_path, [Pruning(num_samples=4, on="fit_start"), restore], max_steps=3)
+    trainer = make_trainer(tmp_path, [Pruning(num_samples=4, when="fit_start"), restore], max_steps=3)
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 3
     state = get_state(module)
@@ -231,7 +231,7 @@ def test_fit_keeps_pruned_entries_zero_except_restored(tmp_path):
 def test_checkpoint_resume_restores_state_and_does_not_prune_again(tmp_path, monkeypatch):
     counter = CountPrunes(monkeypatch)
     module, data = make_module(lr=0.05), make_data()
-    first = Pruning(num_samples=4, on="fit_start")
+    first = Pruning(num_samples=4, when="fit_start")
     restore = MarkRestored()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
     trainer = make_trainer(tmp_path, [first, restore, ckpt], enable_checkpointing=True, max_steps=2)
@@ -242,7 +242,7 @@ def test_checkpoint_resume_restores_state_and_does_not_prune_again(tmp_path, mon
     assert last.is_file()
 
     # A fresh dense model and a fresh callback: the checkpoint brings weights, masks and restorations.
-    resumed_module, second = make_module(lr=0.05), Pruning(num_samples=4, on="fit_start")
+    resumed_module, second = make_module(lr=0.05), Pruning(num_samples=4, when="fit_start")
     trainer = make_trainer(tmp_path, [second], max_steps=4, limit_train_batches=4)
     trainer.fit(resumed_module, datamodule=make_data(), ckpt_path=last)
     assert trainer.global_step == 4 and counter.calls == 1 and second.done
@@ -301,7 +301,7 @@ def test_bad_input_is_reported_before_any_weight_changes(tmp_path, callback, dat
     module = make_module()
     before = weights(module.model)
     datamodule = data(**dict(train_path=str(TRAIN), num_samples=4, eval_sets=make_data().eval_sets))
-    trainer = make_trainer(tmp_path, [Pruning(num_samples=4, on="validation_start", **callback)])
+    trainer = make_trainer(tmp_path, [Pruning(num_samples=4, when="validation_start", **callback)])
     with pytest.raises(error, match=message):
         trainer.validate(module, datamodule=datamodule, verbose=False)
     assert_unchanged(module.model, before)
@@ -311,7 +311,7 @@ def test_bad_input_is_reported_before_any_weight_changes(tmp_path, callback, dat
 def test_missing_datamodule_is_reported_before_any_weight_changes(tmp_path):
     module = make_module()
     before = weights(module.model)
-    trainer = make_trainer(tmp_path, [Pruning(on="validation_start")])
+    trainer = make_trainer(tmp_path, [Pruning(when="validation_start")])
     with pytest.raises(CalibrationError, match="needs calibration data"):
         trainer.validate(module, dataloaders=DataLoader([0]), verbose=False)
     assert_unchanged(module.model, before)
@@ -322,7 +322,7 @@ def test_failure_after_a_pruned_layer_says_which_and_to_reload(tmp_path):
     norm = module.model.model.language_model.layers[1].input_layernorm.weight
     with torch.no_grad():
         norm[0] = float("inf")  # layer 1's statistics overflow; layer 0 is pruned first
-    callback = Pruning(num_samples=4, on="validation_start")
+    callback = Pruning(num_samples=4, when="validation_start")
     trainer = make_trainer(tmp_path, [callback])
     with pytest.raises(PartialPruningError, match=r"failed part-way.*NaN/inf.*already pruned in place: \[0\].*reload") as info:
         trainer.validate(module, datamodule=make_data(), verbose=False)
@@ -348,7 +348,7 @@ class RecordingLogger(Logger):
 
 def test_magnitude_needs_no_datamodule_and_logs_the_sparsity(tmp_path):
     module = make_module()
-    callback = Pruning(method="magnitude", sparsity=0.25, on="validation_start")
+    callback = Pruning(method="magnitude", sparsity=0.25, when="validation_start")
     logger = RecordingLogger()
     trainer = make_trainer(tmp_path, [callback], logger=logger)
     loader = make_data(processor=module.processor).val_dataloader()[0]  # plain loaders, no data module
@@ -360,7 +360,7 @@ def test_magnitude_needs_no_datamodule_and_logs_the_sparsity(tmp_path):
 
 def test_fit_without_fit_start_warns_and_trains_dense(tmp_path):
     module = make_module()
-    callback = Pruning(num_samples=4, on="validation_start")
+    callback = Pruning(num_samples=4, when="validation_start")
     with pytest.warns(UserWarning, match="acts at the start of trainer.validate only"):
         make_trainer(tmp_path, [callback], max_steps=1, limit_val_batches=0).fit(module, datamodule=make_data())
     assert not callback.done and not get_state(module).pruned
@@ -430,7 +430,7 @@ def test_cli_validate_with_the_pruned_config(tmp_path, capsys, in_repo):
 def test_cli_fit_keeps_the_sparsity(tmp_path, in_repo):
     from hsr_pl.cli import run_cli
 
-    cli = run_cli(["fit", "--config", "configs/tiny_llava_pruned.yaml", "--trainer.callbacks.init_args.on=fit_start",
+    cli = run_cli(["fit", "--config", "configs/tiny_llava_pruned.yaml", "--trainer.callbacks.init_args.when=fit_start",
                    f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.limit_val_batches=0"])
     assert cli.trainer.global_step == 4
     state = get_state(cli.model)

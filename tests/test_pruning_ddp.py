@@ -63,7 +63,7 @@ class SaveFromRanks(Callback):
         rank = trainer.global_rank
         _dump("wanda", pl_module, self.out, rank)
         fresh = make_module()
-        sparsegpt = Pruning(method="sparsegpt", num_samples=SPARSEGPT_SAMPLES, on="validation_start")
+        sparsegpt = Pruning(method="sparsegpt", num_samples=SPARSEGPT_SAMPLES, when="validation_start")
         sparsegpt._act(trainer, fresh)
         _dump("sparsegpt", fresh, self.out, rank)
 
@@ -77,7 +77,7 @@ def _single_process(method: str, num_samples: int):
 
 
 def test_ddp_masks_equal_one_process_over_the_union(tmp_path):
-    callbacks = [Pruning(method="wanda", num_samples=WANDA_SAMPLES, on="validation_start"), SaveFromRanks(tmp_path)]
+    callbacks = [Pruning(method="wanda", num_samples=WANDA_SAMPLES, when="validation_start"), SaveFromRanks(tmp_path)]
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path,
