@@ -2,7 +2,7 @@
 
 Thin orchestration around :func:`hsr_pl.attribution.head_scores` (the maths lives there):
 
-* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``on=``), exactly once — a
+* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``when=``), exactly once — a
   resumed fit finds ``done`` in the callback's state and does not rescan;
 * what: the model *as it is when called*: put this callback before ``Pruning`` in the callbacks
   list to score the dense model (it warns when the model already looks pruned);
@@ -52,6 +52,7 @@ from hsr_pl.attribution import (
     naive_head_scores,
     top_heads,
 )
+from hsr_pl.data.vlguard import SPLITS
 from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
 from hsr_pl.state import get_state, head_key, parse_head_key
@@ -59,7 +60,6 @@ from hsr_pl.state import get_state, head_key, parse_head_key
 __all__ = ["SafetyHeadAttribution", "assign_heads"]
 
 WHEN = ("fit_start", "validation_start")
-SPLITS = ("safety", "utility", "over_refusal")
 # Fraction of exact zeros in the attention projections above which the model "looks pruned".
 PRUNED_ZERO_FRACTION = 0.2
 _ENGINE_FNS = {"exact": exact_head_scores, "naive": naive_head_scores, "gradient": gradient_head_scores}
@@ -148,7 +148,8 @@ class SafetyHeadAttribution(Callback):
             (one forward + backward per batch; ``kl`` only; an estimate).
         engine_kwargs: extra arguments of the engine, e.g. ``{"max_batch_heads": 8}`` (exact) or
             ``{"estimator": "fisher"}`` (gradient).
-        calibration: the data module's calibration split (``safety``: harmful image + instruction).
+        calibration: the data module's calibration split (``safety``: harmful image + instruction;
+            several may be joined with ``+``).
         num_samples: calibration prompts (SPEC: 128).
         batch_size: calibration batch size (the scripts: 1).
         top_h: how many top heads to select (scripts: 10 for LLaVA-NeXT-Vicuna-7B).
@@ -157,7 +158,7 @@ class SafetyHeadAttribution(Callback):
         scores_path: load precomputed scores in the released format instead of scanning.
         resume: continue a killed scan from ``<stem>.partial.json`` (refused if the settings,
             calibration data or weights differ).
-        on: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``); the
+        when: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``); the
             callback scores once, whichever comes first.
         progress_bar: rich progress bar with ETA on rank 0.
         heatmap: print the terminal heatmap on rank 0 at the end.
@@ -179,7 +180,7 @@ class SafetyHeadAttribution(Callback):
         output: str | None = None,
         scores_path: str | None = None,
         resume: bool = False,
-        on: str | list[str] = ("fit_start", "validation_start"),
+        when: str | list[str] = ("fit_start", "validation_start"),
         progress_bar: bool = True,
         heatmap: bool = True,
     ) -> None:
@@ -209,8 +210,12 @@ class SafetyHeadAttribution(Callback):
         )  # validates epsilon as well
         self.engine = engine
         self.engine_kwargs = self._check_engine_kwargs(engine, engine_kwargs)
-        if calibration not in SPLITS:
-            raise ValueError(f"calibration={calibration!r} is not a calibration split {SPLITS}; Ships uses 'safety'")
+        parts = [p.strip() for p in calibration.split("+")] if isinstance(calibration, str) else [calibration]
+        if not all(p in SPLITS for p in parts):
+            raise ValueError(
+                f"calibration={calibration!r} is not a calibration split {SPLITS} (or several joined with '+'); "
+                "Ships uses 'safety'"
+            )
         self.calibration = calibration
         self.num_samples = _positive_int(num_samples, "num_samples", "calibration prompts; SPEC: 128")
         self.batch_size = _positive_int(batch_size, "batch_size", "1 reproduces the released scripts")
@@ -234,11 +239,11 @@ class SafetyHeadAttribution(Callback):
         if resume and self.scores_path is not None:
             raise ValueError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
         self.resume = bool(resume)
-        when = [on] if isinstance(on, str) else list(on)
-        bad = [w for w in when if w not in WHEN]
-        if bad or not when:
-            raise ValueError(f"on={on!r}: choose one or both of {list(WHEN)}")
-        self.on = tuple(dict.fromkeys(when))
+        moments = [when] if isinstance(when, str) else list(when)
+        bad = [w for w in moments if w not in WHEN]
+        if bad or not moments:
+            raise ValueError(f"when={when!r}: choose one or both of {list(WHEN)}")
+        self.when = tuple(dict.fromkeys(moments))
         self.progress_bar = bool(progress_bar)
         self.heatmap = bool(heatmap)
         self.scores: dict[str, float] = {}
@@ -588,12 +593,17 @@ class SafetyHeadAttribution(Callback):
         return f"safety-head scores: {cfg.score}{where}, {cfg.ablation} ablation"
 
     # ----------------------------------------------------------------------------- hooks
-    def _maybe_act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+    def _maybe_act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
         if self._done:
             self._publish(pl_module)  # restored from a checkpoint: hand the scores on, no rescan
             return
-        if when in self.on:
+        if moment in self.when:
             self._act(trainer, pl_module)
+        elif moment == "fit_start":
+            rank_zero_warn(
+                f"SafetyHeadAttribution(when={list(self.when)}) scores at the start of trainer.validate only; this "
+                "fit has no head scores. Add 'fit_start' to `when` to score before fine-tuning."
+            )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -109,7 +109,7 @@ def all_keys(layers: int = LAYERS) -> set[str]:
         ({"output": "runs/heads.txt"}, "must be a .json file path"),
         ({"scores_path": "/nonexistent/heads.json"}, "does not exist"),
         ({"resume": True}, "resume=True needs output"),
-        ({"on": "train_start"}, "on='train_start': choose one or both"),
+        ({"when": "train_start"}, "when='train_start': choose one or both"),
     ],
 )
 def test_bad_arguments_fail_in_init_with_the_fix(kwargs, match):
@@ -154,7 +154,7 @@ def test_validate_scores_equal_the_engine_on_the_requested_data(tmp_path, monkey
     out = tmp_path / "heads" / "scores.json"
     callback = SafetyHeadAttribution(
         score=score, positions=positions, engine=engine, num_samples=3, batch_size=batch_size, top_h=5,
-        output=str(out), on="validation_start",
+        output=str(out), when="validation_start",
     )
     module, _ = validate(tmp_path, callback)
 
@@ -193,7 +193,15 @@ def test_validate_scores_equal_the_engine_on_the_requested_data(tmp_path, monkey
 def test_top_h_larger_than_the_model_fails_before_reading_data(tmp_path, monkeypatch):
     monkeypatch.setattr(VLGuardDataModule, "calibration_dataloader", lambda *a, **k: pytest.fail("data was read"))
     with pytest.raises(ValueError, match=f"top_h=13 exceeds the model's {LAYERS * HEADS} attention heads"):
-        validate(tmp_path, SafetyHeadAttribution(top_h=13, on="validation_start"))
+        validate(tmp_path, SafetyHeadAttribution(top_h=13, when="validation_start"))
+
+
+def test_fit_without_fit_start_warns_that_nothing_is_scored():
+    callback = SafetyHeadAttribution(when="validation_start")
+    module = make_module()
+    with pytest.warns(UserWarning, match=r"scores at the start of trainer.validate only.*Add 'fit_start'"):
+        callback._maybe_act(None, module, "fit_start")
+    assert not callback.done and get_state(module).head_scores == {}
 
 
 # ---------------------------------------------------------------------------------- resume
@@ -220,7 +228,7 @@ class Recording(SafetyHeadAttribution):
 
 
 def test_resume_after_a_kill_gives_identical_scores(tmp_path):
-    settings = dict(positions="response", num_samples=3, batch_size=2, top_h=4, on="validation_start")
+    settings = dict(positions="response", num_samples=3, batch_size=2, top_h=4, when="validation_start")
     full, _ = validate(tmp_path, SafetyHeadAttribution(output=str(tmp_path / "full.json"), **settings))
     uninterrupted = get_state(full).head_scores
 
@@ -250,7 +258,7 @@ def test_resume_after_a_kill_gives_identical_scores(tmp_path):
 
 def test_resume_refuses_partial_results_of_other_weights(tmp_path):
     out = tmp_path / "heads.json"
-    settings = dict(num_samples=2, on="validation_start", output=str(out), heatmap=False)
+    settings = dict(num_samples=2, when="validation_start", output=str(out), heatmap=False)
     with pytest.raises(ScanKilled):
         validate(tmp_path, KilledAfterFirstLayer(**settings))
     other = make_module()
@@ -263,7 +271,7 @@ def test_resume_refuses_partial_results_of_other_weights(tmp_path):
 def test_checkpoint_restores_scores_without_rescanning(tmp_path, monkeypatch):
     module = make_module()
     dense = make_module().model.eval()  # identical weights: what fit_start must have scored
-    callback = SafetyHeadAttribution(num_samples=2, top_h=3, on="fit_start", heatmap=False)
+    callback = SafetyHeadAttribution(num_samples=2, top_h=3, when="fit_start", heatmap=False)
     trainer = make_trainer(tmp_path, [callback], max_steps=1, limit_train_batches=1, limit_val_batches=0)
     trainer.fit(module, datamodule=make_data(module))
     want = head_scores(dense, direct_batches(module, n=2), ScoreConfig(), engine="exact")
@@ -273,7 +281,7 @@ def test_checkpoint_restores_scores_without_rescanning(tmp_path, monkeypatch):
 
     monkeypatch.setattr(SafetyHeadAttribution, "scan", lambda *a, **k: pytest.fail("rescanned after resume"))
     module2 = make_module()
-    restored = SafetyHeadAttribution(num_samples=2, top_h=3, on="fit_start", heatmap=False)
+    restored = SafetyHeadAttribution(num_samples=2, top_h=3, when="fit_start", heatmap=False)
     trainer2 = make_trainer(tmp_path, [restored], max_steps=2, limit_train_batches=2, limit_val_batches=0)
     trainer2.fit(module2, datamodule=make_data(module2), ckpt_path=ckpt)
     assert trainer2.global_step == 2
@@ -289,18 +297,18 @@ def test_scores_path_skips_the_scan_and_checks_the_shape(tmp_path, monkeypatch):
     path.write_text(json.dumps(scores))  # as the released scripts write it
     monkeypatch.setattr(SafetyHeadAttribution, "scan", lambda *a, **k: pytest.fail("scanned"))
     monkeypatch.setattr(VLGuardDataModule, "calibration_dataloader", lambda *a, **k: pytest.fail("data was read"))
-    module, _ = validate(tmp_path, SafetyHeadAttribution(scores_path=str(path), top_h=4, on="validation_start", heatmap=False))
+    module, _ = validate(tmp_path, SafetyHeadAttribution(scores_path=str(path), top_h=4, when="validation_start", heatmap=False))
     assert get_state(module).head_scores == scores
     assert get_state(module).top_heads == ranked(scores, 4)
 
     small = tmp_path / "small.json"
     small.write_text(json.dumps({k: v for k, v in scores.items() if not k.startswith(f"{LAYERS - 1}-")}))
     with pytest.raises(ValueError, match=rf"holds 8 scores \(2 layers × 4 heads\) but the model has {LAYERS} self-attention"):
-        validate(tmp_path, SafetyHeadAttribution(scores_path=str(small), top_h=4, on="validation_start"))
+        validate(tmp_path, SafetyHeadAttribution(scores_path=str(small), top_h=4, when="validation_start"))
 
 
 def test_warns_when_the_model_looks_pruned(tmp_path):
-    callback = SafetyHeadAttribution(num_samples=1, top_h=2, on="validation_start", heatmap=False)
+    callback = SafetyHeadAttribution(num_samples=1, top_h=2, when="validation_start", heatmap=False)
     module = make_module()
     adapter = get_adapter(module.model)
     with warnings.catch_warnings(record=True) as record:  # dense: no warning

@@ -78,9 +78,9 @@ class RecordOnEveryRank(Callback):
     def on_validation_start(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         shallow = make_module(layers=1)
-        callback = Tracking(**{**SETTINGS, "top_h": 2}, on="validation_start", heatmap=False)
+        callback = Tracking(**{**SETTINGS, "top_h": 2}, when="validation_start", heatmap=False)
         callback._act(trainer, shallow)
-        resumed = Tracking(**SETTINGS, output=str(self.killed), resume=True, on="validation_start", heatmap=False)
+        resumed = Tracking(**SETTINGS, output=str(self.killed), resume=True, when="validation_start", heatmap=False)
         resumed_module = make_module()
         resumed._act(trainer, resumed_module)
         main = next(c for c in trainer.callbacks if isinstance(c, Tracking))
@@ -109,14 +109,14 @@ def test_ddp_scores_equal_one_process(tmp_path):
     module = make_module()
     one = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, limit_val_batches=1,
                      enable_model_summary=False, default_root_dir=tmp_path,
-                     callbacks=[KilledAfterFirstLayer(**SETTINGS, output=str(killed), on="validation_start")])
+                     callbacks=[KilledAfterFirstLayer(**SETTINGS, output=str(killed), when="validation_start")])
     with pytest.raises(ScanKilled):
         one.validate(module, datamodule=make_data(), verbose=False)
     assert (killed.parent / "heads.partial.json").is_file()
 
     output = tmp_path / "heads.json"
     callbacks = [
-        Tracking(**SETTINGS, output=str(output), on="validation_start", progress_bar=False),
+        Tracking(**SETTINGS, output=str(output), when="validation_start", progress_bar=False),
         RecordOnEveryRank(tmp_path, killed),
     ]
     trainer = pl.Trainer(
