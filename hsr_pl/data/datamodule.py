@@ -163,6 +163,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         # Parse and validate everything the stage needs before any heavy work starts.
         if stage == "fit" and self.train_path is None:
             raise ValueError("fit needs data.train_path (a VLGuard JSON file)")
+        if stage == "validate" and not self.eval_sets:
+            raise ValueError("validate needs data.eval_sets (name, path, split, kind)")
         if self.train_path is not None:
             self.examples(self.train_path)
         for eval_set in self.eval_sets:
@@ -179,8 +181,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         return self._loader(self._rows(dataset), collate, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        if not self.eval_sets:
-            raise ValueError("validate needs data.eval_sets (name, path, split, kind)")
+        # No eval sets: fit trains without validation (validate itself is refused in setup).
         loaders = []
         for eval_set in self.eval_sets:
             dataset = pairs_to_dataset(
