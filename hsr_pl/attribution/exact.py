@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from hsr_pl.models.adapters import ModelAdapter, get_adapter
+from hsr_pl.state import head_key
 
 from .ablation import HeadAblation
 from .common import IntactBatch, ProgressFn, ScoreAccumulator, intact_pass, resolve_targets
-from .scores import ScoreConfig
+from .scores import ScoreConfig, per_prompt_mean
 
 __all__ = ["exact_head_scores", "heads_per_forward"]
 
@@ -163,6 +164,32 @@ def _tail_outputs(
     return logits, final
 
 
+class _SharedIntactAccumulator(ScoreAccumulator):
+    """The accumulator with the intact side of the KL computed once per (layer, batch) instead of
+    once per head: log p and p = exp(log p) of a batch are reused by all heads of the layer (the
+    engine visits a layer's heads batch by batch). Same operations on the same tensors as
+    :func:`~hsr_pl.attribution.scores.kl_per_position`, so the scores are bit-identical; only the
+    current batch's log-probabilities are held."""
+
+    def __init__(self, cfg: ScoreConfig, items: Sequence[IntactBatch]) -> None:
+        super().__init__(cfg, items)
+        self._cached: tuple[int, Tensor, Tensor] | None = None
+
+    def add(self, layer: int, head: int, batch_index: int, logits: Tensor | None, hidden: Tensor | None) -> None:
+        if self.cfg.score != "kl":
+            super().add(layer, head, batch_index, logits, hidden)
+            return
+        item = self.items[batch_index]
+        if self._cached is None or self._cached[0] != batch_index:
+            dtype = torch.promote_types(item.logits.dtype, torch.float32)
+            logp = torch.log_softmax(item.logits.to(dtype), dim=-1)
+            self._cached = (batch_index, logp, logp.exp())
+        _, logp, p = self._cached
+        logq = torch.log_softmax(logits.to(logp.dtype), dim=-1)
+        kl = (p * (logp - logq)).sum(-1)
+        self._kl.setdefault(head_key(layer, head), []).append(per_prompt_mean(kl, item.rows, item.batch_size))
+
+
 def _check_replay(
     layers: nn.ModuleList, start: int, state: Tensor, kwargs: dict, item: IntactBatch, cfg: ScoreConfig,
     norm: nn.Module, head: nn.Module,
@@ -224,7 +251,7 @@ def exact_head_scores(
     if check_replay:
         _check_replay(all_layers, first, states[0], captures[0].kwargs, items[0], cfg, norm, head_module)
 
-    acc = ScoreAccumulator(cfg, items)
+    acc = _SharedIntactAccumulator(cfg, items)
     scores: dict[str, float] = {}
     current = first
     for layer, layer_heads in targets.items():
