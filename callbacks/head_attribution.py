@@ -160,7 +160,7 @@ class SafetyHeadAttribution(Callback):
             calibration data or weights differ).
         when: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``); the
             callback scores once, whichever comes first.
-        progress_bar: rich progress bar with ETA on rank 0.
+        progress_bar: rich progress bar with ETA on rank 0 (when the trainer shows progress bars).
         heatmap: print the terminal heatmap on rank 0 at the end.
     """
 
@@ -562,7 +562,8 @@ class SafetyHeadAttribution(Callback):
                 }
                 rank, world = _world()
                 share = assign_heads(remaining, world, len(adapter.all_layers()))[rank]
-                mine = self.scan(model, batches, share, adapter, show_progress=self.progress_bar and trainer.is_global_zero)
+                show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
+                mine = self.scan(model, batches, share, adapter, show_progress=show)
             scores = {**previous, **self._gather(mine)}
             missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
             if missing:

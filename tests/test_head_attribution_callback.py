@@ -16,12 +16,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hsr_pl.callbacks import SafetyHeadAttribution
-from hsr_pl.callbacks.head_attribution import assign_heads
 from PIL import Image
 from rich.console import Console
 
 from hsr_pl.attribution import ScoreConfig, head_scores
+from hsr_pl.callbacks import SafetyHeadAttribution
+from hsr_pl.callbacks.head_attribution import assign_heads
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models import get_adapter
 from hsr_pl.models.tiny import build_tiny_llava
@@ -430,3 +430,5 @@ def test_cli_validate_with_the_heads_config(tmp_path, capsys, monkeypatch):
     assert released == get_state(cli.model).head_scores and len(get_state(cli.model).top_heads) > 0
     printed = capsys.readouterr().out
     assert "safety-head scores" in printed and "hsr-pl evaluation" in printed
+    n_layers = len(adapter.layer_indices())
+    assert "head attribution (kl, exact)" in printed and f"{n_layers}/{n_layers} layers" in printed  # progress bar

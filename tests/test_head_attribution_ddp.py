@@ -19,10 +19,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hsr_pl.callbacks import SafetyHeadAttribution
 from lightning.pytorch.callbacks import Callback
 
 from hsr_pl.attribution import ScoreConfig, head_scores
+from hsr_pl.callbacks import SafetyHeadAttribution
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models.tiny import build_tiny_llava
 from hsr_pl.module import LVLMModule
