@@ -44,8 +44,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ------------------------------------------------------------------------------------ helpers
-def make_module(layers: int = LAYERS) -> LVLMModule:
-    model, processor = build_tiny_llava(layers=layers, heads=HEADS)
+def make_module(layers: int = LAYERS, gqa: bool = False) -> LVLMModule:
+    model, processor = build_tiny_llava(gqa, layers=layers, heads=HEADS)
     return LVLMModule(model, processor=processor, max_new_tokens=1)
 
 
@@ -133,16 +133,19 @@ def test_bad_scores_file_and_resume_conflict(tmp_path):
 
 # --------------------------------------------------------------------------- the scan itself
 CASES = [
-    # (score, positions, engine, batch_size)
-    ("kl", "last", "exact", 1),
-    ("kl", "response", "exact", 2),
-    ("subspace", "last", "exact", 1),
-    ("kl", "response", "gradient", 1),
+    # (score, positions, engine, batch_size, ablation, gqa)
+    ("kl", "last", "exact", 1, "head", False),
+    ("kl", "response", "exact", 2, "head", False),
+    ("subspace", "last", "exact", 1, "head", False),
+    ("kl", "response", "gradient", 1, "head", False),
+    ("kl", "last", "exact", 2, "qkv", True),
 ]
 
 
-@pytest.mark.parametrize(("score", "positions", "engine", "batch_size"), CASES)
-def test_validate_scores_equal_the_engine_on_the_requested_data(tmp_path, monkeypatch, capsys, score, positions, engine, batch_size):
+@pytest.mark.parametrize(("score", "positions", "engine", "batch_size", "ablation", "gqa"), CASES)
+def test_validate_scores_equal_the_engine_on_the_requested_data(
+    tmp_path, monkeypatch, capsys, score, positions, engine, batch_size, ablation, gqa
+):
     requests = []
     original = VLGuardDataModule.calibration_dataloader
 
@@ -153,17 +156,17 @@ def test_validate_scores_equal_the_engine_on_the_requested_data(tmp_path, monkey
     monkeypatch.setattr(VLGuardDataModule, "calibration_dataloader", spy)
     out = tmp_path / "heads" / "scores.json"
     callback = SafetyHeadAttribution(
-        score=score, positions=positions, engine=engine, num_samples=3, batch_size=batch_size, top_h=5,
+        score=score, positions=positions, engine=engine, ablation=ablation, num_samples=3, batch_size=batch_size, top_h=5,
         output=str(out), when="validation_start",
     )
-    module, _ = validate(tmp_path, callback)
+    module, _ = validate(tmp_path, callback, module=make_module(gqa=gqa))
 
     with_response = positions == "response"
     assert requests == [("safety", 3, {"with_response": with_response, "batch_size": batch_size})]
     # The same batches through the engine directly, on an identical fresh model in eval mode.
-    reference_model = make_module().model.eval()
+    reference_model = make_module(gqa=gqa).model.eval()
     batches = direct_batches(module, n=3, with_response=with_response, batch_size=batch_size)
-    cfg = ScoreConfig(score=score, positions=positions)
+    cfg = ScoreConfig(score=score, positions=positions, ablation=ablation)
     want = head_scores(reference_model, batches, cfg, engine=engine)
     state = get_state(module)
     assert set(state.head_scores) == all_keys()
@@ -173,6 +176,14 @@ def test_validate_scores_equal_the_engine_on_the_requested_data(tmp_path, monkey
         for key in naive:
             assert math.isclose(state.head_scores[key], naive[key], rel_tol=1e-4, abs_tol=1e-7), key
     assert state.top_heads == ranked(want, 5)
+    if ablation == "qkv" and gqa:  # the scripts' group-wide ablation: a KV group's heads share a score
+        group = HEADS // get_adapter(module.model).geometry(0).num_kv_heads
+        assert group > 1
+        for layer in range(LAYERS):
+            values = [state.head_scores[head_key(layer, h)] for h in range(HEADS)]
+            for g in range(HEADS // group):  # equal up to the O(ε) effect of each head's own query scaling
+                for j in range(group):
+                    assert math.isclose(values[g * group], values[g * group + j], rel_tol=1e-3), (layer, g, j, values)
     assert module.model.training is False  # validate's own mode, restored after scoring
 
     # The released format: one flat {"l-h": score} object, nothing else.
