@@ -106,9 +106,13 @@ def test_evaluation_sets_are_held_out(splits):
         for record, _, text, _ in _pairs(splits[name]):
             if record["kind"].endswith("_text"):
                 assert pair_of(text) not in train_pairs
-    # Utility and glyph QA use question templates the training split never shows.
+    # The paraphrase set asks visual questions in phrasings the training split never shows;
+    # utility and glyph QA ask the training phrasings about fresh images.
+    assert not {t for _, _, t, _ in _pairs(splits["eval_utility_paraphrase"])} & train_texts
     for name in ("eval_utility", "eval_glyph_qa"):
-        assert not {t for _, _, t, _ in _pairs(splits[name])} & train_texts
+        assert {t for _, _, t, _ in _pairs(splits[name])} <= train_texts
+        images = {splits[name].images[i].tobytes() for i in range(len(splits[name]))}
+        assert not images & {im.tobytes() for im in splits["train"].images}
     image_requests = [t for r, _, t, _ in _pairs(splits["eval_harmful_image"])]
     assert not set(image_requests) & train_texts
     # ...but every word of every evaluation prompt was seen in training.

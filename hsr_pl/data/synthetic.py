@@ -137,8 +137,11 @@ SPLITS = (
     "eval_harmful_image",
     "eval_benign",
     "eval_glyph_qa",
+    "eval_utility_paraphrase",
 )
 EVAL_SPLITS = SPLITS[3:]
+GENERATOR_VERSION = 2
+"""Bumped whenever the same arguments would produce different files (caches compare it)."""
 _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
 
 
@@ -264,7 +267,7 @@ def _kind_counts(split: str, n: int, harmful_fraction: float) -> dict[str, int]:
         scale = (1.0 - harmful_fraction) / sum(_BENIGN_MIX.values())
         fractions = {k: v * scale for k, v in _BENIGN_MIX.items()}
         fractions["harmful_text"] = fractions["harmful_image"] = harmful_fraction / 2
-    elif split in ("calib_utility", "eval_utility"):
+    elif split in ("calib_utility", "eval_utility", "eval_utility_paraphrase"):
         fractions = {"utility": 1.0}
     elif split == "calib_safety":
         fractions = {"harmful_text": 0.5, "harmful_image": 0.5}
@@ -299,7 +302,9 @@ def _make_record(split: str, index: int, kind: str, rng: np.random.Generator,
 
     category: str | None = None
     if kind in ("utility", "glyph_qa"):
-        table = QUESTIONS_EVAL if held_out else QUESTIONS_TRAIN
+        # Visual QA is held out in its images; unseen *phrasings* have their own set, since a
+        # from-scratch 1M-parameter model generalises to them unreliably (docs/organism.md).
+        table = QUESTIONS_EVAL if split == "eval_utility_paraphrase" else QUESTIONS_TRAIN
         qtype = str(rng.choice(list(table)))
         instruction = str(rng.choice(table[qtype]))
         key, response = "safe_instruction", _answer(qtype, colour, shape)
@@ -466,7 +471,7 @@ def generate(
                     records_by_split["calib_utility"] + records_by_split["calib_safety"])
         combos = heldout_combinations(seed)
         manifest = {
-            "generator": "hsr_pl.data.synthetic", "format": "vlguard", "seed": seed,
+            "generator": "hsr_pl.data.synthetic", "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
             "harmful_fraction": harmful_fraction, "sizes": split_sizes,
             "refusal": REFUSAL, "compliance_prefix": COMPLIANCE_PREFIX,
             "vocabulary": list(VOCABULARY),

@@ -25,6 +25,7 @@ SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
     "eval_utility": ("utility", "utility"),
     "eval_benign": ("utility", "benign"),
     "eval_glyph_qa": ("utility", "utility"),
+    "eval_utility_paraphrase": ("utility", "utility"),
 }
 
 
@@ -46,7 +47,7 @@ def ensure_synthetic(data_dir: str | os.PathLike | None = None, **args) -> Path:
         manifest = folder / "manifest.json"
         if manifest.is_file():
             found = json.loads(manifest.read_text())
-            same = found.get("seed") == args["seed"] and found.get("harmful_fraction") == args["harmful_fraction"] and (
+            same = found.get("version") == synthetic.GENERATOR_VERSION and found.get("seed") == args["seed"] and found.get("harmful_fraction") == args["harmful_fraction"] and (
                 found.get("sizes", {}).get("train") == args["n_train"]
             )
             if same:
@@ -63,7 +64,7 @@ class SyntheticDataModule(VLGuardDataModule):
             (:func:`hsr_pl.data.synthetic.generate`).
         data_dir: where to generate (default ``$HSR_PL_CACHE`` or ``~/.cache/hsr_pl``, under
             ``synthetic/<settings>``).
-        eval_splits: which held-out splits to evaluate (default all five).
+        eval_splits: which held-out splits to evaluate (default all six).
         eval_num_samples: cap per evaluation split (default: all ``n_eval``).
         The rest as in :class:`VLGuardDataModule`; calibration reads ``calibration.json``.
     """
