@@ -36,6 +36,7 @@ COLUMNS = [
     ("harmful_image", "asr/coherent-compliance"),
     ("utility", "utility/contains"),
     ("glyph_qa", "utility/contains"),
+    ("utility_paraphrase", "utility/contains"),
     ("benign", "over_refusal/keyword-gcg-nocase"),
 ]
 
@@ -78,7 +79,7 @@ def main() -> None:
                   {f"{s}/{m}": round(metrics.get(f"{s}/{m}", float("nan")), 3) for s, m in COLUMNS}, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"judges": JUDGES, "refusal": REFUSAL, "eval_sets": "synthetic seed 0, 300 prompts each, greedy, 12 new tokens",
+    payload = {"judges": JUDGES, "refusal": REFUSAL, "eval_sets": "synthetic seed 0 (generator v2), 300 prompts each, greedy, 12 new tokens",
                "calibration": "utility split, 128 samples, batch size 1", "cpu_threads": 1, "rows": rows}
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")

@@ -38,6 +38,12 @@ def save_pretrained_atomic(model, processor, dirpath: str | os.PathLike, summary
             processor.save_pretrained(tmp)
         if summary is not None:
             (tmp / "hsr_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        # mkdtemp makes a private (0700) folder; give the result the usual umask-based modes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for path in tmp.rglob("*"):
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -102,3 +102,17 @@ def test_export_callback_at_fit_end(tmp_path, tiny_llava):
     (key,) = [k for k in exported if "language_model" in k and k.endswith("layers.0.self_attn.q_proj.weight")]
     trained = module.model.model.language_model.layers[0].self_attn.q_proj.weight.detach()
     assert torch.equal(exported[key], trained)
+
+
+def test_export_uses_umask_modes_not_private_temp_modes(tmp_path, tiny_llava):
+    import os
+    import stat
+
+    model, processor = tiny_llava
+    old = os.umask(0o022)
+    try:
+        target = save_pretrained_atomic(model, processor, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o644}

@@ -28,6 +28,10 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_maps_callbacks_under_hsr_pl(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "hsr_pl/callbacks/__init__.py" in names
+    # The trained organism ships as package data (safetensors + JSON, no pickle).
+    assert "hsr_pl/assets/organism/model.safetensors" in names
+    assert "hsr_pl/assets/organism/config.json" in names
+    assert not any(n.endswith((".bin", ".pt", ".pkl", ".ckpt")) for n in names)
     assert not any(n.startswith("callbacks/") for n in names), "a top-level `callbacks` package leaked"
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top_level == {"hsr_pl"}
