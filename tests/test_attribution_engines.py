@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from attribution_batches import make_batches
 
 from hsr_pl.attribution import (
     ScoreConfig,
@@ -19,6 +18,8 @@ from hsr_pl.attribution import (
 )
 from hsr_pl.models import get_adapter
 from hsr_pl.models.tiny import build_tiny
+
+from attribution_batches import make_batches
 
 # Every score × mode on LLaVA (MHA, GQA) and text-only LLaMA; the other families get a
 # representative subset in test_attribution_families.py.

@@ -8,17 +8,17 @@ import copy
 import math
 from pathlib import Path
 
-import hsr_pl.callbacks.pruning as pruning_module
 import lightning.pytorch as pl
 import pytest
 import torch
-from hsr_pl.callbacks import Pruning
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
+import hsr_pl.callbacks.pruning as pruning_module
+from hsr_pl.callbacks import Pruning
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models import get_adapter
 from hsr_pl.models.tiny import TINY_BUILDERS, build_tiny, example_batch, example_image

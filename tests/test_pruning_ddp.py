@@ -13,10 +13,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from hsr_pl.callbacks import Pruning
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file, save_file
 
+from hsr_pl.callbacks import Pruning
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models import get_adapter
 from hsr_pl.module import LVLMModule
