@@ -57,6 +57,9 @@ from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
 from hsr_pl.state import get_state, head_key, parse_head_key
 
+from ._common import eval_mode, hf_model
+from ._common import world as dist_world
+
 __all__ = ["SafetyHeadAttribution", "assign_heads"]
 
 WHEN = ("fit_start", "validation_start")
@@ -74,28 +77,10 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     return value
 
 
-def _hf_model(pl_module: nn.Module) -> nn.Module:
-    """The Hugging Face model a LightningModule wraps (``LVLMModule.model``), else the module."""
-    inner = getattr(pl_module, "model", None) if isinstance(pl_module, pl.LightningModule) else None
-    return inner if isinstance(inner, nn.Module) else pl_module
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Score the deterministic model (no dropout), then give every module its mode back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.train(flag)
 
 
 def assign_heads(targets: Mapping[int, Sequence[int]], world: int, num_layers: int | None = None) -> list[list[Pair]]:
@@ -332,7 +317,7 @@ class SafetyHeadAttribution(Callback):
             self.calibration, self.num_samples,
             with_response=self.config.positions == "response", batch_size=self.batch_size,
         )
-        dtype = next(_hf_model(pl_module).parameters()).dtype
+        dtype = next(hf_model(pl_module).parameters()).dtype
         batches = []
         for batch in loader:
             batches.append({
@@ -347,7 +332,7 @@ class SafetyHeadAttribution(Callback):
         """Called on every rank after each finished layer: saves the partial file. Override to
         observe progress (call ``super()`` to keep the resume file)."""
         self._partial.update(scores)
-        rank, world = _world()
+        rank, world = dist_world()
         path = self.partial_path(rank, world)
         if path is not None:
             from hsr_pl.report.heads import write_partial
@@ -466,7 +451,7 @@ class SafetyHeadAttribution(Callback):
     def _resume_state(self, trainer: pl.Trainer) -> dict[str, float]:
         if not self.resume:
             return {}
-        rank, _ = _world()
+        rank, _ = dist_world()
         payload: tuple[str | None, dict[str, float]] = (None, {})
         if rank == 0:
             try:
@@ -519,7 +504,7 @@ class SafetyHeadAttribution(Callback):
         if not heads:
             return {}
         layers = sorted({layer for layer, _ in heads})
-        with self._progress(layers, len(adapter.all_layers()), show_progress) as advance, _eval_mode(model):
+        with self._progress(layers, len(adapter.all_layers()), show_progress) as advance, eval_mode(model):
 
             def progress(layer: int, scores: dict[str, float]) -> None:
                 self.on_layer_scored(layer, scores)
@@ -531,7 +516,7 @@ class SafetyHeadAttribution(Callback):
             )
 
     def _gather(self, scores: dict[str, float]) -> dict[str, float]:
-        rank, world = _world()
+        rank, world = dist_world()
         if world == 1:
             return dict(scores)
         shares: list[dict[str, float] | None] = [None] * world
@@ -542,7 +527,7 @@ class SafetyHeadAttribution(Callback):
         return merged
 
     def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = _hf_model(pl_module)
+        model = hf_model(pl_module)
         adapter = get_adapter(model)
         expected = self._check_against_model(adapter)
         start = time.perf_counter()
@@ -560,7 +545,7 @@ class SafetyHeadAttribution(Callback):
                 remaining = {
                     layer: [h for h in heads if head_key(layer, h) not in previous] for layer, heads in expected.items()
                 }
-                rank, world = _world()
+                rank, world = dist_world()
                 share = assign_heads(remaining, world, len(adapter.all_layers()))[rank]
                 show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
                 mine = self.scan(model, batches, share, adapter, show_progress=show)

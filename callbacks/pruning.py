@@ -46,6 +46,9 @@ from hsr_pl.pruning import (
 )
 from hsr_pl.state import HSRState, get_state
 
+from ._common import eval_mode, hf_model
+from ._common import world as dist_world
+
 __all__ = ["Pruning"]
 
 WHEN = ("fit_start", "validation_start")
@@ -66,19 +69,9 @@ def _as_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
     return items
 
 
-def hf_model(pl_module: nn.Module) -> nn.Module:
-    """The Hugging Face model a LightningModule wraps (``LVLMModule.model``), else the module itself."""
-    inner = getattr(pl_module, "model", None) if isinstance(pl_module, pl.LightningModule) else None
-    if isinstance(inner, nn.Module):
-        return inner
-    return pl_module
 
 
 # ------------------------------------------------------------------------------- distributed
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _comm_device(fallback: torch.device) -> torch.device:
@@ -129,16 +122,6 @@ def _shard(loader: Iterable[Batch], rank: int, world: int) -> Iterable[Batch]:
 
 
 # -------------------------------------------------------------------------------- contexts
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Statistics from the deterministic model (no dropout), then the caller's modes back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.train(flag)
 
 
 @contextmanager
@@ -311,7 +294,7 @@ class Pruning(Callback):
             )
         except (ValueError, KeyError) as exc:
             raise CalibrationError(f"Pruning(calibration={self.calibration!r}): {exc}") from exc
-        rank, world = _world()
+        rank, world = dist_world()
         batches = []
         for batch in _shard(loader, rank, world):
             batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)})
@@ -327,7 +310,7 @@ class Pruning(Callback):
             if count:
                 samples += mask.shape[0]
                 tokens += count
-        rank, world = _world()
+        rank, world = dist_world()
         counts = torch.zeros(world, 2, dtype=torch.float64)
         counts[rank] = torch.tensor([samples, tokens], dtype=torch.float64)
         if world > 1:
@@ -361,7 +344,7 @@ class Pruning(Callback):
         model = hf_model(pl_module)
         targets, keep = self.resolve_targets(model)
         progress_bar = _layer_progress(progress, f"pruning ({self.config.method})")
-        with progress_bar as on_layer, _eval_mode(model):
+        with progress_bar as on_layer, eval_mode(model):
             try:
                 result = prune_model(
                     model, batches, self.config, targets=targets, keep_originals=keep, on_layer=on_layer, reduce=reduce
@@ -391,7 +374,7 @@ class Pruning(Callback):
             if self.config.needs_data:
                 batches = self.calibration_batches(trainer, pl_module.device)
                 _, _, weight = self._check_counts(batches, pl_module.device)
-                if _world()[1] > 1:
+                if dist_world()[1] > 1:
                     reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
             show = trainer.is_global_zero and trainer.progress_bar_callback is not None
             self.prune(pl_module, batches, reduce=reduce, progress=show)
