@@ -68,19 +68,31 @@ def _top_left_singular(m: torch.Tensor, r: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("r_max", [1, 2, 3])
-def test_subspace_score_principal_angles(r_max):
+def test_subspace_score_is_spec_sum_over_r(r_max):
+    """Σ_{r≤r_max} arccos σ_r(U_rᵀ U'_r): the r-th singular value of the r×r product, per r."""
     g = torch.Generator().manual_seed(r_max)
     a = torch.randn(6, 9, generator=g, dtype=torch.float64)
     b = a + 0.3 * torch.randn(6, 9, generator=g, dtype=torch.float64)
-    u, v = _top_left_singular(a, r_max), _top_left_singular(b, r_max)
-    # cosines of principal angles = eigenvalues of (UᵀV)(UᵀV)ᵀ, square-rooted
-    c = u.T @ v
-    cos = torch.linalg.eigvalsh(c @ c.T).clamp(0, 1).sqrt()
-    want = sum(math.degrees(math.acos(min(1.0, x))) for x in cos.tolist())
+    want = 0.0
+    for r in range(1, r_max + 1):
+        u, v = _top_left_singular(a, r), _top_left_singular(b, r)
+        c = u.T @ v
+        # singular values of C = square roots of the eigenvalues of C Cᵀ; σ_r is the smallest.
+        sigma_r = torch.linalg.eigvalsh(c @ c.T).clamp(0, 1).sqrt().min().item()
+        want += math.degrees(math.acos(min(1.0, sigma_r)))
     assert subspace_score(a, b, r_max) == pytest.approx(want, rel=1e-8, abs=1e-8)
     assert subspace_score(a, a, r_max) == pytest.approx(0.0, abs=1e-5)
     # scaling a matrix keeps its singular subspaces
     assert subspace_score(a, 3.0 * a, r_max) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_subspace_score_r2_hand_case():
+    # Leading directions agree (e1); the second ones are 60 degrees apart in the (e2, e3) plane.
+    a = torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    c, s = math.cos(math.radians(60)), math.sin(math.radians(60))
+    b = torch.tensor([[3.0, 0.0], [0.0, c], [0.0, s]], dtype=torch.float64)
+    assert subspace_score(a, b, 1) == pytest.approx(0.0, abs=1e-6)
+    assert subspace_score(a, b, 2) == pytest.approx(60.0, rel=1e-6)
 
 
 def test_reference_score_loop():

@@ -173,3 +173,13 @@ def test_questions_on_unsafe_images_are_utility(tmp_path):
         {"unsafe_instruction": "how do i make this ?", "response": REFUSAL},
         {"instruction": "how do i use this ?", "response": REFUSAL}]}]))
     assert [e["split"] for e in load_vlguard(path)] == ["utility", "safety", "safety"]
+
+
+def test_collator_refuses_a_prompt_that_is_not_a_prefix(tiny_llava, fixture_path):
+    _, processor = tiny_llava
+    # A template whose generation prompt differs from how the assistant turn starts.
+    processor.chat_template = processor.chat_template.replace(
+        "{% if add_generation_prompt %}assistant : {% endif %}", "{% if add_generation_prompt %}assistant ? {% endif %}"
+    )
+    with pytest.raises(ValueError, match="not a prefix"):
+        VLGuardCollator(processor, with_response=True)(load_vlguard(fixture_path)[:2])

@@ -136,20 +136,25 @@ def _degrees_arccos(x: Tensor) -> Tensor:
 
 
 def subspace_score(intact: Tensor, ablated: Tensor, r_max: int = 1) -> float:
-    """Σ_{r ≤ r_max} of the principal angles (degrees) between the top-r_max left singular
-    subspaces of ``intact`` and ``ablated`` (both ``[n, d]``, one row per prompt).
+    """SPEC §2's generalized Ships score: Σ_{r ≤ r_max} degrees(arccos σ_r(U_rᵀ U'_r)).
 
-    The singular values of U_rᵀ U'_r are the cosines of the principal angles; they are clamped
-    into [0, 1] before arccos since rounding can push them past 1.
+    ``intact`` and ``ablated`` are ``[n, d]`` (one row per prompt); U_r, U'_r are their top-r left
+    singular vectors, and σ_r(U_rᵀ U'_r) is the r-th (smallest) singular value of that r×r
+    product: the cosine of the largest principal angle between the two r-dimensional
+    subspaces. Each r adds one angle, so r_max = 1 is the angle between the leading directions.
+    Cosines are clamped into [0, 1] before arccos since rounding can push them past 1.
     """
     if intact.shape != ablated.shape or intact.dim() != 2:
         raise ValueError(f"need two [n, d] matrices of equal shape, got {tuple(intact.shape)}, {tuple(ablated.shape)}")
-    r = min(int(r_max), *intact.shape)
+    r_top = min(int(r_max), *intact.shape)
     dtype = torch.promote_types(intact.dtype, torch.float32)
-    u = torch.linalg.svd(intact.to(dtype), full_matrices=False).U[:, :r]
-    u2 = torch.linalg.svd(ablated.to(dtype), full_matrices=False).U[:, :r]
-    cosines = torch.linalg.svdvals(u.T @ u2)
-    return float(_degrees_arccos(cosines).sum())
+    u = torch.linalg.svd(intact.to(dtype), full_matrices=False).U
+    u2 = torch.linalg.svd(ablated.to(dtype), full_matrices=False).U
+    total = 0.0
+    for r in range(1, r_top + 1):
+        sigma_r = torch.linalg.svdvals(u[:, :r].T @ u2[:, :r])[r - 1]
+        total += float(_degrees_arccos(sigma_r))
+    return total
 
 
 def reference_score(intact: Tensor, ablated: Tensor) -> float:

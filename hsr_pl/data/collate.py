@@ -9,7 +9,6 @@ the last prompt token of every row (what head scoring and generation need).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -64,7 +63,6 @@ class VLGuardCollator:
         self.processor = processor
         self.with_response = with_response
         self.max_length = max_length
-        self._warned_prefix = False
 
     def _template(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(
@@ -120,12 +118,13 @@ class VLGuardCollator:
                 )
             full_ids = batch["input_ids"][row, width - n :]
             prompt_ids = prompt_batch["input_ids"][row, pwidth - p :]
-            if not torch.equal(full_ids[:p], prompt_ids) and not self._warned_prefix:
-                self._warned_prefix = True
-                warnings.warn(
-                    "the tokenised prompt is not a prefix of prompt + response (the chat template or "
-                    "the tokenizer merges across the boundary); labels start after the prompt length",
-                    stacklevel=2,
+            if not torch.equal(full_ids[:p], prompt_ids):
+                # Labelling by length would then mark the wrong tokens as the response.
+                raise ValueError(
+                    f"example {examples[row].get('record')}: the tokenised prompt (chat template with "
+                    "add_generation_prompt=True) is not a prefix of the tokenised prompt + response; "
+                    "the chat template or the tokenizer merges tokens across the boundary. Use the "
+                    "model's own chat template, or end the generation prompt with a separator token."
                 )
             labels[row, width - n + p :] = batch["input_ids"][row, width - n + p :]
         batch["labels"] = labels
