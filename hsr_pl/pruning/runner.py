@@ -275,7 +275,8 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
     layers = adapter.all_layers()
     groups = _by_layer(adapter, chosen)
     last = max(groups)
-    inputs = capture_layer_inputs(model, layers[0], batches, config.tokens)
+    # Every layer's own arguments (Gemma3 & co. give sliding and full layers different masks).
+    inputs = capture_layer_inputs(model, list(layers)[: last + 1], batches, config.tokens)
     tokens = sum(int(i.mask.sum()) for i in inputs if i.mask is not None)
     if not inputs or tokens == 0:
         raise CalibrationError(
@@ -291,13 +292,13 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
             if linears:
                 collector = StatsCollector(linears, _STAT_KIND[config.method], selection)
                 with collector:
-                    run_layer(layer, inputs, selection)
+                    run_layer(layer, index, inputs, selection)
                 stats = collector.finalize(reduce)
                 _prune_layer(linears, stats, config, keep, result)
                 del collector, stats
                 result.layers.append(index)
             if index < last:
-                inputs = run_layer(layer, inputs)
+                inputs = run_layer(layer, index, inputs)
         except Exception as exc:
             raise _wrap(exc, result.layers) from exc
         if on_layer is not None:

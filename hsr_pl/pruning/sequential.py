@@ -1,15 +1,19 @@
 """Layer-input capture and the per-layer forward used by sequential pruning.
 
 The reference pruners run the decoder layer by layer: the calibration inputs of layer 0 are
-captured once (hidden states plus every keyword argument the decoder passes, e.g.
-position_embeddings, attention_mask, position_ids, cache_position), and each layer's outputs
-become the next layer's inputs. Only one layer's activations are alive at any time, kept on that
-layer's device.
+captured once, and each layer's outputs become the next layer's inputs. The keyword arguments
+(attention_mask, position_embeddings, position_ids, cache_position, ...) are *not* the same for
+every layer in all families: Gemma3, and Qwen2/2.5-VL with mixed ``layer_types``, give sliding-
+window layers another mask and other rotary embeddings than full-attention layers. So one dense
+forward per batch records what *each* decoder layer receives, and layer l is replayed with layer
+l's own arguments. The decoder builds those once per forward and hands the same tensor objects to
+every layer of a kind, so keeping references costs a few masks per batch, not one per layer. Only
+one layer's hidden states are alive at any time, kept on that layer's device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,24 +27,25 @@ __all__ = ["LayerInput", "capture_layer_inputs", "move_to", "run_layer"]
 
 # Batch keys that only the loss needs; the decoder layers never see them.
 _LOSS_ONLY = ("labels",)
+# Cache arguments: the capture forward runs with use_cache=False, a replay must not get one either.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
 @dataclass
 class LayerInput:
-    """What one calibration batch feeds a decoder layer, and which of its tokens count."""
+    """What one calibration batch feeds the current decoder layer, and which of its tokens count.
+
+    ``kwargs[l]`` holds the keyword arguments decoder layer ``l`` received in the dense forward
+    (everything but the hidden states); ``hidden`` is the current layer's input.
+    """
 
     hidden: Tensor
-    kwargs: dict[str, Any]
+    kwargs: list[dict[str, Any]]
     mask: Tensor | None
 
 
 class _Captured(Exception):
-    """Raised by the capture pre-hook to stop the forward right at the first decoder layer."""
-
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        super().__init__()
-        self.args = args
-        self.kwargs = kwargs
+    """Raised by the last capture pre-hook: nothing after it (last layer, norm, lm_head) is needed."""
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
@@ -69,56 +74,102 @@ def layer_device(layer: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _split_call(index: int, args: tuple, kwargs: dict) -> tuple[Tensor, dict[str, Any]]:
+    """(hidden states, the other keyword arguments) of one decoder-layer call."""
+    kw = dict(kwargs)
+    if len(args) > 1:
+        raise CalibrationError(
+            f"decoder layer {index} received {len(args)} positional arguments; sequential capture supports "
+            "layer(hidden_states, **kwargs) only; use mode='oneshot'"
+        )
+    if args:
+        hidden = args[0]
+    elif "hidden_states" in kw:
+        hidden = kw.pop("hidden_states")
+    else:
+        raise CalibrationError(f"decoder layer {index} received no hidden states; use mode='oneshot'")
+    for key in _CACHE_KWARGS:
+        if kw.get(key) is not None:
+            raise CalibrationError(f"decoder layer {index} received a KV cache ({key}) despite use_cache=False")
+        kw.pop(key, None)
+    return hidden, kw
+
+
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, batches: Iterable[Mapping[str, Tensor]], tokens: str
+    model: nn.Module, layers: Sequence[nn.Module], batches: Iterable[Mapping[str, Tensor]], tokens: str
 ) -> list[LayerInput]:
-    """Run each batch through ``model`` until ``first_layer`` and keep what that layer receives."""
+    """Run each batch through the dense ``model`` and record what every layer in ``layers`` gets.
+
+    ``layers`` are decoder layers 0..n-1 in call order. Per batch this keeps layer 0's hidden
+    states (moved to layer 0's device) and each layer's keyword arguments by reference (on the
+    device the decoder made them; :func:`run_layer` moves them). The forward stops at the entry of
+    the last listed layer, so the rest of the model never runs.
+    """
+    if not layers:
+        raise CalibrationError("no decoder layers to capture inputs for")
     device = model.get_input_embeddings().weight.device
     captured: list[LayerInput] = []
+    current: dict[int, tuple[Tensor, dict[str, Any]]] = {}
+    last = len(layers) - 1
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        raise _Captured(args, kwargs)
+    def make(index: int):
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden, kw = _split_call(index, args, kwargs)
+            current[index] = (hidden if index == 0 else None, kw)
+            if index == last:
+                raise _Captured
 
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+        return pre_hook
+
+    handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         for batch in batches:
             mask = token_mask(batch, tokens)
+            current.clear()
             try:
                 model(**model_inputs(batch, device))
-            except _Captured as cap:
-                kwargs = dict(cap.kwargs)
-                hidden = cap.args[0] if cap.args else kwargs.pop("hidden_states")
-                if len(cap.args) > 1:
-                    raise CalibrationError(
-                        "the first decoder layer received extra positional arguments; sequential capture "
-                        "supports (hidden_states, **kwargs) layers only; use mode='oneshot'"
-                    ) from None
-                dev = layer_device(first_layer)
-                captured.append(LayerInput(hidden.to(dev), move_to(kwargs, dev), mask.to(dev)))
-            else:
+            except _Captured:
+                pass
+            missing = [i for i in range(len(layers)) if i not in current]
+            if missing:
                 raise CalibrationError(
-                    "the forward pass never reached the first decoder layer; check the model and batch"
+                    f"the forward pass never reached decoder layers {missing[:5]}; sequential pruning needs every "
+                    "layer called once in order (use mode='oneshot' for decoders that skip layers)"
                 )
+            dev = layer_device(layers[0])
+            hidden = current[0][0].to(dev)
+            kwargs = [current[i][1] for i in range(len(layers))]
+            captured.append(LayerInput(hidden, kwargs, mask.to(dev)))
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        current.clear()
     return captured
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: list[LayerInput], selection: TokenSelection | None = None) -> list[LayerInput]:
-    """Feed every captured input through ``layer``; the outputs are the next layer's inputs."""
+def run_layer(
+    layer: nn.Module, index: int, inputs: list[LayerInput], selection: TokenSelection | None = None
+) -> list[LayerInput]:
+    """Feed every input through decoder layer ``index`` with that layer's own recorded kwargs.
+
+    The outputs are layer ``index + 1``'s inputs.
+    """
     dev = layer_device(layer)
     outputs: list[LayerInput] = []
     for inp in inputs:
-        hidden = inp.hidden.to(dev)
-        kwargs = move_to(inp.kwargs, dev) if hidden.device != inp.hidden.device else inp.kwargs
+        if index >= len(inp.kwargs):
+            raise CalibrationError(
+                f"no recorded arguments for decoder layer {index} (captured {len(inp.kwargs)} layers)"
+            )
+        kwargs = move_to(inp.kwargs[index], dev)
         if selection is not None:
             selection.set(inp.mask)
-        out = layer(hidden, **kwargs)
+        out = layer(inp.hidden.to(dev), **kwargs)
         if isinstance(out, tuple):
             out = out[0]
-        outputs.append(LayerInput(out, kwargs, inp.mask))
+        outputs.append(LayerInput(out, inp.kwargs, inp.mask))
     if selection is not None:
         selection.set(None)
     return outputs
