@@ -21,7 +21,7 @@ Modes (SPEC §2):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,11 +57,32 @@ def _row_scale(heads: Tensor, num_heads: int, value: float, dtype: torch.dtype) 
     return scale
 
 
-def _apply_head_scale(states: Tensor, scale: Tensor, num_heads: int, head_dim: int) -> Tensor:
-    """``states`` ``[N, ..., H*d_h]`` or ``[N, ..., H, d_h]`` with head h of row r × scale[r, h]."""
-    split = split_heads(states, num_heads, head_dim)
-    shape = (split.shape[0],) + (1,) * (split.dim() - 3) + (num_heads, 1)
-    return (split * scale.to(split.dtype).view(shape)).reshape(states.shape)
+HeadView = Callable[[Tensor], Tensor]
+
+
+def _edit_heads(states: Tensor, view: HeadView, edit: Callable[[Tensor], Tensor]) -> Tensor:
+    """A copy of ``states`` whose per-head view (``view(...)``: ``[N, ..., T, H, d_h]``) holds
+    ``edit(view(states))``.
+
+    The result is written back *through the view* of the copy, so the hooked tensor's own
+    layout (flat, token-major or Gemma3's head-major ``[N, H, T, d_h]``) never matters:
+    reshaping an edited view back to ``states.shape`` would refill a transposed layout in the
+    wrong order. ``edit`` reads ``states``, not the copy being written, so tensors autograd
+    saves for the gradient engine's α are never modified in place.
+    """
+    out = states.clone()
+    view(out).copy_(edit(view(states)))
+    return out
+
+
+def _per_row(scale: Tensor, heads: Tensor) -> Tensor:
+    """``[N, H]`` per-row, per-head values shaped to broadcast over a ``[N, ..., H, d_h]`` view."""
+    return scale.to(heads.dtype).view(heads.shape[0], *(1,) * (heads.dim() - 3), scale.shape[1], 1)
+
+
+def _scale_heads(states: Tensor, view: HeadView, scale: Tensor) -> Tensor:
+    """``states`` with head h of row r × ``scale[r, h]``, whatever its layout."""
+    return _edit_heads(states, view, lambda heads: heads * _per_row(scale, heads))
 
 
 class HeadAblation:
@@ -107,33 +128,49 @@ class HeadAblation:
 
     def _query_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         self._check_rows(output)
-        geo = self.geometry
-        scale = _row_scale(self.heads.to(output.device), geo.num_heads, self.epsilon, output.dtype)
-        return _apply_head_scale(output, scale, geo.num_heads, geo.head_dim)
+        scale = _row_scale(self.heads.to(output.device), self.geometry.num_heads, self.epsilon, output.dtype)
+        # the adapter knows its family's layout (Gemma3's q_norm output is head-major)
+        return _scale_heads(output, lambda t: self.adapter.query_heads(self.layer, t), scale)
 
-    def _kv_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def _kv_scale(self, output: Tensor) -> Tensor:
         # The KV head read by query head h is h // g: the whole group is scaled.
         self._check_rows(output)
         geo = self.geometry
         heads = self.heads.to(output.device)
         groups = torch.where(heads >= 0, torch.div(heads, geo.group_size, rounding_mode="floor"), heads)
-        scale = _row_scale(groups, geo.num_kv_heads, self.epsilon, output.dtype)
-        return _apply_head_scale(output, scale, geo.num_kv_heads, geo.head_dim)
+        return _row_scale(groups, geo.num_kv_heads, self.epsilon, output.dtype)
+
+    def _key_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        scale = self._kv_scale(output)
+        return _scale_heads(output, lambda t: self.adapter.key_heads(self.layer, t), scale)
+
+    def _value_hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        # v_proj's output is flat [..., T, H_kv * d_h]; split_heads refuses a layout it cannot tell
+        geo = self.geometry
+        scale = self._kv_scale(output)
+        return _scale_heads(output, lambda t: split_heads(t, geo.num_kv_heads, geo.head_dim), scale)
 
     def _o_proj_pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         self._check_rows(x)
         geo = self.geometry
         heads = self.heads.to(x.device)
+
+        def view(t: Tensor) -> Tensor:  # o_proj input: the flat concatenation of head outputs
+            return split_heads(t, geo.num_heads, geo.head_dim)
+
         if self.mode == "head":
-            scale = _row_scale(heads, geo.num_heads, self.epsilon, x.dtype)
-            return (_apply_head_scale(x, scale, geo.num_heads, geo.head_dim), *args[1:])
+            return (_scale_heads(x, view, _row_scale(heads, geo.num_heads, self.epsilon, x.dtype)), *args[1:])
         keep = _row_scale(heads, geo.num_heads, 0.0, x.dtype)  # 0 on the ablated head
-        out = _apply_head_scale(x, keep, geo.num_heads, geo.head_dim)
-        if self.mode == "mean":
-            fill = (1 - keep)[:, :, None] * self.mean.to(x.device, x.dtype)[None]  # [N, H, d_h]
-            out = out + fill.reshape(x.shape[0], *(1,) * (x.dim() - 2), -1)
-        return (out, *args[1:])
+        if self.mode == "zero":
+            return (_scale_heads(x, view, keep), *args[1:])
+        mean = self.mean.to(x.device, x.dtype)  # [H, d_h], broadcasts over the view's last two dims
+
+        def to_mean(split: Tensor) -> Tensor:
+            k = _per_row(keep, split)
+            return split * k + (1 - k) * mean
+
+        return (_edit_heads(x, view, to_mean), *args[1:])
 
     # --------------------------------------------------------------------------- context
     def __enter__(self) -> HeadAblation:
@@ -141,8 +178,8 @@ class HeadAblation:
         if self.mode in ("head", "qkv"):
             self._handles.append(a.query_states_module(i).register_forward_hook(self._query_hook))
         if self.mode == "qkv":
-            self._handles.append(a.key_states_module(i).register_forward_hook(self._kv_hook))
-            self._handles.append(a.value_states_module(i).register_forward_hook(self._kv_hook))
+            self._handles.append(a.key_states_module(i).register_forward_hook(self._key_hook))
+            self._handles.append(a.value_states_module(i).register_forward_hook(self._value_hook))
         else:
             self._handles.append(a.o_proj(i).register_forward_pre_hook(self._o_proj_pre_hook))
         return self
@@ -182,15 +219,16 @@ class HeadScaling:
 
         def pre_hook(module: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            split = split_heads(x, geo.num_heads, geo.head_dim)
-            a = self.alpha[:, index].to(x.dtype).view(x.shape[0], *(1,) * (split.dim() - 3), geo.num_heads, 1)
+            a = self.alpha[:, index, : geo.num_heads]  # alpha is padded to the widest layer
             center = self.centers.get(layer)
-            if center is None:
-                out = split * a
-            else:
+
+            def move(split: Tensor) -> Tensor:
+                if center is None:
+                    return split * _per_row(a, split)
                 c = center.to(x.device, x.dtype)
-                out = c + a * (split - c)
-            return (out.reshape(x.shape), *args[1:])
+                return c + _per_row(a, split) * (split - c)
+
+            return (_edit_heads(x, lambda t: split_heads(t, geo.num_heads, geo.head_dim), move), *args[1:])
 
         return pre_hook
 
