@@ -56,13 +56,61 @@ def evaluate(checkpoint: str, data: SyntheticDataModule, method: str | None, spa
     return metrics
 
 
+def plot(payload: dict, path: Path) -> None:
+    """ASR (strict and coherent compliance) and visual-QA utility against sparsity, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["rows"]
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+    panels = [("harmful_image/asr/strict", "image-borne ASR (strict)"),
+              ("harmful_text/asr/strict", "text-borne ASR (strict)"),
+              ("harmful_image/asr/coherent-compliance", "image-borne coherent compliance"),
+              ("utility/utility/contains", "visual-QA utility")]
+    fig, axes = plt.subplots(len(checkpoints), len(panels), figsize=(4 * len(panels), 2.8 * len(checkpoints)),
+                             squeeze=False, sharey=True)
+    for i, checkpoint in enumerate(checkpoints):
+        dense = next(r for r in rows if r["checkpoint"] == checkpoint and r["method"] == "dense")
+        for j, (key, title) in enumerate(panels):
+            ax = axes[i][j]
+            for method in methods:
+                pts = sorted((r["sparsity"], r["metrics"][key]) for r in rows
+                             if r["checkpoint"] == checkpoint and r["method"] == method)
+                xs = [0.0] + [x for x, _ in pts]
+                ys = [100 * dense["metrics"][key]] + [100 * y for _, y in pts]
+                ax.plot(xs, ys, marker="o", label=method)
+            ax.set_ylim(-5, 105)
+            ax.set_title(title if i == 0 else "", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(f"{Path(checkpoint).name}\n%")
+            if i == len(checkpoints) - 1:
+                ax.set_xlabel("sparsity")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Organism under pruning calibrated on benign data: refusals (ASR) and visual-QA utility", fontsize=11)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--checkpoints", nargs="+", required=True)
+    parser.add_argument("--checkpoints", nargs="+")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the PNG from the saved JSON")
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt", "magnitude"])
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     parser.add_argument("--out", default="benchmarks/results/organism_effect")
     args = parser.parse_args()
+    out = Path(args.out)
+    if args.plot_only:
+        plot(json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".png"))
+        return
+    if not args.checkpoints:
+        parser.error("--checkpoints is required unless --plot-only")
     torch.set_num_threads(1)
     data = SyntheticDataModule(seed=0, eval_batch_size=150)
     rows = []
@@ -77,7 +125,6 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "metrics"}),
                   {f"{s}/{m}": round(metrics.get(f"{s}/{m}", float("nan")), 3) for s, m in COLUMNS}, flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"judges": JUDGES, "refusal": REFUSAL, "eval_sets": "synthetic seed 0 (generator v2), 300 prompts each, greedy, 12 new tokens",
                "calibration": "utility split, 128 samples, batch size 1", "cpu_threads": 1, "rows": rows}
@@ -93,6 +140,7 @@ def main() -> None:
     tmp = out.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out.with_suffix(".md"))
+    plot(payload, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
