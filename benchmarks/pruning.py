@@ -126,9 +126,14 @@ def atomic_write(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, seconds (CI smoke)")
+    parser.add_argument("--samples", type=int, help="calibration samples (default: the shape's)")
+    parser.add_argument("--seq", type=int, help="tokens per calibration sample (default: the shape's)")
     parser.add_argument("--_variant", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = QUICK if args.quick else FULL
+    shape = dict(QUICK if args.quick else FULL)
+    for key in ("samples", "seq"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
     if args._variant:
         impl, method, nm, out = args._variant
         run_variant(impl, method, nm, shape, out)
@@ -140,7 +145,8 @@ def main() -> None:
             if args.quick:  # in-process: seconds, but peak memory is then the process-wide peak so far
                 run_variant(impl, method, nm, shape, out)
             else:
-                cmd = [sys.executable, __file__, "--_variant", impl, method, nm, out]
+                cmd = [sys.executable, __file__, "--samples", str(shape["samples"]), "--seq", str(shape["seq"]),
+                       "--_variant", impl, method, nm, out]
                 subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             rows.append(json.loads(Path(out).read_text()))
             r = rows[-1]
