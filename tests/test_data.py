@@ -183,3 +183,21 @@ def test_collator_refuses_a_prompt_that_is_not_a_prefix(tiny_llava, fixture_path
     )
     with pytest.raises(ValueError, match="not a prefix"):
         VLGuardCollator(processor, with_response=True)(load_vlguard(fixture_path)[:2])
+
+
+def test_training_order_does_not_depend_on_other_rng_use(tiny_llava, fixture_path):
+    _, processor = tiny_llava
+
+    def order(consume: int) -> list[list[int]]:
+        torch.manual_seed(5)
+        dm = VLGuardDataModule(train_path=str(fixture_path), processor=processor, batch_size=2)
+        loader = dm.train_dataloader()
+        epochs = []
+        for _ in range(2):
+            torch.rand(consume)  # e.g. evaluation loaders drawing base seeds between epochs
+            epochs.append([b["input_ids"].sum().item() for b in loader])
+        return epochs
+
+    first, again, other = order(0), order(3), order(0)
+    assert first == again == other
+    assert first[0] != first[1]  # still reshuffled every epoch

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 from torch.utils.data import DataLoader
 
 from .collate import VLGuardCollator
@@ -145,10 +146,15 @@ class VLGuardDataModule(pl.LightningDataModule):
         return self._examples[key]
 
     def _loader(self, rows: list[dict], collate, batch_size: int, shuffle: bool) -> DataLoader:
+        # The training order gets its own generator, seeded from the run's seed (seed_everything):
+        # drawn from the global RNG it would depend on how many other loaders (evaluation sets)
+        # were iterated before an epoch starts, and a changed evaluation config would change training.
+        generator = torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None
         return DataLoader(
             rows,
             batch_size=batch_size,
             shuffle=shuffle,
+            generator=generator,
             collate_fn=collate,
             num_workers=self.num_workers,
         )
