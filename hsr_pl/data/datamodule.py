@@ -72,6 +72,9 @@ class VLGuardDataModule(pl.LightningDataModule):
         num_samples: default calibration size per split (SPEC: 128).
         seed: the seed of the calibration selection (seeded shuffle, first N).
         max_length: optional token cap (longer rows are an error, never silently cut).
+        shuffle_seed: seed of the training order's own generator; None (default) draws it from the
+            global RNG, so it follows ``seed_everything`` but also shifts when the number of
+            evaluation loaders iterated between epochs changes.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         max_length: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
@@ -118,6 +122,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.max_length = max_length
+        self.shuffle_seed = shuffle_seed
         self._examples: dict[str, list[dict]] = {}
 
     # ------------------------------------------------------------------------------ plumbing
@@ -146,10 +151,12 @@ class VLGuardDataModule(pl.LightningDataModule):
         return self._examples[key]
 
     def _loader(self, rows: list[dict], collate, batch_size: int, shuffle: bool) -> DataLoader:
-        # The training order gets its own generator, seeded from the run's seed (seed_everything):
-        # drawn from the global RNG it would depend on how many other loaders (evaluation sets)
-        # were iterated before an epoch starts, and a changed evaluation config would change training.
-        generator = torch.Generator().manual_seed(torch.initial_seed()) if shuffle else None
+        # With shuffle_seed the training order has its own generator. Without it the order comes
+        # from the global RNG (seed_everything), as Lightning users expect — but then every loader
+        # iterated in between (each evaluation set draws a base seed) shifts later epochs' order.
+        generator = None
+        if shuffle and self.shuffle_seed is not None:
+            generator = torch.Generator().manual_seed(self.shuffle_seed)
         return DataLoader(
             rows,
             batch_size=batch_size,

@@ -85,6 +85,7 @@ class SyntheticDataModule(VLGuardDataModule):
         num_samples: int = 128,
         calibration_seed: int = 0,
         num_workers: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
         eval_splits = list(SYNTHETIC_EVAL_SETS) if eval_splits is None else list(eval_splits)
         unknown = [s for s in eval_splits if s not in SYNTHETIC_EVAL_SETS]
@@ -113,5 +114,6 @@ class SyntheticDataModule(VLGuardDataModule):
             num_samples=num_samples,
             seed=calibration_seed,
             num_workers=num_workers,
+            shuffle_seed=shuffle_seed,
         )
         self.data_dir = folder
