@@ -251,18 +251,22 @@ def _prune_layer(
             result.percdamp[name] = damp
 
 
-def _prune_without_data(adapter, chosen, config, keep, on_layer) -> PruningResult:
-    result = PruningResult()
+def _prune_groups(adapter, chosen, stats: Mapping, config, keep, result: PruningResult, on_layer) -> PruningResult:
+    """Prune layer by layer from finished statistics (one-shot, SNIP, magnitude)."""
     groups = _by_layer(adapter, chosen)
     for pos, (layer, linears) in enumerate(groups.items()):
         try:
-            _prune_layer(linears, {}, config, keep, result)
+            _prune_layer(linears, stats, config, keep, result)
         except Exception as exc:
             raise _wrap(exc, result.layers) from exc
         result.layers.append(layer)
         if on_layer is not None:
             on_layer(pos + 1, len(groups))
     return result
+
+
+def _prune_without_data(adapter, chosen, config, keep, on_layer) -> PruningResult:
+    return _prune_groups(adapter, chosen, {}, config, keep, PruningResult(), on_layer)
 
 
 def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, reduce) -> PruningResult:
@@ -318,16 +322,7 @@ def _prune_oneshot(model, adapter, batches, chosen, config, keep, on_layer, redu
     selection.set(None)
     stats = collector.finalize(reduce)
     result = PruningResult(tokens=max(s.ntokens for s in stats.values()))
-    groups = _by_layer(adapter, chosen)
-    for pos, (layer, linears) in enumerate(groups.items()):
-        try:
-            _prune_layer(linears, stats, config, keep, result)
-        except Exception as exc:
-            raise _wrap(exc, result.layers) from exc
-        result.layers.append(layer)
-        if on_layer is not None:
-            on_layer(pos + 1, len(groups))
-    return result
+    return _prune_groups(adapter, chosen, stats, config, keep, result, on_layer)
 
 
 def _prune_snip(model, adapter, batches, chosen, config, keep, on_layer, reduce) -> PruningResult:
@@ -374,15 +369,5 @@ def _prune_snip(model, adapter, batches, chosen, config, keep, on_layer, reduce)
                 score.copy_(reduced)
         if not bool(torch.isfinite(score).all()):
             raise CalibrationError(f"{name}: SNIP scores hold NaN/inf; run the model in float32 for calibration")
-    result = PruningResult(tokens=tokens)
-    groups = _by_layer(adapter, chosen)
-    for pos, (layer, linears) in enumerate(groups.items()):
-        try:
-            _prune_layer(linears, scores, config, keep, result)
-        except Exception as exc:
-            raise _wrap(exc, result.layers) from exc
-        result.layers.append(layer)
-        if on_layer is not None:
-            on_layer(pos + 1, len(groups))
-    return result
+    return _prune_groups(adapter, chosen, scores, config, keep, PruningResult(tokens=tokens), on_layer)
 
