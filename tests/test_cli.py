@@ -61,3 +61,18 @@ def test_print_config_round_trips(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "tiny:llava" in result.stdout and "hsr_pl.data.VLGuardDataModule" in result.stdout
+
+
+def test_eval_table_keeps_counts_in_a_narrow_console():
+    from rich.console import Console
+
+    from hsr_pl.report.evaluation import print_eval_table
+
+    console = Console(width=80, record=True, force_terminal=False)
+    rows = [("utility_paraphrase", "utility", 300, {"utility[contains]": 0.68}),
+            ("harmful_image", "harmful", 300, {"asr[keyword-gcg-nocase]": 0.75, "asr[coherent-compliance]": 0.747}),
+            ("benign", "benign", 300, {"over_refusal[keyword-gcg-nocase]": 0.0})]
+    print_eval_table([(name, kind, values, n) for name, kind, n, values in rows], console=console)
+    text = console.export_text()
+    assert text.count("300") == 3
+    assert "asr[keyword-gcg-nocase]" in text and "75.0 %" in text and "74.7 %" in text

@@ -19,9 +19,10 @@ def _fmt(value) -> str:
 def eval_table(rows: Iterable[tuple[str, str, Mapping[str, object], int]]) -> Table:
     """One line per (evaluation set, metric); a metric's name carries its judge."""
     table = Table(title="hsr-pl evaluation (greedy decoding)", header_style="bold")
-    table.add_column("set", no_wrap=True)
+    # In a narrow (e.g. 80-column, non-tty) console the set name folds; n and values never vanish.
+    table.add_column("set", overflow="fold")
     table.add_column("kind", no_wrap=True)
-    table.add_column("n", justify="right")
+    table.add_column("n", justify="right", no_wrap=True, min_width=3)
     table.add_column("metric [judge]", no_wrap=True)
     table.add_column("value", justify="right", no_wrap=True)
     for eval_set, kind, values, count in rows:
