@@ -76,3 +76,14 @@ def test_eval_table_keeps_counts_in_a_narrow_console():
     text = console.export_text()
     assert text.count("300") == 3
     assert "asr[keyword-gcg-nocase]" in text and "75.0 %" in text and "74.7 %" in text
+
+
+def test_optimizer_is_overridable_from_the_cli(tmp_path):
+    import torch
+
+    cli = run_cli(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.max_steps=1",
+                   "--optimizer=torch.optim.SGD", "--optimizer.lr=0.05"])
+    (optimizer,) = cli.trainer.optimizers
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == 0.05
