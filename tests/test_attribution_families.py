@@ -1,5 +1,5 @@
-"""The exact engine equals the naive loop on every family with a tiny builder (a representative
-subset of score × mode per family; the full matrix runs on LLaVA and LLaMA)."""
+"""The exact engine equals the naive loop on every family with a tiny builder, MHA and GQA, for
+every score × positions × ablation mode."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hsr_pl.models.tiny import TINY_BUILDERS
 
 FAMILIES = [(family, gqa) for family in sorted(TINY_BUILDERS) for gqa in (False, True)]
 CONFIGS = [
-    ScoreConfig(score="kl", positions="response", ablation="head"),
-    ScoreConfig(score="subspace", ablation="qkv"),
-    ScoreConfig(score="kl", positions="last", ablation="mean"),
+    ScoreConfig(score=score, positions=positions, ablation=ablation)
+    for score, positions in (("kl", "last"), ("kl", "response"), ("subspace", "last"), ("reference", "last"))
+    for ablation in ("head", "qkv", "zero", "mean")
 ]
 
 
