@@ -84,44 +84,62 @@ class TokenSelection:
         return x[mask], samples
 
 
-class RowStats:
-    """Per-input-channel running mean of the summed squares (Wanda's ``scaler_row``)."""
+class _RunningStats:
+    """The reference's running-average bookkeeping, shared by Wanda's and SparseGPT's statistic.
 
-    def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
-        self.scaler_row = torch.zeros(columns, dtype=torch.float32, device=device)
+    ``add`` rescales the old statistic by n/(n+m) before adding the m new samples' term, in the
+    reference's order of operations, so the results stay bit-identical to it.
+    """
+
+    def __init__(self) -> None:
         self.nsamples = 0
         self.ntokens = 0
+
+    def _statistic(self) -> Tensor:
+        raise NotImplementedError
+
+    def _accumulate(self, inp: Tensor) -> None:
+        """Add the new term from the transposed inputs ``[d, n]`` (``self.nsamples`` already updated)."""
+        raise NotImplementedError
 
     def add(self, rows: Tensor, samples: int) -> None:
         """Add the selected input rows ``[n, d]`` of ``samples`` calibration samples."""
         if rows.shape[0] == 0:
             return
-        inp = rows.t()
-        self.scaler_row *= self.nsamples / (self.nsamples + samples)
+        self._statistic().mul_(self.nsamples / (self.nsamples + samples))
         self.nsamples += samples
         self.ntokens += rows.shape[0]
-        inp = inp.type(torch.float32)
-        self.scaler_row += torch.norm(inp, p=2, dim=1) ** 2 / self.nsamples
+        self._accumulate(rows.t())
+
+
+class RowStats(_RunningStats):
+    """Per-input-channel running mean of the summed squares (Wanda's ``scaler_row``)."""
+
+    def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.scaler_row = torch.zeros(columns, dtype=torch.float32, device=device)
+
+    def _statistic(self) -> Tensor:
+        return self.scaler_row
+
+    def _accumulate(self, inp: Tensor) -> None:
+        self.scaler_row += torch.norm(inp.type(torch.float32), p=2, dim=1) ** 2 / self.nsamples
 
     def tensors(self) -> dict[str, Tensor]:
         return {"scaler_row": self.scaler_row}
 
 
-class HessianStats:
+class HessianStats(_RunningStats):
     """Running ``H = (2/N) sum X X^T`` in float32 (SparseGPT's ``add_batch``)."""
 
     def __init__(self, columns: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.nsamples = 0
-        self.ntokens = 0
 
-    def add(self, rows: Tensor, samples: int) -> None:
-        if rows.shape[0] == 0:
-            return
-        inp = rows.t()
-        self.H *= self.nsamples / (self.nsamples + samples)
-        self.nsamples += samples
-        self.ntokens += rows.shape[0]
+    def _statistic(self) -> Tensor:
+        return self.H
+
+    def _accumulate(self, inp: Tensor) -> None:
         inp = math.sqrt(2 / self.nsamples) * inp.float()
         self.H += inp.matmul(inp.t())
 
