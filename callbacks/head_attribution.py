@@ -34,8 +34,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -59,10 +57,10 @@ from hsr_pl.state import get_state, head_key, parse_head_key
 
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
+from .base import WHEN, HSRCallback
 
 __all__ = ["SafetyHeadAttribution", "assign_heads"]
 
-WHEN = ("fit_start", "validation_start")
 # Fraction of exact zeros in the attention projections above which the model "looks pruned".
 PRUNED_ZERO_FRACTION = 0.2
 _ENGINE_FNS = {"exact": exact_head_scores, "naive": naive_head_scores, "gradient": gradient_head_scores}
@@ -75,12 +73,6 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer ({hint})")
     return value
-
-
-
-
-
-
 
 
 def assign_heads(targets: Mapping[int, Sequence[int]], world: int, num_layers: int | None = None) -> list[list[Pair]]:
@@ -117,7 +109,7 @@ def assign_heads(targets: Mapping[int, Sequence[int]], world: int, num_layers: i
     return [sorted(share) for share in shares]
 
 
-class SafetyHeadAttribution(Callback):
+class SafetyHeadAttribution(HSRCallback):
     """Score every attention head by how much ablating it moves the model on harmful prompts.
 
     Args:
@@ -165,11 +157,11 @@ class SafetyHeadAttribution(Callback):
         output: str | None = None,
         scores_path: str | None = None,
         resume: bool = False,
-        when: str | list[str] = ("fit_start", "validation_start"),
+        when: str | list[str] = WHEN,
         progress_bar: bool = True,
         heatmap: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(when)
         if score not in SCORES:
             raise ValueError(f"score={score!r} is not one of {SCORES}; 'kl' is Ships' per-prompt score")
         if positions not in POSITIONS:
@@ -224,17 +216,10 @@ class SafetyHeadAttribution(Callback):
         if resume and self.scores_path is not None:
             raise ValueError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
         self.resume = bool(resume)
-        moments = [when] if isinstance(when, str) else list(when)
-        bad = [w for w in moments if w not in WHEN]
-        if bad or not moments:
-            raise ValueError(f"when={when!r}: choose one or both of {list(WHEN)}")
-        self.when = tuple(dict.fromkeys(moments))
         self.progress_bar = bool(progress_bar)
         self.heatmap = bool(heatmap)
         self.scores: dict[str, float] = {}
         self.top: list[Pair] = []
-        self._done = False
-        self._deferred = False
         self._settings: dict[str, Any] = {}
         self._partial: dict[str, float] = {}
 
@@ -289,19 +274,6 @@ class SafetyHeadAttribution(Callback):
         if self.output is None:
             return []
         return sorted(self.output.parent.glob(self.output.stem + ".partial*.json"))
-
-    @property
-    def done(self) -> bool:
-        """True once the scores are known (scanned, loaded, or restored from a checkpoint)."""
-        return self._done
-
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            score=self.config.score, positions=self.config.positions, ablation=self.config.ablation,
-            calibration=self.calibration,
-        )
 
     # ----------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Tensor]]:
@@ -526,7 +498,8 @@ class SafetyHeadAttribution(Callback):
             merged.update(share or {})
         return merged
 
-    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = hf_model(pl_module)
         adapter = get_adapter(model)
         expected = self._check_against_model(adapter)
@@ -578,51 +551,28 @@ class SafetyHeadAttribution(Callback):
         where = f", {cfg.positions}" if cfg.score == "kl" else ""
         return f"safety-head scores: {cfg.score}{where}, {cfg.ablation} ablation"
 
-    # ----------------------------------------------------------------------------- hooks
-    def _maybe_act(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
-        if self._done:
-            self._publish(pl_module)  # restored from a checkpoint: hand the scores on, no rescan
-            return
-        if moment in self.when:
-            self._act(trainer, pl_module)
-        elif moment == "fit_start":
-            rank_zero_warn(
-                f"SafetyHeadAttribution(when={list(self.when)}) scores at the start of trainer.validate only; this "
-                "fit has no head scores. Add 'fit_start' to `when` to score before fine-tuning."
-            )
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
-            self._deferred = True  # this strategy restores our state only after on_fit_start
-            return
-        self._maybe_act(trainer, pl_module, "fit_start")
-
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._deferred:
-            self._deferred = False
-            self._maybe_act(trainer, pl_module, "fit_start")
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.VALIDATING:
-            return  # validation inside fit: fit_start decides
-        self._maybe_act(trainer, pl_module, "validation_start")
-
     # ----------------------------------------------------------------------------- state
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         return {
-            "done": self._done,
-            "head_scores": dict(self.scores),
-            "top_heads": [list(pair) for pair in self.top],
-            "settings": dict(self._settings),
+            **self._describe(), "num_samples": self.num_samples, "top_h": self.top_h,
+            "scores_path": None if self.scores_path is None else str(self.scores_path),
         }
 
     @override
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self._done = bool(state_dict.get("done", False))
-        self.scores = {str(k): float(v) for k, v in state_dict.get("head_scores", {}).items()}
-        self.top = [(int(p[0]), int(p[1])) for p in state_dict.get("top_heads", [])]
-        self._settings = dict(state_dict.get("settings", {}))
+    def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish(pl_module)  # restored from a checkpoint: hand the scores on, no rescan
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "head_scores": dict(self.scores),
+            "top_heads": [list(pair) for pair in self.top],
+            "scan_settings": dict(self._settings),
+        }
+
+    @override
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.scores = {str(k): float(v) for k, v in state.get("head_scores", {}).items()}
+        self.top = [(int(p[0]), int(p[1])) for p in state.get("top_heads", [])]
+        self._settings = dict(state.get("scan_settings", {}))

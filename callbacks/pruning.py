@@ -27,9 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
@@ -48,10 +46,10 @@ from hsr_pl.state import HSRState, get_state
 
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
+from .base import WHEN, HSRCallback, notify_before_pruning
 
 __all__ = ["Pruning"]
 
-WHEN = ("fit_start", "validation_start")
 Batch = dict[str, Tensor]
 
 
@@ -67,8 +65,6 @@ def _as_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
         except re.error as exc:
             raise PruningConfigError(f"{label} regex {item!r} does not compile ({exc}); fix or escape it") from None
     return items
-
-
 
 
 # ------------------------------------------------------------------------------- distributed
@@ -141,7 +137,7 @@ def _layer_progress(enabled: bool, description: str) -> Iterator[Callable[[int, 
         yield on_layer
 
 
-class Pruning(Callback):
+class Pruning(HSRCallback):
     """Prune the language model's decoder-layer linears (Wanda, SparseGPT, magnitude, SNIP).
 
     Args:
@@ -178,12 +174,12 @@ class Pruning(Callback):
         targets: str | list[str] | None = None,
         ignore: str | list[str] | None = None,
         keep_originals: str | list[str] | None = None,
-        when: str | list[str] = ("fit_start", "validation_start"),
+        when: str | list[str] = WHEN,
         granularity: str = "row",
         blocksize: int = 128,
         percdamp: float = 0.01,
     ) -> None:
-        super().__init__()
+        super().__init__(when, error=PruningConfigError)
         if sparsity is None and str(mask_structure).strip() in ("0:0", ""):
             sparsity = 0.5
         self.config = PruningConfig(
@@ -204,28 +200,15 @@ class Pruning(Callback):
             raise PruningConfigError(
                 f"batch_size={batch_size!r} must be a positive integer; 1 reproduces the references bit for bit"
             )
-        when_arg = when
-        when = [when] if isinstance(when, str) else list(when)
-        bad = [w for w in when if w not in WHEN]
-        if bad or not when:
-            raise PruningConfigError(f"when={when_arg!r}: choose one or both of {list(WHEN)}")
         self.calibration = calibration
         self.num_samples = None if num_samples is None else int(num_samples)
         self.batch_size = int(batch_size)
         self.targets = _as_list(targets, "targets")
         self.ignore = _as_list(ignore, "ignore") or []
         self.keep_originals = _as_list(keep_originals, "keep_originals")
-        self.when = tuple(dict.fromkeys(when))
         self.result: PruningResult | None = None
-        self._done = False
         self._state: HSRState | None = None
         self._loaded: dict | None = None
-        self._deferred = False
-
-    @property
-    def done(self) -> bool:
-        """True once this callback pruned the model (or restored a run where it had)."""
-        return self._done
 
     @property
     def target_sparsity(self) -> float:
@@ -366,7 +349,8 @@ class Pruning(Callback):
         self._done = True
         return result
 
-    def _act(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    @override
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Grad-enabled tensors even inside validate's inference mode (SNIP needs backward passes).
         with torch.inference_mode(False):
             reduce = None
@@ -377,6 +361,8 @@ class Pruning(Callback):
                 if dist_world()[1] > 1:
                     reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
             show = trainer.is_global_zero and trainer.progress_bar_callback is not None
+            # Everything is checked: callbacks that need the dense model measure it now.
+            notify_before_pruning(trainer, pl_module, self)
             self.prune(pl_module, batches, reduce=reduce, progress=show)
         self._report(trainer, pl_module)
 
@@ -408,37 +394,19 @@ class Pruning(Callback):
 
     # -------------------------------------------------------------------------------- hooks
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
-            self._deferred = True  # this strategy restores our state only after on_fit_start
-            return
-        self._sync_state(pl_module)
-        if self._done:
-            return
-        if "fit_start" in self.when:
-            self._act(trainer, pl_module)
-        else:
-            rank_zero_warn(
-                f"Pruning(when={list(self.when)}) acts at the start of trainer.validate only; this fit trains the dense "
-                "model. Add 'fit_start' to `on` to prune before fine-tuning."
-            )
+    def settings(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "method": cfg.method, "sparsity": cfg.sparsity, "mask_structure": list(cfg.nm), "mode": cfg.mode,
+            "tokens": cfg.tokens, "granularity": cfg.granularity, "blocksize": cfg.blocksize,
+            "percdamp": cfg.percdamp, "calibration": self.calibration, "num_samples": self.num_samples,
+            "batch_size": self.batch_size, "targets": self.targets, "ignore": self.ignore,
+            "keep_originals": self.keep_originals,
+        }
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._deferred:
-            return
-        self._deferred = False
+    def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync_state(pl_module)
-        if not self._done and "fit_start" in self.when:
-            self._act(trainer, pl_module)
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn != TrainerFn.VALIDATING:
-            return  # validation inside fit: fit_start decides
-        self._sync_state(pl_module)
-        if not self._done and "validation_start" in self.when:
-            self._act(trainer, pl_module)
 
     @override
     def on_train_batch_end(
@@ -450,12 +418,10 @@ class Pruning(Callback):
 
     # -------------------------------------------------------------------------------- state
     @override
-    def state_dict(self) -> dict[str, Any]:
-        state = self._state.state_dict() if self._state is not None else self._loaded
-        return {"done": self._done, "hsr_state": state}
+    def extra_state(self) -> dict[str, Any]:
+        return {"hsr_state": self._state.state_dict() if self._state is not None else self._loaded}
 
     @override
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self._done = bool(state_dict.get("done", False))
-        self._loaded = state_dict.get("hsr_state")
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._loaded = state.get("hsr_state")
 

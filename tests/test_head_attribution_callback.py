@@ -21,6 +21,7 @@ from rich.console import Console
 
 from hsr_pl.attribution import ScoreConfig, head_scores
 from hsr_pl.callbacks import SafetyHeadAttribution
+from hsr_pl.callbacks.base import ResumeMismatchError
 from hsr_pl.callbacks.head_attribution import assign_heads
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models import get_adapter
@@ -109,7 +110,7 @@ def all_keys(layers: int = LAYERS) -> set[str]:
         ({"output": "runs/heads.txt"}, "must be a .json file path"),
         ({"scores_path": "/nonexistent/heads.json"}, "does not exist"),
         ({"resume": True}, "resume=True needs output"),
-        ({"when": "train_start"}, "when='train_start': choose one or both"),
+        ({"when": "train_start"}, "SafetyHeadAttribution\\(when='train_start'\\): choose one or both"),
     ],
 )
 def test_bad_arguments_fail_in_init_with_the_fix(kwargs, match):
@@ -210,8 +211,8 @@ def test_top_h_larger_than_the_model_fails_before_reading_data(tmp_path, monkeyp
 def test_fit_without_fit_start_warns_that_nothing_is_scored():
     callback = SafetyHeadAttribution(when="validation_start")
     module = make_module()
-    with pytest.warns(UserWarning, match=r"scores at the start of trainer.validate only.*Add 'fit_start'"):
-        callback._maybe_act(None, module, "fit_start")
+    with pytest.warns(UserWarning, match=r"acts at the start of trainer.validate only.*add 'fit_start' to `when`"):
+        callback._step(None, module, "fit_start")
     assert not callback.done and get_state(module).head_scores == {}
 
 
@@ -298,6 +299,12 @@ def test_checkpoint_restores_scores_without_rescanning(tmp_path, monkeypatch):
     assert trainer2.global_step == 2
     assert get_state(module2).head_scores == want
     assert get_state(module2).top_heads == ranked(want, 3)
+    # Another top_h or engine would silently keep the old top heads: refused, naming the difference.
+    for changed, diff in ((dict(top_h=2), "top_h: 3 there -> 2 now"), (dict(engine="naive"), "engine: 'exact' there -> 'naive'")):
+        other = SafetyHeadAttribution(**{**dict(num_samples=2, top_h=3, when="fit_start", heatmap=False), **changed})
+        trainer3 = make_trainer(tmp_path, [other], max_steps=2, limit_train_batches=2, limit_val_batches=0)
+        with pytest.raises(ResumeMismatchError, match=diff):
+            trainer3.fit(make_module(), datamodule=make_data(module2), ckpt_path=ckpt)
 
 
 # ------------------------------------------------------------------- precomputed / pruned

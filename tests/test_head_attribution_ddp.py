@@ -79,10 +79,10 @@ class RecordOnEveryRank(Callback):
         rank = trainer.global_rank
         shallow = make_module(layers=1)
         callback = Tracking(**{**SETTINGS, "top_h": 2}, when="validation_start", heatmap=False)
-        callback._act(trainer, shallow)
+        callback.run(trainer, shallow)
         resumed = Tracking(**SETTINGS, output=str(self.killed), resume=True, when="validation_start", heatmap=False)
         resumed_module = make_module()
-        resumed._act(trainer, resumed_module)
+        resumed.run(trainer, resumed_module)
         main = next(c for c in trainer.callbacks if isinstance(c, Tracking))
         record = {
             "world": trainer.world_size,

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 import hsr_pl.callbacks.pruning as pruning_module
 from hsr_pl.callbacks import Pruning
+from hsr_pl.callbacks.base import ResumeMismatchError
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models import get_adapter
 from hsr_pl.models.tiny import TINY_BUILDERS, build_tiny, example_batch, example_image
@@ -262,9 +263,22 @@ def test_checkpoint_resume_restores_state_and_does_not_prune_again(tmp_path, mon
     assert counter.calls == 1 and third.done
     assert all(torch.equal(get_state(validated).pruned[n], m) for n, m in saved["pruned"].items())
     # The callback's own state round-trips through a checkpoint dict.
-    again = Pruning()
+    again = Pruning(num_samples=4)
     again.load_state_dict(second.state_dict())
     assert again.done and again.state_dict()["hsr_state"]["method"] == "wanda"
+
+
+def test_resume_under_changed_settings_is_refused_with_the_difference(tmp_path):
+    module, data = make_module(lr=0.05), make_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, [Pruning(num_samples=4, when="fit_start"), ckpt], enable_checkpointing=True)
+    trainer.fit(module, datamodule=data)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    changed = Pruning(method="magnitude", sparsity=0.9, num_samples=4, when="fit_start")
+    trainer = make_trainer(tmp_path, [changed], max_steps=4, limit_train_batches=4)
+    with pytest.raises(ResumeMismatchError, match=r"method: 'wanda' there -> 'magnitude' now; .*sparsity: 0.5 there -> 0.9"):
+        trainer.fit(make_module(lr=0.05), datamodule=make_data(), ckpt_path=last)
+    assert not changed.done
 
 
 # ---------------------------------------------------------------------- errors, no changes

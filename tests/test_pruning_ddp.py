@@ -64,7 +64,7 @@ class SaveFromRanks(Callback):
         _dump("wanda", pl_module, self.out, rank)
         fresh = make_module()
         sparsegpt = Pruning(method="sparsegpt", num_samples=SPARSEGPT_SAMPLES, when="validation_start")
-        sparsegpt._act(trainer, fresh)
+        sparsegpt.run(trainer, fresh)
         _dump("sparsegpt", fresh, self.out, rank)
 
 

@@ -1,0 +1,160 @@
+"""``HSRCallback``: the lifecycle every step of the HSR flow shares.
+
+Pruning, head attribution, realignment and repair each act *once*, at the start of
+``trainer.fit`` and/or ``trainer.validate`` (``when=``), in the order of ``trainer.callbacks``.
+This base class owns that logic so the callbacks only say what they do:
+
+* ``when`` is validated once, the same way, with the same hint;
+* ``run`` is called at the first matching moment, never again (a second ``validate`` or a
+  resumed fit finds ``done``); a checkpoint that says ``done`` calls ``on_restored`` instead, so a
+  callback can hand its restored results on without redoing the work;
+* strategies that restore checkpoints only after ``on_fit_start`` are handled by deferring to
+  ``on_train_start``;
+* ``state_dict`` carries the callback's *settings*: resuming under changed settings is refused
+  with a message that shows what differs, instead of silently keeping the old results;
+* ``before_pruning``: a pruner calls :func:`notify_before_pruning` right before its first weight
+  change, so a callback that needs the dense model (realignment's importance statistics) can
+  measure it even though it comes after the pruner in the list.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+__all__ = ["WHEN", "HSRCallback", "ResumeMismatchError", "notify_before_pruning", "parse_when", "settings_diff"]
+
+WHEN = ("fit_start", "validation_start")
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint was written by a callback with other settings than the one resuming it."""
+
+
+def parse_when(when: str | list[str] | tuple[str, ...], owner: str, error: type[Exception] = ValueError) -> tuple[str, ...]:
+    """``when`` as a tuple of moments out of :data:`WHEN`; ``error`` names the bad value."""
+    moments = [when] if isinstance(when, str) else list(when)
+    bad = [w for w in moments if w not in WHEN]
+    if bad or not moments:
+        raise error(f"{owner}(when={when!r}): choose one or both of {list(WHEN)}")
+    return tuple(dict.fromkeys(moments))
+
+
+def _plain(obj: Any) -> Any:
+    """JSON round trip: tuples become lists, so settings compare equal after a checkpoint."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5) -> str:
+    """``key: old -> new`` for every setting that differs (the first ``limit``)."""
+    old, new = _plain(dict(old)), _plain(dict(new))
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    parts = [f"{k}: {old.get(k)!r} there -> {new.get(k)!r} now" for k in keys[:limit]]
+    if len(keys) > limit:
+        parts.append(f"… {len(keys) - limit} more")
+    return "; ".join(parts)
+
+
+def notify_before_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
+    """Give every other HSR callback its look at the still-dense model (see ``before_pruning``)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, HSRCallback) and callback is not pruner:
+            callback.before_pruning(trainer, pl_module)
+
+
+class HSRCallback(Callback):
+    """A step of the HSR flow that acts once, at ``fit_start`` and/or ``validation_start``.
+
+    Subclasses implement :meth:`run` and :meth:`settings`; they may override :meth:`on_restored`,
+    :meth:`before_pruning` and :meth:`extra_state` / :meth:`load_extra_state`.
+    """
+
+    def __init__(self, when: str | list[str] | tuple[str, ...] = WHEN, *, error: type[Exception] = ValueError) -> None:
+        super().__init__()
+        self.when = parse_when(when, type(self).__name__, error)
+        self._done = False
+        self._deferred = False
+
+    @property
+    def done(self) -> bool:
+        """True once this callback has acted (or a checkpoint says it had)."""
+        return self._done
+
+    # --------------------------------------------------------------------- to override
+    def settings(self) -> dict[str, Any]:
+        """JSON-able settings that decide this callback's results (checked on resume)."""
+        return {}
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Do the work (called once)."""
+        raise NotImplementedError
+
+    def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checkpoint said this callback had acted: hand its restored results on."""
+
+    def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The model is about to be pruned: last chance to measure it dense."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """What besides ``done`` and ``settings`` goes into Lightning checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Counterpart of :meth:`extra_state`."""
+
+    # ---------------------------------------------------------------------------- hooks
+    def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
+        if self._done:
+            self.on_restored(trainer, pl_module)
+            return
+        if moment in self.when:
+            self.run(trainer, pl_module)
+            self._done = True
+        elif moment == "fit_start":
+            rank_zero_warn(
+                f"{type(self).__name__}(when={list(self.when)}) acts at the start of trainer.validate only, so this "
+                "fit runs without it; add 'fit_start' to `when` to act before fine-tuning."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
+            self._deferred = True  # this strategy restores our state only after on_fit_start
+            return
+        self._step(trainer, pl_module, "fit_start")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._step(trainer, pl_module, "fit_start")
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return  # validation inside fit: fit_start decided
+        self._step(trainer, pl_module, "validation_start")
+
+    # ---------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self._done, "settings": _plain(self.settings()), **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        saved = state_dict.get("settings")
+        if saved is not None and _plain(saved) != _plain(self.settings()):
+            raise ResumeMismatchError(
+                f"resume refused: the checkpoint's {type(self).__name__} ran with other settings "
+                f"({settings_diff(saved, self.settings())}); resume with the settings it was written with, or "
+                "start from the unpruned model without ckpt_path"
+            )
+        self._done = bool(state_dict.get("done", False))
+        self.load_extra_state(state_dict)
