@@ -20,30 +20,26 @@ divisibility — is checked before a weight changes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from hsr_pl.models import get_adapter
 from hsr_pl.pruning import (
-    CalibrationError,
     PartialPruningError,
     PruningConfig,
     PruningConfigError,
     PruningResult,
     prune_model,
-    token_mask,
 )
 from hsr_pl.state import HSRState, get_state
 
+from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
 from .base import WHEN, HSRCallback, notify_before_pruning
@@ -65,76 +61,6 @@ def _as_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
         except re.error as exc:
             raise PruningConfigError(f"{label} regex {item!r} does not compile ({exc}); fix or escape it") from None
     return items
-
-
-# ------------------------------------------------------------------------------- distributed
-
-
-def _comm_device(fallback: torch.device) -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return fallback if fallback.type != "cuda" else torch.device("cpu")
-
-
-class WeightedAllReduce:
-    """``reduce=`` for :func:`prune_model` under DDP: ``all_reduce(sum)`` of ``weight * t``.
-
-    Wanda's ``scaler_row`` and SparseGPT's ``H`` are running means over a rank's own samples;
-    with ``weight = n_rank / n_total`` (samples that contributed tokens) their weighted sum is the
-    mean over the union of all shards — exact, not only for equal shards. SNIP's scores are sums:
-    ``weight = 1``. The pure code also passes token counts through ``reduce``; they only serve the
-    "zero tokens" check, which a weighted sum of counts keeps correct (positive iff any rank saw a
-    token).
-    """
-
-    def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
-
-    def __call__(self, tensor: Tensor) -> Tensor:
-        out = tensor * self.weight
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-
-def _shard(loader: Iterable[Batch], rank: int, world: int) -> Iterable[Batch]:
-    """This rank's part of the calibration set: samples ``rank, rank + world, …`` (the union is all)."""
-    if world == 1:
-        return loader
-    dataset = getattr(loader, "dataset", None)
-    if isinstance(loader, DataLoader) and hasattr(dataset, "__len__") and not isinstance(dataset, IterableDataset):
-        size = len(dataset)
-        if size < world:
-            raise CalibrationError(
-                f"{size} calibration samples cannot be split over {world} ranks; raise num_samples to at least {world}"
-            )
-        return DataLoader(
-            dataset,
-            batch_size=loader.batch_size,
-            sampler=list(range(rank, size, world)),
-            collate_fn=loader.collate_fn,
-            num_workers=loader.num_workers,
-        )
-    return (batch for i, batch in enumerate(loader) if i % world == rank)
-
-
-# -------------------------------------------------------------------------------- contexts
-
-
-@contextmanager
-def _layer_progress(enabled: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns) as progress:
-        task = progress.add_task(description, total=None)
-
-        def on_layer(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield on_layer
 
 
 class Pruning(HSRCallback):
@@ -264,55 +190,15 @@ class Pruning(HSRCallback):
     # ------------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, device: torch.device) -> list[Batch]:
         """This rank's calibration batches (tensors only, on ``device``)."""
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
-            raise CalibrationError(
-                f"Pruning(method={self.config.method!r}) needs calibration data: run the trainer with a data "
-                "module that has calibration_dataloader(split, num_samples, ...) (hsr_pl.data.VLGuardDataModule), "
-                "or use method='magnitude'"
-            )
-        try:
-            loader = datamodule.calibration_dataloader(
-                self.calibration, self.num_samples, with_response=True, batch_size=self.batch_size
-            )
-        except (ValueError, KeyError) as exc:
-            raise CalibrationError(f"Pruning(calibration={self.calibration!r}): {exc}") from exc
-        rank, world = dist_world()
-        batches = []
-        for batch in _shard(loader, rank, world):
-            batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, Tensor)})
-        return batches
+        return calibration_batches(
+            trainer, self.calibration, self.num_samples, owner=f"Pruning(method={self.config.method!r})",
+            device=device, batch_size=self.batch_size, hint="or use method='magnitude'",
+        )
 
     def _check_counts(self, batches: Sequence[Batch], device: torch.device) -> tuple[int, int, float]:
         """Global (samples, tokens) and this rank's weight; the same error on every rank if unusable."""
         tokens_mode = "response" if self.config.method == "snip" else self.config.tokens
-        samples = tokens = 0
-        for batch in batches:
-            mask = token_mask(batch, tokens_mode)
-            count = int(mask.sum())
-            if count:
-                samples += mask.shape[0]
-                tokens += count
-        rank, world = dist_world()
-        counts = torch.zeros(world, 2, dtype=torch.float64)
-        counts[rank] = torch.tensor([samples, tokens], dtype=torch.float64)
-        if world > 1:
-            counts = counts.to(_comm_device(device))
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-            counts = counts.cpu()
-        total_samples, total_tokens = (int(v) for v in counts.sum(0).tolist())
-        if total_tokens == 0:
-            raise CalibrationError(
-                f"zero calibration tokens in {self.calibration!r} with tokens={tokens_mode!r}: the batches' labels mark "
-                "no response (labels != -100); calibrate with responses, or use tokens='all'"
-            )
-        empty = [r for r in range(world) if counts[r, 1] == 0]
-        if empty:
-            raise CalibrationError(
-                f"ranks {empty} got no calibration tokens in their shard of {total_samples} samples; "
-                f"raise num_samples (every rank needs samples with {tokens_mode} tokens)"
-            )
-        return total_samples, total_tokens, samples / total_samples
+        return check_counts(batches, tokens_mode, device, self.calibration)
 
     # ------------------------------------------------------------------------------ pruning
     def prune(
@@ -326,7 +212,7 @@ class Pruning(HSRCallback):
         """Prune ``pl_module``'s model in place and record masks/originals in its :class:`HSRState`."""
         model = hf_model(pl_module)
         targets, keep = self.resolve_targets(model)
-        progress_bar = _layer_progress(progress, f"pruning ({self.config.method})")
+        progress_bar = layer_progress(progress, f"pruning ({self.config.method})")
         with progress_bar as on_layer, eval_mode(model):
             try:
                 result = prune_model(
@@ -344,6 +230,7 @@ class Pruning(HSRCallback):
             state.record_pruning(name, mask, result.originals.get(name))
         state.sparsity = self.target_sparsity
         state.method = self.config.method
+        state.structure = None if self.config.nm == (0, 0) else tuple(self.config.nm)
         self.result = result
         self._state = state
         self._done = True

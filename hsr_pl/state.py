@@ -49,6 +49,8 @@ class HSRState:
         top_heads: the selected ``(layer, head)`` pairs, best first.
         sparsity: the sparsity the pruner targeted (None before pruning).
         method: the pruning method's name.
+        structure: ``(N, M)`` when the masks are N:M, None when unstructured.
+        realignment: SafetyRealignment's report (restored counts, settings), for the manifest.
     """
 
     pruned: dict[str, Tensor] = field(default_factory=dict)
@@ -58,6 +60,8 @@ class HSRState:
     top_heads: list[tuple[int, int]] = field(default_factory=list)
     sparsity: float | None = None
     method: str | None = None
+    structure: tuple[int, int] | None = None
+    realignment: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------ masks
     def record_pruning(self, name: str, pruned: Tensor, dense_weight: Tensor | None) -> None:
@@ -74,6 +78,20 @@ class HSRState:
         dense = pruned_weight.detach().to("cpu").clone()
         dense[self.pruned[name]] = self.originals[name].to(dense.dtype)
         return dense
+
+    def add_pruned(self, name: str, extra: Tensor, current_weight: Tensor) -> None:
+        """Prune ``extra`` entries of ``name`` as well (N:M swaps); their current values become originals.
+
+        Call before zeroing them in the model: ``current_weight`` still holds their values.
+        """
+        extra = extra.detach().to("cpu", torch.bool)
+        if bool((extra & self.pruned[name]).any()):
+            raise ValueError(f"{name}: entries to prune are already pruned")
+        keep_values = name in self.originals
+        dense = self.original_weight(name, current_weight) if keep_values else None
+        self.pruned[name] = self.pruned[name] | extra
+        if dense is not None:
+            self.originals[name] = dense[self.pruned[name]].clone()
 
     def keep_mask(self, name: str) -> Tensor:
         """Bool mask of entries that may be non-zero: not pruned, or pruned and then restored."""
@@ -100,6 +118,8 @@ class HSRState:
             "top_heads": [list(h) for h in self.top_heads],
             "sparsity": self.sparsity,
             "method": self.method,
+            "structure": None if self.structure is None else list(self.structure),
+            "realignment": dict(self.realignment),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -110,6 +130,9 @@ class HSRState:
         self.top_heads = [tuple(h) for h in state.get("top_heads", [])]
         self.sparsity = state.get("sparsity")
         self.method = state.get("method")
+        structure = state.get("structure")
+        self.structure = None if structure is None else (int(structure[0]), int(structure[1]))
+        self.realignment = dict(state.get("realignment", {}))
 
 
 def get_state(module: nn.Module) -> HSRState:

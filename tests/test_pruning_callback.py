@@ -17,6 +17,7 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
 
+import hsr_pl.callbacks._calibration as calibration_module
 import hsr_pl.callbacks.pruning as pruning_module
 from hsr_pl.callbacks import Pruning
 from hsr_pl.callbacks.base import ResumeMismatchError
@@ -382,11 +383,11 @@ def test_fit_without_fit_start_warns_and_trains_dense(tmp_path):
 
 def test_shards_split_the_selected_samples_over_ranks():
     loader = DataLoader(list(range(7)), batch_size=2, collate_fn=lambda rows: torch.tensor(rows))
-    shards = [[t.tolist() for t in pruning_module._shard(loader, rank, 2)] for rank in range(2)]
+    shards = [[t.tolist() for t in calibration_module.shard(loader, rank, 2)] for rank in range(2)]
     assert shards == [[[0, 2], [4, 6]], [[1, 3], [5]]]
-    assert [t.tolist() for t in pruning_module._shard(loader, 0, 1)] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert [t.tolist() for t in calibration_module.shard(loader, 0, 1)] == [[0, 1], [2, 3], [4, 5], [6]]
     with pytest.raises(CalibrationError, match="cannot be split over 8 ranks; raise num_samples to at least 8"):
-        pruning_module._shard(loader, 0, 8)
+        calibration_module.shard(loader, 0, 8)
 
 
 # ---------------------------------------------------------------------------- the table
