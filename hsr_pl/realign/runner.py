@@ -1,0 +1,334 @@
+"""Realign a pruned model in place: the one entry point the Lightning callback needs.
+
+:func:`dense_pass` measures what the rule needs on the *still-dense* model (importance statistics,
+and a copy of the dense weights when the pruner also moves kept weights, as SparseGPT does);
+:func:`realign_model` then builds the plan (:mod:`hsr_pl.realign.plan`), writes the original
+dense values back into the chosen pruned entries, and records everything in
+:class:`hsr_pl.state.HSRState`. Model structure comes from the adapter; no model-family ``if``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from hsr_pl.models.adapters import ModelAdapter
+from hsr_pl.state import HSRState, head_key
+
+from .config import RealignConfig
+from .errors import RealignInputError
+from .importance import ImportanceStat, collect_importance, loss_gradients
+from .plan import LinearPlan, LinearView, plan_restoration
+from .select import resolve_budget
+from .slices import entry_heads
+
+__all__ = [
+    "DenseMeasurement",
+    "RealignResult",
+    "attention_linears",
+    "dense_pass",
+    "language_model_parameters",
+    "realign_model",
+    "round_sizes",
+]
+
+Reduce = Callable[[Tensor], Tensor]
+Batches = Iterable[Mapping[str, Tensor]]
+
+
+@dataclass
+class DenseMeasurement:
+    """Importance statistics of the dense model (and dense weights where the pruner moves them)."""
+
+    importance: str
+    utility: dict[str, ImportanceStat] = field(default_factory=dict)
+    safety: dict[str, ImportanceStat] = field(default_factory=dict)
+    dense: dict[str, Tensor] = field(default_factory=dict)
+    utility_samples: int = 0
+    safety_samples: int = 0
+
+    def statistic_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.utility.values()) + sum(s.nbytes() for s in self.safety.values())
+
+
+@dataclass
+class RealignResult:
+    """What realignment did: per-module plans and the counts the report and manifest show."""
+
+    plans: dict[str, LinearPlan]
+    heads: list[tuple[int, int]]
+    lm_params: int
+    pruned_params: int
+    budget: int | None
+    rounds: list[int] = field(default_factory=list)
+
+    @property
+    def restored(self) -> int:
+        return sum(int(p.restore.sum()) for p in self.plans.values())
+
+    @property
+    def swapped(self) -> int:
+        return sum(int(p.swap.sum()) for p in self.plans.values() if p.swap is not None)
+
+    def summary(self) -> dict:
+        """JSON-able counts: per module, per head, and the two ratios (named as such)."""
+        modules = {
+            name: {
+                "restored": int(plan.restore.sum()),
+                "swapped_out": int(plan.swap.sum()) if plan.swap is not None else 0,
+                "pool": plan.pool,
+                "rule_candidates": plan.candidates,
+                "p": plan.p,
+                **plan.info,
+            }
+            for name, plan in self.plans.items()
+        }
+        per_head: dict[str, int] = {}
+        per_kv_group: dict[str, int] = {}
+        for plan in self.plans.values():
+            for key, count in plan.info.get("heads", {}).items():
+                per_head[key] = per_head.get(key, 0) + count
+            for key, count in plan.info.get("kv_groups", {}).items():
+                per_kv_group[key] = per_kv_group.get(key, 0) + count
+        for entry in modules.values():
+            entry.pop("heads", None)
+            entry.pop("kv_groups", None)
+        restored = self.restored
+        return {
+            "restored_params": restored,
+            "swapped_out_params": self.swapped,
+            "lm_params": self.lm_params,
+            "pruned_params": self.pruned_params,
+            "restored_ratio_lm": restored / max(self.lm_params, 1),
+            "restored_ratio_pruned": restored / max(self.pruned_params, 1),
+            "budget": self.budget,
+            "rounds": list(self.rounds),
+            "heads": [list(h) for h in self.heads],
+            "per_head_q_o": dict(sorted(per_head.items())),
+            "per_kv_group_k_v": dict(sorted(per_kv_group.items())),
+            "modules": modules,
+        }
+
+
+# ------------------------------------------------------------------------------------ helpers
+def language_model_parameters(model: nn.Module, adapter: ModelAdapter) -> int:
+    """Parameters of the language model: the decoder (embeddings, layers, norms) and an untied lm_head."""
+    seen: set[int] = set()
+    total = 0
+    modules = [adapter.decoder()]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        modules.append(head)
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel()
+    return total
+
+
+def attention_linears(adapter: ModelAdapter, layers: Iterable[int] | None = None) -> dict[str, tuple[int, str, nn.Linear]]:
+    """``{qualified name: (layer, role, linear)}`` for the q/k/v/o projections of ``layers`` (default all)."""
+    wanted = adapter.layer_indices() if layers is None else sorted(set(layers))
+    out = {}
+    for layer in wanted:
+        for role, linear in adapter.projections(layer).items():
+            out[adapter.name_of(linear)] = (layer, role, linear)
+    return out
+
+
+def round_sizes(budget: int, rounds: int) -> list[int]:
+    """``budget`` split into ``rounds`` near-equal parts, larger parts first (they sum to budget)."""
+    base, extra = divmod(budget, rounds)
+    return [base + (1 if i < extra else 0) for i in range(rounds)]
+
+
+@torch.no_grad()
+def _snapshot(linears: Mapping[str, tuple[int, str, nn.Linear]]) -> dict[str, Tensor]:
+    return {name: lin.weight.detach().to("cpu", copy=True) for name, (_, _, lin) in linears.items()}
+
+
+def dense_pass(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    importance: str,
+    utility_batches: Batches | None,
+    safety_batches: Batches | None,
+    *,
+    layers: Iterable[int] | None = None,
+    keep_dense: bool = False,
+    reduce: Reduce | None = None,
+    percdamp: float = 0.01,
+) -> DenseMeasurement:
+    """Measure the utility and safety importance statistics of the attention projections of ``layers``.
+
+    Must run before any weight is pruned. ``keep_dense`` also copies those weights (to the CPU):
+    needed when the pruner changes kept weights, since the scores are those of the dense model.
+    """
+    linears = attention_linears(adapter, layers)
+    plain = {name: lin for name, (_, _, lin) in linears.items()}
+    measurement = DenseMeasurement(importance)
+    utility_batches = list(utility_batches) if utility_batches is not None else None
+    safety_batches = list(safety_batches) if safety_batches is not None else None
+    measurement.utility = collect_importance(model, utility_batches, plain, importance, reduce=reduce, percdamp=percdamp)
+    measurement.safety = collect_importance(model, safety_batches, plain, importance, reduce=reduce, percdamp=percdamp)
+    measurement.utility_samples = sum(int(b["input_ids"].shape[0]) for b in utility_batches or [])
+    measurement.safety_samples = sum(int(b["input_ids"].shape[0]) for b in safety_batches or [])
+    if keep_dense:
+        measurement.dense = _snapshot(linears)
+    return measurement
+
+
+def _views(
+    adapter: ModelAdapter, state: HSRState, names: Sequence[str], linears, dense: DenseMeasurement | None, pruned0
+) -> list[LinearView]:
+    views = []
+    for name in names:
+        layer, role, lin = linears[name]
+        current = lin.weight.detach()
+        weight = dense.dense.get(name) if dense is not None and name in dense.dense else state.original_weight(name, current)
+        views.append(LinearView(
+            name=name, layer=layer, role=role, geometry=adapter.geometry(layer),
+            pruned=state.pruned[name].clone(),
+            restored=state.restored.get(name, torch.zeros_like(state.pruned[name])).clone(),
+            dense=weight.float(),
+            utility=None if dense is None else dense.utility.get(name),
+            safety=None if dense is None else dense.safety.get(name),
+            sparsity=float(pruned0[name].float().mean()),
+        ))
+    return views
+
+
+@torch.no_grad()
+def _apply(state: HSRState, view: LinearView, plan: LinearPlan, linear: nn.Linear, selection: str) -> None:
+    weight = linear.weight
+    if plan.restore.any():
+        values = state.original_weight(view.name, weight.detach())
+        mask = plan.restore.to(weight.device)
+        weight.data[mask] = values.to(weight.device, weight.dtype)[mask]
+        previous = state.restored.get(view.name)
+        state.restored[view.name] = plan.restore.clone() if previous is None else previous | plan.restore
+    if plan.swap is not None and plan.swap.any():
+        state.add_pruned(view.name, plan.swap, weight.detach())
+        weight.data[plan.swap.to(weight.device)] = 0
+    positions = plan.restore.nonzero()
+    owners = entry_heads(view.role, positions, view.shape, view.geometry, selection)
+    counts: dict[str, int] = {}
+    for owner in owners.tolist():
+        key = head_key(view.layer, owner)
+        counts[key] = counts.get(key, 0) + 1
+    plan.info = {"layer": view.layer, "role": view.role, ("kv_groups" if view.role in "kv" else "heads"): counts}
+
+
+def _grads(model, batches, linears, reduce, divisor) -> dict[str, Tensor]:
+    sums, used = loss_gradients(model, batches, linears, reduce=reduce)
+    count = divisor(used) if divisor is not None else used
+    if count == 0:
+        raise RealignInputError("order='gradient': no calibration batch had response tokens (labels != -100)")
+    return {name: tensor / count for name, tensor in sums.items()}
+
+
+def realign_model(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    state: HSRState,
+    cfg: RealignConfig,
+    heads: Sequence[tuple[int, int]],
+    *,
+    dense: DenseMeasurement | None = None,
+    safety_batches: Batches | None = None,
+    utility_batches: Batches | None = None,
+    reduce: Reduce | None = None,
+    count_batches: Callable[[int], int] | None = None,
+) -> RealignResult:
+    """Restore the chosen pruned weights of ``model`` in place and record them in ``state``.
+
+    Args:
+        heads: the selected ``(layer, head)`` pairs (may be empty for the head-free baselines).
+        dense: :func:`dense_pass`'s measurement (required for ``order='margin'`` and for
+            ``preserve_structure``).
+        safety_batches / utility_batches: calibration batches for the gradient order (the
+            refusal loss, and the benign-answer loss when ``utility_weight > 0``).
+        reduce: DDP sum of gradients; ``count_batches`` turns this rank's batch count into the
+            global one.
+    """
+    if not state.pruned:
+        raise RealignInputError("the model has no pruning masks: run Pruning (or PrunedCheckpoint) before realignment")
+    heads = [(int(l_), int(h)) for l_, h in heads]
+    if cfg.needs_heads and not heads:
+        raise RealignInputError(
+            "no safety heads selected (top_h 0 or no head scores); give heads, or use selection='none' for the "
+            "head-free baseline"
+        )
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    all_linears = attention_linears(adapter)
+    head_free = cfg.selection == "none" or (cfg.order == "gradient" and cfg.scope == "all")
+    names = [n for n, (layer, _, _) in all_linears.items() if head_free or layer in by_layer]
+    names = [n for n in names if n in state.pruned]
+    if not names:
+        raise RealignInputError(
+            "none of the selected heads' attention projections was pruned; check Pruning's targets (q/k/v/o)"
+        )
+    missing = [n for n in names if n not in state.originals]
+    if missing:
+        raise RealignInputError(
+            f"no original values kept for {missing[:3]}; Pruning(keep_originals=...) must cover the attention "
+            "projections realignment restores"
+        )
+    if (cfg.order == "margin" or cfg.preserve_structure) and dense is None:
+        raise RealignInputError(
+            "no dense importance statistics: SafetyRealignment measures them just before Pruning changes a weight; "
+            "put SafetyRealignment after Pruning in trainer.callbacks and let Pruning run in the same trainer"
+        )
+    if dense is not None:
+        lacking = [n for n in names if cfg.order == "margin" and (n not in dense.utility or n not in dense.safety)]
+        if lacking:
+            raise RealignInputError(f"no dense importance statistics for {lacking[:3]}; the dense pass did not cover them")
+    lm_params = language_model_parameters(model, adapter)
+    budget = resolve_budget(cfg.budget, lm_params)
+    pruned_params = sum(int(m.sum()) for m in state.pruned.values())
+    pruned0 = {n: state.pruned[n].clone() for n in names}
+    linears = {n: all_linears[n] for n in names}
+    plain = {n: lin for n, (_, _, lin) in linears.items()}
+    sizes = [budget] if cfg.order == "margin" else round_sizes(budget, cfg.rounds)
+    total: dict[str, LinearPlan] = {}
+    safety_batches = list(safety_batches) if safety_batches is not None else None
+    utility_batches = list(utility_batches) if utility_batches is not None else None
+    for size in sizes:
+        grads = utility_grads = None
+        if cfg.order == "gradient":
+            if safety_batches is None:
+                raise RealignInputError("order='gradient' needs the safety calibration batches (the aligned refusals)")
+            grads = _grads(model, safety_batches, plain, reduce, count_batches)
+            if cfg.utility_weight:
+                if utility_batches is None:
+                    raise RealignInputError("utility_weight > 0 needs the utility calibration batches")
+                utility_grads = _grads(model, utility_batches, plain, reduce, count_batches)
+        views = _views(adapter, state, names, linears, dense, pruned0)
+        plans = plan_restoration(views, by_layer, cfg, size, structure=state.structure, grads=grads, utility_grads=utility_grads)
+        for view, plan in zip(views, plans):
+            _apply(state, view, plan, linears[view.name][2], cfg.selection)
+            total[view.name] = _merge(total.get(view.name), plan)
+    return RealignResult(
+        plans=total, heads=heads, lm_params=lm_params, pruned_params=pruned_params, budget=budget,
+        rounds=[] if cfg.order == "margin" else sizes,
+    )
+
+
+def _merge(old: LinearPlan | None, new: LinearPlan) -> LinearPlan:
+    if old is None:
+        return new
+    swap = old.swap if new.swap is None else (new.swap if old.swap is None else old.swap | new.swap)
+    info = dict(new.info)
+    for key in ("heads", "kv_groups"):
+        merged = dict(old.info.get(key, {}))
+        for k, v in new.info.get(key, {}).items():
+            merged[k] = merged.get(k, 0) + v
+        if merged:
+            info[key] = merged
+    return LinearPlan(new.name, old.restore | new.restore, swap, pool=old.pool, candidates=old.candidates, p=old.p, info=info)
