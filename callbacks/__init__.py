@@ -3,5 +3,6 @@
 from .export import ExportPretrained
 from .head_attribution import SafetyHeadAttribution
 from .pruning import Pruning
+from .realignment import SafetyRealignment
 
-__all__ = ["ExportPretrained", "Pruning", "SafetyHeadAttribution"]
+__all__ = ["ExportPretrained", "Pruning", "SafetyHeadAttribution", "SafetyRealignment"]

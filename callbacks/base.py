@@ -66,7 +66,7 @@ def notify_before_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, pr
     """Give every other HSR callback its look at the still-dense model (see ``before_pruning``)."""
     for callback in trainer.callbacks:
         if isinstance(callback, HSRCallback) and callback is not pruner:
-            callback.before_pruning(trainer, pl_module)
+            callback.before_pruning(trainer, pl_module, pruner)
 
 
 class HSRCallback(Callback):
@@ -99,8 +99,8 @@ class HSRCallback(Callback):
     def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A checkpoint said this callback had acted: hand its restored results on."""
 
-    def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The model is about to be pruned: last chance to measure it dense."""
+    def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
+        """``pruner`` is about to change weights: last chance to measure the model dense."""
 
     def extra_state(self) -> dict[str, Any]:
         """What besides ``done`` and ``settings`` goes into Lightning checkpoints."""

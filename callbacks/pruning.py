@@ -87,6 +87,8 @@ class Pruning(HSRCallback):
         granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
     """
 
+    fills_masks = True  # SafetyRealignment looks for the pruner by this flag
+
     def __init__(
         self,
         method: str = "wanda",
@@ -135,6 +137,11 @@ class Pruning(HSRCallback):
         self.result: PruningResult | None = None
         self._state: HSRState | None = None
         self._loaded: dict | None = None
+
+    @property
+    def changes_kept_weights(self) -> bool:
+        """SparseGPT also updates the weights it keeps (so their dense values must be copied first)."""
+        return self.config.method == "sparsegpt"
 
     @property
     def target_sparsity(self) -> float:

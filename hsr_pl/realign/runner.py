@@ -151,6 +151,18 @@ def _snapshot(linears: Mapping[str, tuple[int, str, nn.Linear]]) -> dict[str, Te
     return {name: lin.weight.detach().to("cpu", copy=True) for name, (_, _, lin) in linears.items()}
 
 
+def _counted(batches: Batches | None, counter: list[int]) -> Iterable[Mapping[str, Tensor]] | None:
+    if batches is None:
+        return None
+
+    def walk():
+        for batch in batches:
+            counter[0] += int(batch["input_ids"].shape[0])
+            yield batch
+
+    return walk()
+
+
 def dense_pass(
     model: nn.Module,
     adapter: ModelAdapter,
@@ -160,23 +172,27 @@ def dense_pass(
     *,
     layers: Iterable[int] | None = None,
     keep_dense: bool = False,
-    reduce: Reduce | None = None,
+    utility_reduce: Reduce | None = None,
+    safety_reduce: Reduce | None = None,
     percdamp: float = 0.01,
 ) -> DenseMeasurement:
     """Measure the utility and safety importance statistics of the attention projections of ``layers``.
 
     Must run before any weight is pruned. ``keep_dense`` also copies those weights (to the CPU):
     needed when the pruner changes kept weights, since the scores are those of the dense model.
+    Each split's statistics go through its own ``reduce`` (DDP: the shards' weights differ per split).
     """
     linears = attention_linears(adapter, layers)
     plain = {name: lin for name, (_, _, lin) in linears.items()}
     measurement = DenseMeasurement(importance)
-    utility_batches = list(utility_batches) if utility_batches is not None else None
-    safety_batches = list(safety_batches) if safety_batches is not None else None
-    measurement.utility = collect_importance(model, utility_batches, plain, importance, reduce=reduce, percdamp=percdamp)
-    measurement.safety = collect_importance(model, safety_batches, plain, importance, reduce=reduce, percdamp=percdamp)
-    measurement.utility_samples = sum(int(b["input_ids"].shape[0]) for b in utility_batches or [])
-    measurement.safety_samples = sum(int(b["input_ids"].shape[0]) for b in safety_batches or [])
+    seen_u, seen_s = [0], [0]
+    measurement.utility = collect_importance(
+        model, _counted(utility_batches, seen_u), plain, importance, reduce=utility_reduce, percdamp=percdamp
+    )
+    measurement.safety = collect_importance(
+        model, _counted(safety_batches, seen_s), plain, importance, reduce=safety_reduce, percdamp=percdamp
+    )
+    measurement.utility_samples, measurement.safety_samples = seen_u[0], seen_s[0]
     if keep_dense:
         measurement.dense = _snapshot(linears)
     return measurement

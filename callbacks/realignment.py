@@ -1,0 +1,377 @@
+"""``SafetyRealignment``: HSR's neuron-level step — put back the few pruned weights that matter for
+safety inside the top heads — as a Lightning callback.
+
+Thin orchestration around :mod:`hsr_pl.realign` (the maths lives there). Its place in
+``trainer.callbacks`` is after the pruner::
+
+    SafetyHeadAttribution  ->  Pruning (or PrunedCheckpoint)  ->  SafetyRealignment  ->  ExportPretrained
+
+How it sees the *dense* model although it comes after the pruner: the pruner announces, right
+before its first weight change, that it is about to prune (:func:`callbacks.base.notify_before_pruning`);
+this callback then measures the utility and safety importance statistics of the attention
+projections it may restore (one forward pass over each calibration split; per linear a vector,
+not a score matrix) and, when the pruner also moves kept weights (SparseGPT, checkpoints pruned
+elsewhere), copies those projections' dense weights. At its own moment (``when``) it reads the
+masks and original values the pruner left in :class:`hsr_pl.state.HSRState`, the heads (from
+SafetyHeadAttribution, a score file or a list), restores, and reports. During fit the pruner
+re-applies its masks after every step except on restored entries, so restored weights stay
+free to train.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from hsr_pl.attribution import top_heads
+from hsr_pl.data.vlguard import SPLITS
+from hsr_pl.models import get_adapter
+from hsr_pl.realign import (
+    DenseMeasurement,
+    RealignConfig,
+    RealignConfigError,
+    RealignInputError,
+    RealignResult,
+    dense_pass,
+    realign_model,
+)
+from hsr_pl.state import get_state, parse_head_key
+
+from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device
+from ._common import eval_mode, hf_model
+from ._common import world as dist_world
+from .base import WHEN, HSRCallback
+
+__all__ = ["SafetyRealignment", "is_pruner"]
+
+Pair = tuple[int, int]
+
+
+def is_pruner(callback: Callback) -> bool:
+    """Callbacks that fill HSRState's masks (Pruning, PrunedCheckpoint) say so with ``fills_masks``."""
+    return bool(getattr(callback, "fills_masks", False))
+
+
+def _check_split(value: str, name: str) -> str:
+    parts = [p.strip() for p in value.split("+")] if isinstance(value, str) else [value]
+    if not parts or not all(p in SPLITS for p in parts):
+        raise RealignConfigError(f"{name}={value!r} is not a calibration split {SPLITS} (or several joined with '+')")
+    return value
+
+
+def _positive(value: Any, name: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise RealignConfigError(f"{name}={value!r} must be a positive integer ({hint})")
+    return value
+
+
+def _parse_heads(heads: Iterable[Any]) -> list[Pair]:
+    out = []
+    for item in heads:
+        if isinstance(item, str):
+            out.append(parse_head_key(item))
+        else:
+            try:
+                layer, head = item
+                out.append((int(layer), int(head)))
+            except (TypeError, ValueError):
+                raise RealignConfigError(f"heads entry {item!r} is neither '<layer>-<head>' nor [layer, head]") from None
+    return out
+
+
+class SafetyRealignment(HSRCallback):
+    """Restore the pruned weights inside the top safety heads that the HSR rule selects.
+
+    Args:
+        top_h: how many of the best-scored heads to use; None takes SafetyHeadAttribution's own
+            top-h (or all of ``heads``).
+        p, q, max_p, importance, selection, order, budget, rounds, scope, preserve_structure,
+            utility_weight: see :class:`hsr_pl.realign.RealignConfig` (``p: auto`` = 1 − sparsity).
+        utility_calibration / safety_calibration: data-module splits for D^u (benign answers)
+            and D^s (aligned refusals; ``safety+over_refusal`` joins image- and text-borne ones).
+        num_samples: samples per split (SPEC: 128); batch_size: calibration batch size.
+        heads: explicit heads (``["0-3", "2-1"]`` or ``[[0, 3], [2, 1]]``), instead of attribution.
+        heads_path: a ``{"<layer>-<head>": score}`` file (SafetyHeadAttribution's output or the
+            released scripts'); the top ``top_h`` are used.
+        output: JSON path for the realignment report (restored counts per module and head).
+        when: ``fit_start`` and/or ``validation_start``; realigns once, after the pruner.
+        table: print the rich summary table on rank 0.
+    """
+
+    def __init__(
+        self,
+        top_h: int | None = None,
+        p: float | str = "auto",
+        q: float = 0.5,
+        max_p: float = 0.7,
+        importance: str = "wanda",
+        selection: str = "head",
+        order: str = "margin",
+        budget: int | float | str | None = None,
+        rounds: int = 1,
+        scope: str = "heads",
+        preserve_structure: bool = False,
+        utility_weight: float = 0.0,
+        utility_calibration: str = "utility",
+        safety_calibration: str = "safety",
+        num_samples: int = 128,
+        batch_size: int = 1,
+        heads: list[str] | list[list[int]] | None = None,
+        heads_path: str | None = None,
+        output: str | None = None,
+        when: str | list[str] = WHEN,
+        table: bool = True,
+    ) -> None:
+        super().__init__(when, error=RealignConfigError)
+        self.config = RealignConfig(
+            p=p, q=q, max_p=max_p, importance=importance, selection=selection, order=order, budget=budget,
+            rounds=rounds, scope=scope, preserve_structure=preserve_structure, utility_weight=utility_weight,
+        )
+        if top_h is not None and (isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0):
+            raise RealignConfigError(f"top_h={top_h!r} must be an integer ≥ 0 or None (use SafetyHeadAttribution's top_h)")
+        self.top_h = top_h
+        self.utility_calibration = _check_split(utility_calibration, "utility_calibration")
+        self.safety_calibration = _check_split(safety_calibration, "safety_calibration")
+        self.num_samples = _positive(num_samples, "num_samples", "calibration samples per split; SPEC: 128")
+        self.batch_size = _positive(batch_size, "batch_size", "calibration batch size")
+        if heads is not None and heads_path is not None:
+            raise RealignConfigError("give heads or heads_path, not both")
+        self.heads = None if heads is None else _parse_heads(heads)
+        self.heads_path = None if heads_path is None else Path(heads_path)
+        self._file_scores: dict[str, float] | None = None
+        if self.heads_path is not None:
+            if not self.heads_path.is_file():
+                raise RealignConfigError(
+                    f"heads_path={heads_path!r} does not exist; give a {{\"<layer>-<head>\": score}} JSON file "
+                    "(SafetyHeadAttribution's output) or drop it to use the attribution callback's heads"
+                )
+            from hsr_pl.report.heads import read_scores
+
+            self._file_scores = read_scores(self.heads_path)
+            if self.top_h is None:
+                raise RealignConfigError("heads_path needs top_h: how many of the file's best heads to use")
+        if output is not None and Path(output).suffix != ".json":
+            raise RealignConfigError(f"output={output!r} must be a .json file path")
+        self.output = None if output is None else Path(output)
+        self.show_table = bool(table)
+        self.dense: DenseMeasurement | None = None
+        self.result: RealignResult | None = None
+        self.report: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------- settings
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {
+            **self.config.to_dict(), "top_h": self.top_h, "utility_calibration": self.utility_calibration,
+            "safety_calibration": self.safety_calibration, "num_samples": self.num_samples,
+            "batch_size": self.batch_size, "heads": None if self.heads is None else [list(h) for h in self.heads],
+            "heads_path": None if self.heads_path is None else str(self.heads_path),
+        }
+
+    # ---------------------------------------------------------------------------- heads
+    def selected_heads(self, pl_module: pl.LightningModule) -> list[Pair] | None:
+        """The heads to realign, best first; None while no source knows them yet."""
+        if self.heads is not None:
+            return list(self.heads if self.top_h is None else self.heads[: self.top_h])
+        if self._file_scores is not None:
+            return top_heads(self._file_scores, self.top_h)
+        state = get_state(pl_module)
+        if self.top_h is not None and state.head_scores:
+            return top_heads(state.head_scores, self.top_h)
+        if state.top_heads:
+            return list(state.top_heads)
+        return None
+
+    def _heads_or_error(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Pair]:
+        heads = self.selected_heads(pl_module)
+        if heads is not None:
+            return heads
+        if not self.config.needs_heads:
+            return []
+        raise RealignInputError(
+            "SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning in trainer.callbacks, or give "
+            "heads_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
+        )
+
+    def _check_heads(self, heads: Sequence[Pair], adapter) -> None:
+        layers = set(adapter.layer_indices())
+        for layer, head in heads:
+            if layer not in layers or not 0 <= head < adapter.geometry(layer).num_heads:
+                raise RealignInputError(
+                    f"head {layer}-{head} does not exist in this model ({len(layers)} self-attention layers); use "
+                    "head scores computed for this model"
+                )
+
+    # ------------------------------------------------------------------------ the dense pass
+    def _batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> list[dict[str, Tensor]]:
+        return calibration_batches(
+            trainer, split, self.num_samples, owner=f"SafetyRealignment({split})", device=pl_module.device,
+            batch_size=self.batch_size,
+        )
+
+    def _reduce(self, batches, pl_module, split):
+        _, world = dist_world()
+        _, _, weight = check_counts(batches, "response", pl_module.device, split)
+        return WeightedAllReduce(weight) if world > 1 else None
+
+    @override
+    def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
+        if self._done:
+            return
+        model = hf_model(pl_module)
+        adapter = get_adapter(model)
+        heads = self.selected_heads(pl_module)
+        if heads is not None:
+            self._check_heads(heads, adapter)
+        head_free = not self.config.needs_heads
+        layers = None if head_free or heads is None else sorted({layer for layer, _ in heads})
+        start = time.perf_counter()
+        with torch.inference_mode(False), eval_mode(model):
+            utility = self._batches(trainer, pl_module, self.utility_calibration)
+            safety = self._batches(trainer, pl_module, self.safety_calibration)
+            self.dense = dense_pass(
+                model, adapter, self.config.importance,
+                self._progress(trainer, utility, "realignment: utility importance (dense)"),
+                self._progress(trainer, safety, "realignment: safety importance (dense)"),
+                layers=layers, keep_dense=bool(getattr(pruner, "changes_kept_weights", True)),
+                utility_reduce=self._reduce(utility, pl_module, self.utility_calibration),
+                safety_reduce=self._reduce(safety, pl_module, self.safety_calibration),
+            )
+        rank_zero_info(
+            f"hsr-pl: realignment measured {self.config.importance} importance of the dense model on "
+            f"{len(utility)} utility + {len(safety)} safety batches in {time.perf_counter() - start:.1f} s "
+            f"({self.dense.statistic_bytes() / 1024:.1f} KiB of statistics)"
+        )
+
+    def _progress(self, trainer: pl.Trainer, batches: list, description: str) -> Iterable:
+        if not (trainer.is_global_zero and trainer.progress_bar_callback is not None):
+            return batches
+        return _with_progress(batches, description)
+
+    # ------------------------------------------------------------------------------ run
+    def _check_order(self, trainer: pl.Trainer) -> None:
+        callbacks = list(trainer.callbacks)
+        mine = callbacks.index(self)
+        pruners = [i for i, cb in enumerate(callbacks) if is_pruner(cb)]
+        if any(i > mine for i in pruners):
+            raise RealignInputError(
+                "SafetyRealignment comes before the pruner in trainer.callbacks; order them SafetyHeadAttribution, "
+                "Pruning (or PrunedCheckpoint), SafetyRealignment"
+            )
+
+    @override
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_order(trainer)
+        model = hf_model(pl_module)
+        adapter = get_adapter(model)
+        state = get_state(pl_module)
+        if not state.pruned:
+            raise RealignInputError(
+                "SafetyRealignment found no pruning masks: add Pruning (or PrunedCheckpoint for a model pruned by "
+                "another tool) before it in trainer.callbacks"
+            )
+        heads = self._heads_or_error(trainer, pl_module)
+        self._check_heads(heads, adapter)
+        if self.dense is None and (self.config.order == "margin" or self.config.preserve_structure):
+            raise RealignInputError(
+                "SafetyRealignment has no dense-model statistics: the pruner ran without it (it measures them when "
+                "the pruner announces its first weight change); keep Pruning/PrunedCheckpoint and SafetyRealignment "
+                "in the same trainer, the pruner first"
+            )
+        start = time.perf_counter()
+        safety = utility = None
+        reduce = count = None
+        with torch.inference_mode(False), eval_mode(model):
+            if self.config.order == "gradient":
+                safety = self._batches(trainer, pl_module, self.safety_calibration)
+                if self.config.utility_weight:
+                    utility = self._batches(trainer, pl_module, self.utility_calibration)
+                if dist_world()[1] > 1:
+                    reduce, count = WeightedAllReduce(1.0), _global_count(pl_module.device)
+            self.result = realign_model(
+                model, adapter, state, self.config, heads, dense=self.dense, safety_batches=safety,
+                utility_batches=utility, reduce=reduce, count_batches=count,
+            )
+        self.report = {
+            **self.result.summary(),
+            "settings": self.settings(),
+            "importance": self.config.importance,
+            "calibration": {
+                "utility": self.utility_calibration, "safety": self.safety_calibration,
+                "num_samples": self.num_samples,
+                "utility_samples": self.dense.utility_samples if self.dense else None,
+                "safety_samples": self.dense.safety_samples if self.dense else None,
+                "seed": getattr(getattr(trainer, "datamodule", None), "seed", None),
+            },
+            "head_scores": {f"{l_}-{h}": state.head_scores.get(f"{l_}-{h}") for l_, h in heads},
+            "wall_s": round(time.perf_counter() - start, 3),
+        }
+        state.realignment = dict(self.report)
+        self.dense = None  # the statistics served their purpose; free them (and the dense copies)
+        self._report(trainer)
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        from hsr_pl.report.realignment import print_realignment, realignment_line
+
+        if trainer.is_global_zero:
+            if self.show_table:
+                print_realignment(self.report)
+            if self.output is not None:
+                from hsr_pl.report.heads import write_json_atomic
+
+                write_json_atomic(self.output, self.report)
+        if not self.report["restored_params"]:
+            rank_zero_warn(
+                "SafetyRealignment restored no weight: the rule's candidates inside the heads were all kept by the "
+                "pruner. Try p: auto, a larger max_p, more heads, or order: gradient with a budget."
+            )
+        rank_zero_info(f"hsr-pl: realignment {realignment_line(self.report)}")
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"realign/restored": self.report["restored_params"], "realign/ratio_lm": self.report["restored_ratio_lm"]},
+                step=trainer.global_step,
+            )
+
+    # ---------------------------------------------------------------------------- state
+    @override
+    def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.report:
+            get_state(pl_module).realignment = dict(self.report)
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {"report": json.loads(json.dumps(self.report))}
+
+    @override
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.report = dict(state.get("report", {}))
+
+
+def _with_progress(batches: list, description: str) -> Iterator:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task(description, total=len(batches))
+        for batch in batches:
+            yield batch
+            bar.advance(task)
+
+
+def _global_count(device: torch.device):
+    def count(local: int) -> int:
+        tensor = torch.tensor([float(local)], dtype=torch.float64, device=comm_device(device))
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return int(tensor.item())
+
+    return count
