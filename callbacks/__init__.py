@@ -4,5 +4,6 @@ from .export import ExportPretrained
 from .head_attribution import SafetyHeadAttribution
 from .pruning import Pruning
 from .realignment import SafetyRealignment
+from .repair import PrunedCheckpoint
 
-__all__ = ["ExportPretrained", "Pruning", "SafetyHeadAttribution", "SafetyRealignment"]
+__all__ = ["ExportPretrained", "PrunedCheckpoint", "Pruning", "SafetyHeadAttribution", "SafetyRealignment"]

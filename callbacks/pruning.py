@@ -20,7 +20,7 @@ divisibility — is checked before a weight changes.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,19 +37,20 @@ from hsr_pl.pruning import (
     PruningResult,
     prune_model,
 )
-from hsr_pl.state import HSRState, get_state
+from hsr_pl.state import get_state
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
-from .base import WHEN, HSRCallback, notify_before_pruning
+from ._masks import MaskHolder
+from .base import WHEN, notify_before_pruning
 
-__all__ = ["Pruning"]
+__all__ = ["Pruning", "regex_list", "resolve_targets"]
 
 Batch = dict[str, Tensor]
 
 
-def _as_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
+def regex_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
     if value is None:
         return None
     items = [value] if isinstance(value, str) else list(value)
@@ -63,7 +64,58 @@ def _as_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
     return items
 
 
-class Pruning(HSRCallback):
+def resolve_targets(
+    model: nn.Module, targets: list[str] | None, ignore: list[str], keep_originals: list[str] | None
+) -> tuple[list[str], list[str]]:
+    """``(names to prune, names whose dense values to keep)`` for ``model`` (an HF model).
+
+    ``targets`` / ``ignore`` / ``keep_originals`` are regexes (``re.search``) over qualified names.
+    """
+    adapter = get_adapter(model)
+    decoder = adapter.target_linears()
+    ignored = [n for n in decoder if any(re.search(p, n) for p in ignore)]
+    if targets is None:
+        chosen = [n for n in decoder if n not in ignored]
+    else:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        example = next(iter(decoder), "?")
+        hits: set[str] = set()
+        for pattern in targets:
+            matched = [n for n in linears if re.search(pattern, n)]
+            if not matched:
+                raise PruningConfigError(
+                    f"targets regex {pattern!r} matches no nn.Linear of the model; names look like "
+                    f"{example!r} (regexes are matched with re.search)"
+                )
+            outside = [n for n in matched if n not in decoder and not any(re.search(p, n) for p in ignore)]
+            if outside:
+                raise PruningConfigError(
+                    f"targets regex {pattern!r} also matches {len(outside)} linear(s) outside the language "
+                    f"model's decoder layers (e.g. {outside[0]!r}); only decoder-layer linears are pruned: "
+                    "anchor the regex or add those names to ignore"
+                )
+            hits.update(matched)
+        chosen = [n for n in decoder if n in hits and n not in ignored]
+    if not chosen:
+        raise PruningConfigError(f"targets={targets} with ignore={ignore} leave no linear to prune")
+    if keep_originals is None:
+        projections = {adapter.name_of(p) for i in adapter.layer_indices() for p in adapter.projections(i).values()}
+        keep = [n for n in chosen if n in projections]
+    else:
+        keep = []
+        for pattern in keep_originals:
+            matched = [n for n in chosen if re.search(pattern, n)]
+            if not matched:
+                raise PruningConfigError(
+                    f"keep_originals regex {pattern!r} matches none of the {len(chosen)} pruned linears "
+                    f"(e.g. {chosen[0]!r}); fix it or drop it"
+                )
+            keep.extend(matched)
+        keep = [n for n in chosen if n in set(keep)]
+    return chosen, keep
+
+
+class Pruning(MaskHolder):
     """Prune the language model's decoder-layer linears (Wanda, SparseGPT, magnitude, SNIP).
 
     Args:
@@ -86,8 +138,6 @@ class Pruning(HSRCallback):
             the callback prunes, whichever comes first; it prunes once.
         granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
     """
-
-    fills_masks = True  # SafetyRealignment looks for the pruner by this flag
 
     def __init__(
         self,
@@ -131,12 +181,10 @@ class Pruning(HSRCallback):
         self.calibration = calibration
         self.num_samples = None if num_samples is None else int(num_samples)
         self.batch_size = int(batch_size)
-        self.targets = _as_list(targets, "targets")
-        self.ignore = _as_list(ignore, "ignore") or []
-        self.keep_originals = _as_list(keep_originals, "keep_originals")
+        self.targets = regex_list(targets, "targets")
+        self.ignore = regex_list(ignore, "ignore") or []
+        self.keep_originals = regex_list(keep_originals, "keep_originals")
         self.result: PruningResult | None = None
-        self._state: HSRState | None = None
-        self._loaded: dict | None = None
 
     @property
     def changes_kept_weights(self) -> bool:
@@ -151,48 +199,7 @@ class Pruning(HSRCallback):
     # --------------------------------------------------------------------------- targeting
     def resolve_targets(self, model: nn.Module) -> tuple[list[str], list[str]]:
         """``(names to prune, names whose dense values to keep)`` for ``model`` (an HF model)."""
-        adapter = get_adapter(model)
-        decoder = adapter.target_linears()
-        ignored = [n for n in decoder if any(re.search(p, n) for p in self.ignore)]
-        if self.targets is None:
-            chosen = [n for n in decoder if n not in ignored]
-        else:
-            linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-            example = next(iter(decoder), "?")
-            hits: set[str] = set()
-            for pattern in self.targets:
-                matched = [n for n in linears if re.search(pattern, n)]
-                if not matched:
-                    raise PruningConfigError(
-                        f"targets regex {pattern!r} matches no nn.Linear of the model; names look like "
-                        f"{example!r} (regexes are matched with re.search)"
-                    )
-                outside = [n for n in matched if n not in decoder and not any(re.search(p, n) for p in self.ignore)]
-                if outside:
-                    raise PruningConfigError(
-                        f"targets regex {pattern!r} also matches {len(outside)} linear(s) outside the language "
-                        f"model's decoder layers (e.g. {outside[0]!r}); only decoder-layer linears are pruned "
-                        "(SPEC §1): anchor the regex or add those names to ignore"
-                    )
-                hits.update(matched)
-            chosen = [n for n in decoder if n in hits and n not in ignored]
-        if not chosen:
-            raise PruningConfigError(f"targets={self.targets} with ignore={self.ignore} leave no linear to prune")
-        if self.keep_originals is None:
-            projections = {adapter.name_of(p) for i in adapter.layer_indices() for p in adapter.projections(i).values()}
-            keep = [n for n in chosen if n in projections]
-        else:
-            keep = []
-            for pattern in self.keep_originals:
-                matched = [n for n in chosen if re.search(pattern, n)]
-                if not matched:
-                    raise PruningConfigError(
-                        f"keep_originals regex {pattern!r} matches none of the {len(chosen)} pruned linears "
-                        f"(e.g. {chosen[0]!r}); fix it or drop it"
-                    )
-                keep.extend(matched)
-            keep = [n for n in chosen if n in set(keep)]
-        return chosen, keep
+        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
 
     # ------------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, device: torch.device) -> list[Batch]:
@@ -275,17 +282,6 @@ class Pruning(HSRCallback):
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/sparsity": sparsity}, step=trainer.global_step)
 
-    def _sync_state(self, pl_module: pl.LightningModule) -> None:
-        """Put a checkpoint's HSRState on the module and re-apply its masks."""
-        if self._loaded is None:
-            return
-        state = get_state(pl_module)
-        state.load_state_dict(self._loaded)
-        self._loaded = None
-        self._state = state
-        if state.pruned:
-            state.apply_masks(hf_model(pl_module))
-
     # -------------------------------------------------------------------------------- hooks
     @override
     def settings(self) -> dict[str, Any]:
@@ -297,25 +293,3 @@ class Pruning(HSRCallback):
             "batch_size": self.batch_size, "targets": self.targets, "ignore": self.ignore,
             "keep_originals": self.keep_originals,
         }
-
-    @override
-    def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync_state(pl_module)
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        # Runs after optimizer.step (and after a skipped step under accumulation: harmless).
-        if self._done and self._state is not None and self._state.pruned:
-            self._state.apply_masks(hf_model(pl_module))
-
-    # -------------------------------------------------------------------------------- state
-    @override
-    def extra_state(self) -> dict[str, Any]:
-        return {"hsr_state": self._state.state_dict() if self._state is not None else self._loaded}
-
-    @override
-    def load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self._loaded = state.get("hsr_state")
-

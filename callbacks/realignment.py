@@ -100,7 +100,7 @@ class SafetyRealignment(HSRCallback):
             utility_weight: see :class:`hsr_pl.realign.RealignConfig` (``p: auto`` = 1 − sparsity).
         utility_calibration / safety_calibration: data-module splits for D^u (benign answers)
             and D^s (aligned refusals; ``safety+over_refusal`` joins image- and text-borne ones).
-        num_samples: samples per split (SPEC: 128); batch_size: calibration batch size.
+        num_samples: samples per split (the paper: 128); batch_size: calibration batch size.
         heads: explicit heads (``["0-3", "2-1"]`` or ``[[0, 3], [2, 1]]``), instead of attribution.
         heads_path: a ``{"<layer>-<head>": score}`` file (SafetyHeadAttribution's output or the
             released scripts'); the top ``top_h`` are used.
@@ -143,7 +143,7 @@ class SafetyRealignment(HSRCallback):
         self.top_h = top_h
         self.utility_calibration = _check_split(utility_calibration, "utility_calibration")
         self.safety_calibration = _check_split(safety_calibration, "safety_calibration")
-        self.num_samples = _positive(num_samples, "num_samples", "calibration samples per split; SPEC: 128")
+        self.num_samples = _positive(num_samples, "num_samples", "calibration samples per split; the paper: 128")
         self.batch_size = _positive(batch_size, "batch_size", "calibration batch size")
         if heads is not None and heads_path is not None:
             raise RealignConfigError("give heads or heads_path, not both")

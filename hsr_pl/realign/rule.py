@@ -50,7 +50,7 @@ def top_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
 
 
 def check_fractions(p: float, q: float, max_p: float, where: str = "") -> None:
-    """SPEC's domain: 0 < p < max_p ≤ 1 and 0 < q ≤ 1 (``where`` names the module for p=auto)."""
+    """The rule's domain: 0 < p < max_p ≤ 1 and 0 < q ≤ 1 (``where`` names the module for p=auto)."""
     at = f" for {where}" if where else ""
     if not 0.0 < q <= 1.0:
         raise RealignConfigError(f"q={q}{at} must lie in (0, 1] (the top safety fraction; paper: 0.5)")

@@ -1,0 +1,174 @@
+"""``PrunedCheckpoint``: repair mode — the pruner is a checkpoint that another tool pruned.
+
+The trainer's model is the *original* (dense) checkpoint, so SafetyHeadAttribution scores it and
+SafetyRealignment measures its importance as usual. At its moment this callback loads the pruned
+checkpoint (:func:`hsr_pl.models.checkpoints.load_like`: same class, dense or compressed-tensors
+sparse, refusing quantized, incomplete or differently shaped ones), infers the pruned set of
+every target linear, ``pruned = (pruned weight == 0) & (original weight != 0)``, keeps the
+original values there, and then copies *every* parameter of the pruned checkpoint into the model
+— kept weights stay as the pruner left them (SparseGPT moves them), and modules the tool pruned
+outside the targets (some tools prune the vision tower or lm_head) are reported and kept as
+pruned. From then on the flow is the ordinary one: realignment restores, ExportPretrained saves::
+
+    SafetyHeadAttribution -> PrunedCheckpoint(path=...) -> SafetyRealignment -> ExportPretrained
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from hsr_pl.models.checkpoints import CheckpointError, load_like, pruned_set
+from hsr_pl.pruning import PruningConfigError
+from hsr_pl.state import get_state
+
+from ._common import hf_model
+from ._masks import MaskHolder
+from .base import WHEN, notify_before_pruning
+from .pruning import regex_list, resolve_targets
+
+__all__ = ["PrunedCheckpoint", "detect_structure"]
+
+# Exact-zero fraction above which a module outside the targets is reported as pruned by the tool.
+OUTSIDE_ZERO_FRACTION = 0.05
+
+
+def detect_structure(masks: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """``(N, M)`` when every mask prunes exactly N of every M consecutive inputs (M in 4, 8, 16)."""
+    if not masks:
+        return None
+    for m in (4, 8, 16):
+        counts = set()
+        for mask in masks.values():
+            rows, cols = mask.shape
+            if cols % m:
+                counts = None
+                break
+            counts |= set(mask.reshape(rows, cols // m, m).sum(-1).unique().tolist())
+            if len(counts) > 1:
+                break
+        if counts is not None and len(counts) == 1:
+            n = counts.pop()
+            if 0 < n < m:
+                return int(n), m
+    return None
+
+
+class PrunedCheckpoint(MaskHolder):
+    """Take the masks from a checkpoint pruned by any tool, then hand on like ``Pruning``.
+
+    Args:
+        path: folder of the pruned checkpoint (``save_pretrained`` layout, dense with exact zeros
+            or compressed-tensors ``sparse-bitmask`` / ``sparse-24-bitmask``).
+        targets / ignore / keep_originals: regexes as for :class:`hsr_pl.callbacks.Pruning`
+            (default: every decoder-layer linear; originals kept for q/k/v/o).
+        when: ``fit_start`` and/or ``validation_start``.
+    """
+
+    changes_kept_weights = True  # another tool may have moved kept weights (SparseGPT does)
+
+    def __init__(
+        self,
+        path: str,
+        targets: str | list[str] | None = None,
+        ignore: str | list[str] | None = None,
+        keep_originals: str | list[str] | None = None,
+        when: str | list[str] = WHEN,
+    ) -> None:
+        super().__init__(when, error=PruningConfigError)
+        if not isinstance(path, str) or not path:
+            raise PruningConfigError("PrunedCheckpoint needs path=<folder of the pruned checkpoint>")
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise PruningConfigError(f"PrunedCheckpoint(path={path!r}): no such folder; give the pruned model's folder")
+        if not (folder / "config.json").is_file():
+            raise PruningConfigError(f"PrunedCheckpoint(path={path!r}) has no config.json; give the folder save_pretrained wrote")
+        self.path = str(folder)
+        self.targets = regex_list(targets, "targets")
+        self.ignore = regex_list(ignore, "ignore") or []
+        self.keep_originals = regex_list(keep_originals, "keep_originals")
+        self.report: dict[str, Any] = {}
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {"path": self.path, "targets": self.targets, "ignore": self.ignore, "keep_originals": self.keep_originals}
+
+    @override
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        model = hf_model(pl_module)
+        targets, keep = resolve_targets(model, self.targets, self.ignore, self.keep_originals)
+        pruned_model, info = load_like(model, self.path)
+        theirs = dict(pruned_model.named_parameters())
+        modules = dict(model.named_modules())
+        masks = {}
+        for name in targets:
+            original = modules[name].weight.detach()
+            masks[name] = pruned_set(original.cpu(), theirs[f"{name}.weight"].detach().cpu())
+        pruned_count = sum(int(m.sum()) for m in masks.values())
+        if pruned_count == 0:
+            raise CheckpointError(
+                f"the checkpoint {self.path} has no pruned weight in the {len(targets)} target linears (no entry is "
+                "zero where the original is not): it is not a pruned copy of this model, or targets miss what was pruned"
+            )
+        outside = self._pruned_outside(model, theirs, set(targets))
+        # Everything is checked: callbacks that need the dense model (realignment) measure it now.
+        notify_before_pruning(trainer, pl_module, self)
+        state = get_state(pl_module)
+        keep_set = set(keep)
+        with torch.no_grad():
+            for name in targets:
+                state.record_pruning(name, masks[name], modules[name].weight.detach() if name in keep_set else None)
+            for name, param in model.named_parameters():
+                param.data.copy_(theirs[name].detach().to(param.device, param.dtype))
+        del pruned_model, theirs
+        total = sum(m.numel() for m in masks.values())
+        state.sparsity = pruned_count / total
+        state.method = f"checkpoint:{self.path}"
+        state.structure = detect_structure(masks)
+        self._hold(state)
+        self.report = {
+            "path": self.path, "format": info["format"], "recipe_yaml": info["recipe"], "targets": len(targets),
+            "pruned_params": pruned_count, "sparsity": state.sparsity,
+            "structure": None if state.structure is None else list(state.structure),
+            "pruned_outside_targets": outside, "seconds": round(time.perf_counter() - start, 3),
+        }
+        if outside:
+            listed = ", ".join(f"{n} ({100 * f:.0f} %)" for n, f in list(outside.items())[:4])
+            rank_zero_warn(
+                f"PrunedCheckpoint: the tool also pruned {len(outside)} module(s) outside the targets: {listed}; they "
+                "stay as the tool left them and realignment does not touch them"
+            )
+        structure = "" if state.structure is None else f", {state.structure[0]}:{state.structure[1]}"
+        rank_zero_info(
+            f"hsr-pl: repair mode: {self.path} ({info['format']}) pruned {pruned_count:,} of {total:,} target weights "
+            f"({100 * state.sparsity:.2f} %{structure}); the model now holds the pruned weights"
+        )
+
+    @staticmethod
+    def _pruned_outside(model, theirs, targets: set[str]) -> dict[str, float]:
+        """Linears outside the targets whose pruned copy has many more exact zeros than the original."""
+        out = {}
+        for name, module in model.named_modules():
+            if name in targets or not isinstance(module, torch.nn.Linear):
+                continue
+            mine = module.weight.detach()
+            zeros = float(pruned_set(mine.cpu(), theirs[f"{name}.weight"].detach().cpu()).float().mean())
+            if zeros >= OUTSIDE_ZERO_FRACTION:
+                out[name] = zeros
+        return out
+
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        return {**super().extra_state(), "report": dict(self.report)}
+
+    @override
+    def load_extra_state(self, state) -> None:
+        super().load_extra_state(state)
+        self.report = dict(state.get("report", {}))

@@ -1,0 +1,265 @@
+"""Read checkpoints that other tools pruned, as plain dense modules of the same architecture.
+
+What pruning tools write today, and what this module does with it:
+
+* dense safetensors with exact zeros (save_pretrained after Wanda / SparseGPT / torchao's
+  ``squash_mask`` / llm-compressor's current releases), possibly sharded with an index file, and
+  llm-compressor's ``recipe.yaml`` beside them — loaded with ``from_pretrained``;
+* older llm-compressor / compressed-tensors releases: ``sparse-bitmask`` tensors
+  (``<name>.compressed`` 1-D non-zero values in row-major order, ``<name>.bitmask`` uint8
+  ``[rows, ceil(cols / 8)]`` packed little-endian along the row, ``<name>.shape``,
+  ``<name>.row_offsets``) or ``sparse-24-bitmask`` (``.compressed`` ``[rows, cols / 2]`` kept values,
+  ``.bitmask``, ``.shape`` as a column) with ``quantization_config.sparsity_config`` (older:
+  ``compression_config``) in config.json; current transformers refuses those without the
+  compressed-tensors package, so they are decoded here (safetensors + torch only) into a
+  temporary dense checkpoint that ``from_pretrained`` reads, which also applies transformers'
+  key renames.
+
+Refused, with a message that names the fix: weights missing at load (e.g. a torchao model saved
+before ``squash_mask``: its ``parametrizations.weight.original`` keys leave ``weight`` unset), a
+quantized checkpoint, or a checkpoint of another architecture or other shapes. Modules are
+compared after loading, never by raw safetensors keys.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointError",
+    "compare_architectures",
+    "compression_format",
+    "decode_compressed_state",
+    "decode_sparse24_bitmask",
+    "decode_sparse_bitmask",
+    "load_like",
+    "pruned_set",
+    "unpack_bitmask",
+]
+
+_QUANTIZED_FORMATS = {"pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "marlin-24",
+                      "nvfp4-pack-quantized", "mixed-precision"}
+_SPARSE_FORMATS = {"sparse-bitmask", "sparse-24-bitmask"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint hsr-pl cannot compare with the original; the message says why and what to do."""
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} is not a model folder (no config.json); point at the folder save_pretrained wrote")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); restore the file") from None
+
+
+def compression_format(config: Mapping) -> str | None:
+    """``sparse-bitmask`` / ``sparse-24-bitmask`` for compressed-tensors sparse checkpoints, None for
+    dense ones; raises for quantized checkpoints (nothing here can compare quantized weights)."""
+    quant = config.get("quantization_config") or config.get("compression_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method", "compressed-tensors" if "sparsity_config" in quant else None)
+    if method != "compressed-tensors":
+        raise CheckpointError(
+            f"the pruned checkpoint is quantized (quant_method={method!r}); realignment compares float weights: "
+            "give the checkpoint saved before quantization"
+        )
+    groups = quant.get("config_groups") or {}
+    fmt = quant.get("format")
+    if groups or fmt in _QUANTIZED_FORMATS:
+        raise CheckpointError(
+            f"the pruned checkpoint is compressed-tensors quantized (format={fmt!r}); give the checkpoint saved "
+            "before quantization"
+        )
+    sparsity = quant.get("sparsity_config") or {}
+    sparse = sparsity.get("format")
+    if sparse in (None, "dense"):
+        return None
+    if sparse not in _SPARSE_FORMATS:
+        raise CheckpointError(
+            f"compressed-tensors sparsity format {sparse!r} is not supported; supported: {sorted(_SPARSE_FORMATS)} "
+            "(or save the model dense)"
+        )
+    return sparse
+
+
+def unpack_bitmask(packed: Tensor, cols: int) -> Tensor:
+    """``[rows, ceil(cols/8)]`` uint8, bit b of byte k = column 8k + b  ->  bool ``[rows, cols]``."""
+    bits = (packed.to(torch.int16).unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
+
+
+def _shape(shape: Tensor) -> tuple[int, int]:
+    dims = [int(v) for v in shape.flatten().tolist()]
+    if len(dims) != 2:
+        raise CheckpointError(f"compressed tensor shape {dims} is not 2-D; only linear weights are supported")
+    return dims[0], dims[1]
+
+
+def decode_sparse_bitmask(compressed: Tensor, bitmask: Tensor, shape: Tensor) -> Tensor:
+    """Dense weight from compressed-tensors ``sparse-bitmask`` parts."""
+    rows, cols = _shape(shape)
+    mask = unpack_bitmask(bitmask, cols)
+    if int(mask.sum()) != compressed.numel():
+        raise CheckpointError(f"sparse-bitmask: {int(mask.sum())} set bits but {compressed.numel()} stored values")
+    dense = torch.zeros(rows, cols, dtype=compressed.dtype)
+    dense[mask] = compressed.flatten()
+    return dense
+
+
+def decode_sparse24_bitmask(compressed: Tensor, bitmask: Tensor, shape: Tensor) -> Tensor:
+    """Dense weight from compressed-tensors ``sparse-24-bitmask`` parts (``[rows, cols/2]`` values)."""
+    return decode_sparse_bitmask(compressed.flatten(), bitmask, shape)
+
+
+def decode_compressed_state(tensors: Mapping[str, Tensor], fmt: str) -> dict[str, Tensor]:
+    """Replace every ``<name>.{compressed,bitmask,shape[,row_offsets]}`` group by ``<name>.weight``."""
+    out: dict[str, Tensor] = {}
+    groups = {key[: -len(".compressed")] for key in tensors if key.endswith(".compressed")}
+    parts = {f"{g}.{suffix}" for g in groups for suffix in ("compressed", "bitmask", "shape", "row_offsets")}
+    for group in sorted(groups):
+        try:
+            compressed, bitmask, shape = (tensors[f"{group}.{s}"] for s in ("compressed", "bitmask", "shape"))
+        except KeyError as exc:
+            raise CheckpointError(f"compressed tensor {group!r} lacks its {exc.args[0].rsplit('.', 1)[1]} part") from None
+        decode = decode_sparse24_bitmask if fmt == "sparse-24-bitmask" else decode_sparse_bitmask
+        out[f"{group}.weight"] = decode(compressed, bitmask, shape)
+    for key, value in tensors.items():
+        if key not in parts:
+            out[key] = value
+    return out
+
+
+def _decoded_copy(folder: Path, fmt: str, config: dict, into: Path) -> None:
+    """Write ``folder``'s shards decoded into ``into``; a tensor's parts may sit in different shards."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder} holds no .safetensors files")
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            where.update({key: file for key in handle.keys()})
+
+    def read(key: str) -> Tensor:
+        with safe_open(str(where[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    weight_map = {}
+    for file in files:
+        # Each group is written where its .compressed part lives; plain tensors where they are.
+        mine = [k for k, f in where.items() if f == file]
+        groups = {k[: -len(".compressed")] for k in mine if k.endswith(".compressed")}
+        needed = {f"{g}.{s}" for g in groups for s in ("compressed", "bitmask", "shape", "row_offsets")}
+        present = {k: read(k) for k in needed if k in where}
+        present.update({k: read(k) for k in mine if not _is_part(k)})
+        decoded = decode_compressed_state(present, fmt)
+        save_file({k: v.contiguous() for k, v in decoded.items()}, str(into / file.name), metadata={"format": "pt"})
+        weight_map.update({key: file.name for key in decoded})
+    if len(files) > 1:
+        (into / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    clean = {k: v for k, v in config.items() if k not in ("quantization_config", "compression_config")}
+    (into / "config.json").write_text(json.dumps(clean))
+    for extra in folder.glob("*.json"):
+        if extra.name not in ("config.json", "model.safetensors.index.json") and not (into / extra.name).exists():
+            shutil.copy2(extra, into / extra.name)
+
+
+def _is_part(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("compressed", "bitmask", "shape", "row_offsets")
+
+
+def compare_architectures(original: nn.Module, pruned_config: Mapping) -> None:
+    """Cheap check before loading: the same ``model_type`` and text geometry."""
+    mine = original.config
+    theirs_type = pruned_config.get("model_type")
+    if theirs_type != mine.model_type:
+        raise CheckpointError(
+            f"the pruned checkpoint is a {theirs_type!r} model but the original is {mine.model_type!r}; give the "
+            "pruned copy of the same model"
+        )
+    text = mine.get_text_config() if hasattr(mine, "get_text_config") else mine
+    theirs = pruned_config.get("text_config") or pruned_config
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        a, b = getattr(text, key, None), theirs.get(key)
+        if a is not None and b is not None and a != b:
+            raise CheckpointError(
+                f"the pruned checkpoint has {key}={b} but the original has {a}; give the pruned copy of the same model"
+            )
+
+
+def load_like(original: nn.Module, folder: str | Path) -> tuple[nn.Module, dict]:
+    """Load ``folder`` as the class of ``original`` (same dtype), decoding compressed-tensors sparsity.
+
+    Returns the model (CPU) and ``{"format": ..., "recipe": bool}``.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CheckpointError(f"pruned checkpoint {folder} is not a folder; give the folder save_pretrained wrote")
+    config = read_config(folder)
+    compare_architectures(original, config)
+    fmt = compression_format(config)
+    dtype = next(original.parameters()).dtype
+    attn = getattr(original.config, "_attn_implementation", None)
+    kwargs = {"dtype": dtype, "output_loading_info": True}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    tmp = None
+    try:
+        source = folder
+        if fmt is not None:
+            tmp = Path(tempfile.mkdtemp(prefix="hsr-pl-decoded-"))
+            _decoded_copy(folder, fmt, config, tmp)
+            source = tmp
+        try:
+            model, info = type(original).from_pretrained(source, **kwargs)
+        except (RuntimeError, ValueError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot load the pruned checkpoint {folder}: {first}") from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        hint = (
+            " (they look like torchao parametrizations: call squash_mask() before saving)"
+            if any("parametrizations" in k for k in info.get("unexpected_keys") or []) else ""
+        )
+        raise CheckpointError(
+            f"the pruned checkpoint {folder} lacks {len(missing)} weights, e.g. {missing[0]!r}{hint}; save the "
+            "complete pruned model with save_pretrained"
+        )
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        raise CheckpointError(f"the pruned checkpoint's shapes differ from the original's (e.g. {mismatched[0]}); give the same model")
+    mine = dict(original.named_parameters())
+    theirs = dict(model.named_parameters())
+    if set(mine) != set(theirs):
+        diff = sorted(set(mine) ^ set(theirs))
+        raise CheckpointError(f"the pruned checkpoint's modules differ from the original's (e.g. {diff[0]!r})")
+    for name, param in mine.items():
+        if tuple(param.shape) != tuple(theirs[name].shape):
+            raise CheckpointError(
+                f"{name}: the pruned checkpoint has shape {tuple(theirs[name].shape)}, the original {tuple(param.shape)}"
+            )
+    return model.eval(), {"format": fmt or "dense", "recipe": (folder / "recipe.yaml").is_file()}
+
+
+def pruned_set(original: Tensor, pruned: Tensor) -> Tensor:
+    """Where the pruner zeroed a weight: ``(pruned == 0) & (original != 0)`` (the repair rule)."""
+    if original.shape != pruned.shape:
+        raise CheckpointError(f"shapes differ: original {tuple(original.shape)}, pruned {tuple(pruned.shape)}")
+    return (pruned == 0) & (original != 0)
