@@ -1,10 +1,22 @@
-"""``ExportPretrained``: write the model and its processor with ``save_pretrained``, atomically.
+"""``ExportPretrained``: write the model and its processor with ``save_pretrained``, atomically,
+and never over anything it did not write itself.
 
 The folder is what a user downloads or shares, so it holds safetensors and JSON only (no pickle),
-pruned weights stay exact zeros, and it appears all at once: everything is written into a
-temporary sibling folder that replaces the target in one rename, so an interrupted run never
-leaves a half-written checkpoint where a good one used to be. A small ``hsr_summary.json``
-records what the hsr-pl callbacks did (pruning method and sparsity, selected heads).
+pruned weights stay exact zeros, and it appears all at once: everything is written (and fsynced)
+into a temporary sibling folder that replaces the target in one rename, so an interrupted run
+never leaves a half-written checkpoint where a good one used to be.
+
+What it refuses (before any work starts, in ``setup``), unless ``overwrite: true``:
+
+* a target that is, contains or lies inside the model's own source folder, a checkpoint another
+  callback reads (repair mode's pruned checkpoint) or the package's shipped assets (symlinks
+  resolved) — ``overwrite`` does not lift this;
+* a non-empty folder that an earlier hsr-pl export did not write (its ``hsr_summary.json`` is
+  the proof);
+* a path under a file, or a parent folder it cannot write to.
+
+Beside the weights: ``hsr_summary.json`` (what the callbacks did, always) and
+``realignment.json`` (the realignment manifest, when SafetyRealignment ran).
 """
 
 from __future__ import annotations
@@ -13,37 +25,112 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hsr_pl.state import get_state
+from hsr_pl.state import HSRState, get_state
 
-__all__ = ["ExportPretrained", "save_pretrained_atomic"]
+__all__ = ["MARKER", "ExportError", "ExportPretrained", "check_export_target", "realignment_manifest", "save_pretrained_atomic"]
 
 _WHEN = ("fit_end", "validation_end")
+MARKER = "hsr_summary.json"  # every hsr-pl export writes it; its presence proves a folder is ours
 
 
-def save_pretrained_atomic(model, processor, dirpath: str | os.PathLike, summary: dict | None = None) -> Path:
-    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``dirpath`` in one rename."""
-    target = Path(dirpath)
+class ExportError(ValueError):
+    """An export target that would lose data; the message names the fix."""
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Raise :class:`ExportError` unless writing ``dirpath`` can only replace an earlier export."""
+    target = _resolved(dirpath)
+    for source in protected:
+        if source is None:
+            continue
+        src = _resolved(source)
+        if _overlaps(target, src):
+            raise ExportError(
+                f"export dirpath {dirpath} overlaps the input {src}; writing there would replace the model it was "
+                "loaded from: choose a new folder (e.g. runs/realigned)"
+            )
+    for parent in [target, *target.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"export dirpath {dirpath}: {parent} is a file; choose a folder path")
+            break
+    if target.exists() and any(target.iterdir()) and not (target / MARKER).is_file() and not overwrite:
+        raise ExportError(
+            f"export dirpath {dirpath} is a non-empty folder that hsr-pl did not write (no {MARKER}); choose a new "
+            "folder, or set overwrite: true to replace it"
+        )
+    existing = next(p for p in [target, *target.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"export dirpath {dirpath}: {existing} is not writable; choose a folder you can write to")
+    return target
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for folder in [root, root.parent]:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n")
+
+
+def save_pretrained_atomic(
+    model,
+    processor,
+    dirpath: str | os.PathLike,
+    summary: dict | None = None,
+    *,
+    manifest: dict | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``dirpath`` in one rename.
+
+    ``summary`` becomes ``hsr_summary.json`` (written always, so later exports recognise the folder),
+    ``manifest`` ``realignment.json``. See :func:`check_export_target` for what is refused.
+    """
+    target = check_export_target(dirpath, overwrite=overwrite, protected=protected)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
-        if summary is not None:
-            (tmp / "hsr_summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        _write_json(tmp / MARKER, summary or {})
+        if manifest is not None:
+            _write_json(tmp / "realignment.json", manifest)
         # mkdtemp makes a private (0700) folder; give the result the usual umask-based modes.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         for path in tmp.rglob("*"):
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        _fsync_tree(tmp)
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -57,23 +144,82 @@ def save_pretrained_atomic(model, processor, dirpath: str | os.PathLike, summary
     return target
 
 
+def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict[str, Any] | None:
+    """``realignment.json``: model, pruning, heads with scores, settings, restored counts, ratios."""
+    if not state.realignment:
+        return None
+    from hsr_pl import __version__
+
+    report = state.realignment
+    model = getattr(pl_module, "model", pl_module)
+    config = getattr(model, "config", None)
+    settings = report.get("settings", {})
+    heads = report.get("heads", [])
+    scores = report.get("head_scores", {})
+    return {
+        "hsr_pl_version": __version__,
+        "model": {
+            "source": getattr(pl_module, "model_source", None),
+            "model_type": getattr(config, "model_type", None),
+            "class": type(model).__name__,
+        },
+        "pruning": {
+            "method": state.method, "sparsity": state.sparsity,
+            "structure": None if state.structure is None else f"{state.structure[0]}:{state.structure[1]}",
+        },
+        "heads": [{"layer": l_, "head": h, "score": scores.get(f"{l_}-{h}")} for l_, h in heads],
+        "rule": {k: settings.get(k) for k in ("p", "q", "max_p", "top_h", "selection", "importance")},
+        "budget": {"setting": settings.get("budget"), "count": report.get("budget"), "order": settings.get("order"),
+                   "rounds": report.get("rounds"), "scope": settings.get("scope"),
+                   "preserve_structure": settings.get("preserve_structure")},
+        "restored": {
+            "params": report["restored_params"],
+            "swapped_out_params": report.get("swapped_out_params", 0),
+            "lm_params": report["lm_params"],
+            "pruned_params": report["pruned_params"],
+            "ratio_of_language_model_params": report["restored_ratio_lm"],
+            "ratio_of_pruned_params": report["restored_ratio_pruned"],
+            "per_module": {n: m["restored"] for n, m in report["modules"].items() if m["restored"]},
+            "per_head_q_o": report.get("per_head_q_o", {}),
+            "per_kv_group_k_v": report.get("per_kv_group_k_v", {}),
+        },
+        "calibration": report.get("calibration", {}),
+    }
+
+
 class ExportPretrained(Callback):
     """Save the wrapped HF model and processor to ``dirpath`` at the end of fit or validate.
 
     Args:
-        dirpath: the output folder (replaced as a whole).
+        dirpath: the output folder: new, empty, or written by an earlier hsr-pl export.
         when: ``fit_end`` (default) or ``validation_end``.
+        overwrite: also replace a non-empty folder hsr-pl did not write (never the model's source).
     """
 
-    def __init__(self, dirpath: str, when: str = "fit_end") -> None:
+    def __init__(self, dirpath: str, when: str = "fit_end", overwrite: bool = False) -> None:
+        super().__init__()
         if not dirpath:
-            raise ValueError("dirpath is empty; give the folder to write the checkpoint to")
+            raise ExportError("dirpath is empty; give the folder to write the checkpoint to")
         if when not in _WHEN:
-            raise ValueError(f"when={when!r}: choose one of {_WHEN}")
+            raise ExportError(f"ExportPretrained(when={when!r}): choose one of {list(_WHEN)}")
         self.dirpath = str(dirpath)
-        self.when = when
+        self.export_when = when
+        self.overwrite = bool(overwrite)
         if Path(self.dirpath).exists() and not Path(self.dirpath).is_dir():
-            raise ValueError(f"dirpath={self.dirpath} is a file; give a folder")
+            raise ExportError(f"dirpath={self.dirpath} is a file; give a folder")
+        self.path: Path | None = None
+
+    def _protected(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+        from hsr_pl.models.organism import ORGANISM_PACKAGE_PATH
+
+        paths = [getattr(pl_module, "model_source", None), str(ORGANISM_PACKAGE_PATH)]
+        paths += [getattr(cb, "path", None) for cb in trainer.callbacks if cb is not self and isinstance(getattr(cb, "path", None), str)]
+        return [p for p in paths if p]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before any work: a target that would lose data fails now, not after the run.
+        check_export_target(self.dirpath, overwrite=self.overwrite, protected=self._protected(trainer, pl_module))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -87,15 +233,19 @@ class ExportPretrained(Callback):
             "restored_weights": int(sum(int(m.sum()) for m in state.restored.values())),
             "global_step": int(trainer.global_step),
         }
-        path = save_pretrained_atomic(model, getattr(pl_module, "processor", None), self.dirpath, summary)
-        rank_zero_info(f"hsr-pl: saved the model and processor to {path}")
+        self.path = save_pretrained_atomic(
+            model, getattr(pl_module, "processor", None), self.dirpath, summary,
+            manifest=realignment_manifest(pl_module, state), overwrite=self.overwrite,
+            protected=self._protected(trainer, pl_module),
+        )
+        rank_zero_info(f"hsr-pl: saved the model and processor to {self.path}")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "fit_end":
+        if self.export_when == "fit_end":
             self._export(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.when == "validation_end" and not trainer.sanity_checking:
+        if self.export_when == "validation_end" and not trainer.sanity_checking:
             self._export(trainer, pl_module)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hsr_pl.callbacks import ExportPretrained
-from hsr_pl.callbacks.export import save_pretrained_atomic
+from hsr_pl.callbacks.export import ExportError, save_pretrained_atomic
 from hsr_pl.data import SyntheticDataModule
 from hsr_pl.data.synthetic_module import SYNTHETIC_EVAL_SETS, ensure_synthetic
 from hsr_pl.module import LVLMModule
@@ -52,7 +52,10 @@ def test_export_writes_safetensors_atomically_with_exact_zeros(tmp_path, tiny_ll
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    save_pretrained_atomic(model, processor, target, {"k": 1})
+    with pytest.raises(ExportError, match="non-empty folder that hsr-pl did not write"):
+        save_pretrained_atomic(model, processor, target, {"k": 1})
+    assert (target / "stale.txt").read_text() == "old"
+    save_pretrained_atomic(model, processor, target, {"k": 1}, overwrite=True)
     names = sorted(p.name for p in target.iterdir())
     assert "stale.txt" not in names and "model.safetensors" in names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
@@ -116,3 +119,51 @@ def test_export_uses_umask_modes_not_private_temp_modes(tmp_path, tiny_llava):
         os.umask(old)
     assert stat.S_IMODE(target.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in target.iterdir()} == {0o644}
+
+
+def checksums(folder):
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_never_replaces_its_inputs(tmp_path, tiny_llava):
+    model, processor = tiny_llava
+    source = save_pretrained_atomic(model, processor, tmp_path / "model")
+    before = checksums(source)
+    link = tmp_path / "link"
+    link.symlink_to(source, target_is_directory=True)
+    for target, protected in ((source, [source]), (link, [source]), (source / "sub", [source]),
+                              (tmp_path, [source])):
+        with pytest.raises(ExportError, match="overlaps the input"):
+            save_pretrained_atomic(model, processor, target, overwrite=True, protected=protected)
+    assert checksums(source) == before
+    # An earlier export (its hsr_summary.json proves it) is replaced without overwrite.
+    again = save_pretrained_atomic(model, processor, tmp_path / "export", {"n": 1})
+    save_pretrained_atomic(model, processor, again, {"n": 2})
+    assert json.loads((again / "hsr_summary.json").read_text()) == {"n": 2}
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        save_pretrained_atomic(model, processor, tmp_path / "afile" / "out")
+
+
+def test_export_callback_refuses_in_setup_before_any_work(tmp_path, monkeypatch):
+    import hsr_pl.callbacks.pruning as pruning_module
+    from hsr_pl.callbacks import Pruning
+    from hsr_pl.data import VLGuardDataModule
+
+    from vlguard_fixture import make_vlguard_fixture
+
+    monkeypatch.setattr(pruning_module, "prune_model", lambda *a, **k: pytest.fail("pruned before the export check"))
+    module = LVLMModule(model="tiny:llava")
+    source = save_pretrained_atomic(module.model, module.processor, tmp_path / "dense")
+    before = checksums(source)
+    module = LVLMModule(model=str(source))
+    data = VLGuardDataModule(train_path=str(make_vlguard_fixture(tmp_path / "d", n=6)), batch_size=4)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False,
+                         callbacks=[Pruning(num_samples=2, when="fit_start"), ExportPretrained(str(source), overwrite=True)])
+    with pytest.raises(ExportError, match="overlaps the input"):
+        trainer.fit(module, datamodule=data)
+    assert checksums(source) == before

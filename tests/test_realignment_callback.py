@@ -405,3 +405,38 @@ def test_report_file_and_ratios(tmp_path):
     assert sum(report["per_head_q_o"].values()) + sum(report["per_kv_group_k_v"].values()) == report["restored_params"]
     assert set(report["per_head_q_o"]) <= {"0-1", "1-2"}
     assert report["calibration"]["utility_samples"] == 8
+
+
+def test_export_writes_the_manifest_and_reloads_with_plain_transformers(tmp_path):
+    import json
+
+    from transformers import AutoModelForImageTextToText
+
+    from hsr_pl.callbacks import ExportPretrained
+
+    module = make_module()
+    attribution = SafetyHeadAttribution(num_samples=2, top_h=2, when="validation_start", heatmap=False)
+    callbacks = [attribution, Pruning(num_samples=8, when="validation_start"),
+                 SafetyRealignment(num_samples=8, budget=30, when="validation_start", table=False),
+                 ExportPretrained(str(tmp_path / "realigned"), when="validation_end")]
+    make_trainer(tmp_path, callbacks).validate(module, datamodule=make_data(module), verbose=False)
+    folder = tmp_path / "realigned"
+    manifest = json.loads((folder / "realignment.json").read_text())
+    assert manifest["restored"]["params"] == 30 == sum(manifest["restored"]["per_module"].values())
+    assert manifest["pruning"] == {"method": "wanda", "sparsity": 0.5, "structure": None}
+    assert [[h["layer"], h["head"]] for h in manifest["heads"]] == [list(p) for p in attribution.top]
+    assert all(h["score"] == attribution.scores[f"{h['layer']}-{h['head']}"] for h in manifest["heads"])
+    assert manifest["rule"] == {"p": "auto", "q": 0.5, "max_p": 0.7, "top_h": None, "selection": "head",
+                                "importance": "wanda"}
+    assert manifest["budget"]["count"] == 30 and manifest["calibration"]["num_samples"] == 8
+    assert manifest["restored"]["ratio_of_language_model_params"] == pytest.approx(30 / manifest["restored"]["lm_params"])
+    assert manifest["hsr_pl_version"] and manifest["model"]["model_type"] == "llava"
+    reloaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch = batches(module, "safety", 1)[0]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, module.model.eval()(**inputs).logits, rtol=0, atol=0)
+    exported = dict(reloaded.named_modules())
+    for name, mask in get_state(module).pruned.items():
+        keep = get_state(module).keep_mask(name)
+        assert bool((exported[name].weight[~keep] == 0).all())
