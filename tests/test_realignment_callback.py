@@ -437,6 +437,6 @@ def test_export_writes_the_manifest_and_reloads_with_plain_transformers(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, module.model.eval()(**inputs).logits, rtol=0, atol=0)
     exported = dict(reloaded.named_modules())
-    for name, mask in get_state(module).pruned.items():
+    for name in get_state(module).pruned:
         keep = get_state(module).keep_mask(name)
         assert bool((exported[name].weight[~keep] == 0).all())
