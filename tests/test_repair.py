@@ -289,3 +289,58 @@ def test_modules_pruned_outside_the_targets_are_reported_and_kept(tmp_path, chec
     assert vision in loader.report["pruned_outside_targets"]
     assert torch.equal(dict(module.model.named_modules())[vision].weight, weight)
     assert vision not in get_state(module).pruned
+
+
+# ----------------------------------------------------------------------- Python API and config
+def test_python_repair_equals_the_callback_flow(tmp_path, checkpoints):
+    from hsr_pl.callbacks import SafetyHeadAttribution
+    from hsr_pl.repair import repair as repair_api
+
+    original, pruned, _, _, _ = checkpoints
+    before = load_file(str(pruned / "model.safetensors"))
+    manifest = repair_api(str(original), str(pruned), str(tmp_path / "repaired"), train_path=str(TRAIN),
+                          top_h=2, attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
+    # The same callbacks in one validate, in-process.
+    module = LVLMModule(str(original), max_new_tokens=1)
+    callbacks = [SafetyHeadAttribution(positions="response", num_samples=2, top_h=2, when="validation_start", heatmap=False),
+                 PrunedCheckpoint(str(pruned), when="validation_start"),
+                 SafetyRealignment(num_samples=8, when="validation_start", table=False)]
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=1, callbacks=callbacks).validate(
+        module, datamodule=make_data(module.processor), verbose=False)
+    assert manifest["restored"]["params"] == callbacks[2].report["restored_params"] > 0
+    assert [[h["layer"], h["head"]] for h in manifest["heads"]] == [list(p) for p in callbacks[0].top]
+    from transformers import AutoModelForImageTextToText
+
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path / "repaired")
+    for (name, a), (_, b) in zip(saved.named_parameters(), module.model.named_parameters()):
+        assert torch.equal(a, b), name
+    after = load_file(str(pruned / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the input checkpoint is untouched
+
+
+def test_repair_config_runs_through_the_cli(tmp_path, checkpoints, capsys):
+    import yaml
+
+    from hsr_pl.cli import run_cli
+
+    original, pruned, _, _, _ = checkpoints
+    config = yaml.safe_load((ROOT / "configs" / "repair.yaml").read_text())
+    config["model"]["init_args"].update(model=str(original), dtype="float32", max_new_tokens=2)
+    data = config["data"]["init_args"]
+    data.update(train_path=str(TRAIN), image_root=None, num_samples=8)
+    for eval_set in data["eval_sets"]:
+        eval_set.update(path=str(TRAIN), image_root=None, num_samples=2)
+    trainer = config["trainer"]
+    trainer.update(accelerator="cpu", default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False)
+    cbs = trainer["callbacks"]
+    cbs[0]["init_args"].update(num_samples=2, top_h=2, output=str(tmp_path / "runs" / "heads.json"))
+    cbs[1]["init_args"]["path"] = str(pruned)
+    cbs[2]["init_args"].update(num_samples=8, output=str(tmp_path / "runs" / "realignment.json"))
+    cbs[3]["init_args"]["dirpath"] = str(tmp_path / "runs" / "realigned")
+    path = tmp_path / "repair.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_cli(["validate", "--config", str(path)])
+    manifest = json.loads((tmp_path / "runs" / "realigned" / "realignment.json").read_text())
+    assert manifest["restored"]["params"] == json.loads((tmp_path / "runs" / "realignment.json").read_text())["restored_params"] > 0
+    assert "vlguard_unsafes" in capsys.readouterr().out
