@@ -5,5 +5,13 @@ from .head_attribution import SafetyHeadAttribution
 from .pruning import Pruning
 from .realignment import SafetyRealignment
 from .repair import PrunedCheckpoint
+from .stages import StageEvaluation
 
-__all__ = ["ExportPretrained", "PrunedCheckpoint", "Pruning", "SafetyHeadAttribution", "SafetyRealignment"]
+__all__ = [
+    "ExportPretrained",
+    "PrunedCheckpoint",
+    "Pruning",
+    "SafetyHeadAttribution",
+    "SafetyRealignment",
+    "StageEvaluation",
+]

@@ -14,7 +14,8 @@ This base class owns that logic so the callbacks only say what they do:
   with a message that shows what differs, instead of silently keeping the old results;
 * ``before_pruning``: a pruner calls :func:`notify_before_pruning` right before its first weight
   change, so a callback that needs the dense model (realignment's importance statistics) can
-  measure it even though it comes after the pruner in the list.
+  measure it even though it comes after the pruner in the list; ``on_stage`` hears when the
+  model is ``pruned`` and ``realigned`` (:func:`notify_stage`), so an evaluation can follow it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-__all__ = ["WHEN", "HSRCallback", "ResumeMismatchError", "notify_before_pruning", "parse_when", "settings_diff"]
+__all__ = [
+    "WHEN",
+    "HSRCallback",
+    "ResumeMismatchError",
+    "notify_before_pruning",
+    "notify_stage",
+    "parse_when",
+    "settings_diff",
+]
 
 WHEN = ("fit_start", "validation_start")
 
@@ -60,6 +69,13 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5
     if len(keys) > limit:
         parts.append(f"… {len(keys) - limit} more")
     return "; ".join(parts)
+
+
+def notify_stage(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, source: Callback) -> None:
+    """Tell every other HSR callback that the model just reached ``stage`` (``pruned``, ``realigned``)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, HSRCallback) and callback is not source:
+            callback.on_stage(trainer, pl_module, stage, source)
 
 
 def notify_before_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
@@ -101,6 +117,9 @@ class HSRCallback(Callback):
 
     def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
         """``pruner`` is about to change weights: last chance to measure the model dense."""
+
+    def on_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, source: Callback) -> None:
+        """The model just reached ``stage``: ``pruned`` (after the pruner) or ``realigned``."""
 
     def extra_state(self) -> dict[str, Any]:
         """What besides ``done`` and ``settings`` goes into Lightning checkpoints."""

@@ -43,7 +43,7 @@ from ._calibration import WeightedAllReduce, calibration_batches, check_counts, 
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
 from ._masks import MaskHolder
-from .base import WHEN, notify_before_pruning
+from .base import WHEN, notify_before_pruning, notify_stage
 
 __all__ = ["Pruning", "regex_list", "resolve_targets"]
 
@@ -266,6 +266,7 @@ class Pruning(MaskHolder):
             notify_before_pruning(trainer, pl_module, self)
             self.prune(pl_module, batches, reduce=reduce, progress=show)
         self._report(trainer, pl_module)
+        notify_stage(trainer, pl_module, "pruned", self)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from hsr_pl.report.sparsity import print_sparsity_table, sparsity_rows

@@ -51,7 +51,7 @@ from hsr_pl.state import get_state, parse_head_key
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
-from .base import WHEN, HSRCallback
+from .base import WHEN, HSRCallback, notify_stage
 
 __all__ = ["SafetyRealignment", "is_pruner"]
 
@@ -318,8 +318,9 @@ class SafetyRealignment(HSRCallback):
             "wall_s": round(time.perf_counter() - start, 3),
         }
         state.realignment = dict(self.report)
-        self.dense = None  # the statistics served their purpose; free them (and the dense copies)
         self._report(trainer)
+        notify_stage(trainer, pl_module, "realigned", self)
+        self.dense = None  # the statistics served their purpose; free them (and the dense copies)
 
     def _report(self, trainer: pl.Trainer) -> None:
         from hsr_pl.report.realignment import print_realignment, realignment_line

@@ -30,7 +30,7 @@ from hsr_pl.state import get_state
 
 from ._common import hf_model
 from ._masks import MaskHolder
-from .base import WHEN, notify_before_pruning
+from .base import WHEN, notify_before_pruning, notify_stage
 from .pruning import regex_list, resolve_targets
 
 __all__ = ["PrunedCheckpoint", "detect_structure"]
@@ -150,6 +150,7 @@ class PrunedCheckpoint(MaskHolder):
             f"hsr-pl: repair mode: {self.path} ({info['format']}) pruned {pruned_count:,} of {total:,} target weights "
             f"({100 * state.sparsity:.2f} %{structure}); the model now holds the pruned weights"
         )
+        notify_stage(trainer, pl_module, "pruned", self)
 
     @staticmethod
     def _pruned_outside(model, theirs, targets: set[str]) -> dict[str, float]:

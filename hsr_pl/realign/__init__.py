@@ -12,6 +12,7 @@ safety inside the selected heads. Pure tensor code; the Lightning callback
 See docs/realignment.md.
 """
 
+from .baselines import random_heads, random_restore_masks
 from .config import SCOPES, RealignConfig
 from .errors import RealignConfigError, RealignError, RealignInputError
 from .importance import (
@@ -30,6 +31,7 @@ from .runner import (
     dense_pass,
     language_model_parameters,
     realign_model,
+    restore_masks,
     round_sizes,
 )
 from .select import (
@@ -72,8 +74,11 @@ __all__ = [
     "loss_gradients",
     "margin_keys",
     "plan_restoration",
+    "random_heads",
+    "random_restore_masks",
     "rank_percentiles",
     "realign_model",
+    "restore_masks",
     "resolve_budget",
     "round_sizes",
     "select_top",

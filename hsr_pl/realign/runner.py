@@ -32,6 +32,7 @@ __all__ = [
     "dense_pass",
     "language_model_parameters",
     "realign_model",
+    "restore_masks",
     "round_sizes",
 ]
 
@@ -237,6 +238,24 @@ def _apply(state: HSRState, view: LinearView, plan: LinearPlan, linear: nn.Linea
         key = head_key(view.layer, owner)
         counts[key] = counts.get(key, 0) + 1
     plan.info = {"layer": view.layer, "role": view.role, ("kv_groups" if view.role in "kv" else "heads"): counts}
+
+
+@torch.no_grad()
+def restore_masks(model: nn.Module, state: HSRState, masks: Mapping[str, Tensor]) -> int:
+    """Give the entries of ``masks`` (pruned ones only) their original values; returns the count."""
+    modules = dict(model.named_modules())
+    count = 0
+    for name, mask in masks.items():
+        weight = modules[name].weight
+        mask = mask & state.pruned[name] & ~state.restored.get(name, torch.zeros_like(mask))
+        if not mask.any():
+            continue
+        values = state.original_weight(name, weight.detach())
+        device_mask = mask.to(weight.device)
+        weight.data[device_mask] = values.to(weight.device, weight.dtype)[device_mask]
+        state.restored[name] = mask.clone() if name not in state.restored else state.restored[name] | mask
+        count += int(mask.sum())
+    return count
 
 
 def _grads(model, batches, linears, reduce, divisor) -> dict[str, Tensor]:

@@ -1,0 +1,353 @@
+"""``StageEvaluation``: measure the model dense, pruned and realigned in one run — and against the
+baselines, along a restored-weights curve.
+
+It follows the flow through the HSR callbacks' notices: ``before_pruning`` (the model is still
+dense), ``on_stage("pruned")`` and ``on_stage("realigned")``. At each it evaluates the data
+module's evaluation sets with :func:`hsr_pl.evaluation_run.evaluate` (the same generation and
+metrics as ``validate``). After realignment it can run the baselines the paper argues against with
+the same restored-weight count, and a budget sweep, each from the same pruned weights; then it
+puts the realigned model back, so ``validate``'s own loop and ExportPretrained see it unchanged.
+At the end of validation rank 0 prints the stage table and one closing line, and writes
+``summary.json`` (and PNG plots with the ``plot`` extra) into ``output_dir``
+(default ``trainer.default_root_dir``).
+
+The baselines and the curve re-run realignment from a copy of the pruned weights: meant for
+models that fit in memory twice (the embedded organism, small models); the stage evaluation
+alone costs three evaluation passes and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from hsr_pl.evaluation_run import evaluate, headline
+from hsr_pl.metrics import safety_restoration_rate
+from hsr_pl.models import get_adapter
+from hsr_pl.realign import (
+    RealignConfig,
+    RealignConfigError,
+    head_slice_mask,
+    language_model_parameters,
+    random_heads,
+    random_restore_masks,
+    realign_model,
+    restore_masks,
+)
+from hsr_pl.realign.runner import attention_linears
+from hsr_pl.state import get_state
+
+from ._common import hf_model
+from .base import HSRCallback
+
+__all__ = ["BASELINES", "StageEvaluation"]
+
+BASELINES = ("random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule")
+CURVE_METHODS = ("hsr", "paper_rule", "random", "random_in_heads", "none", "random_heads", "reference")
+
+
+def _rsr(dense: float | None, pruned: float | None, now: float | None) -> float | None:
+    if None in (dense, pruned, now):
+        return None
+    value = safety_restoration_rate(dense, pruned, now)
+    return None if value != value else value  # NaN (pruning did not raise ASR) -> None in JSON
+
+
+class StageEvaluation(HSRCallback):
+    """Evaluate dense / pruned / realigned on the same held-out sets; baselines; the RSR curve.
+
+    Args:
+        judge: the headline judge (its rates fill ``asr`` and ``rsr`` in summary.json).
+        strict_judge: a second judge whose RSR is reported beside the headline's (None: skip).
+        baselines: also run the baselines (``random``, ``random_in_heads``, ``none``, ``whole_heads``,
+            ``reference``, ``random_heads``, ``paper_rule``) with HSR's restored-weight count where
+            that applies.
+        curve_budgets: budgets (counts) of the restored-weights curve; empty: no curve.
+        curve_methods: which methods the curve sweeps (default: HSR and the baselines that take a budget).
+        curve_sets: evaluation sets used on the curve (default: the harmful ones).
+        seed: seed of the random baselines.
+        output_dir: where summary.json and the plots go (default ``trainer.default_root_dir``).
+    """
+
+    def __init__(
+        self,
+        judge: str = "keyword-gcg-nocase",
+        strict_judge: str | None = "strict",
+        baselines: bool = False,
+        curve_budgets: list[int] | None = None,
+        curve_methods: list[str] | None = None,
+        curve_sets: list[str] | None = None,
+        seed: int = 0,
+        output_dir: str | None = None,
+    ) -> None:
+        super().__init__("validation_start")
+        self.judge = judge
+        self.strict_judge = strict_judge
+        self.baselines = bool(baselines)
+        budgets = list(curve_budgets or [])
+        if any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in budgets):
+            raise RealignConfigError(f"curve_budgets={curve_budgets!r} must be positive integers (weights)")
+        self.curve_budgets = sorted(set(budgets))
+        methods = list(curve_methods or CURVE_METHODS)
+        bad = [m for m in methods if m not in CURVE_METHODS]
+        if bad:
+            raise RealignConfigError(f"curve_methods has {bad}; choose from {list(CURVE_METHODS)}")
+        self.curve_methods = methods
+        self.curve_sets = curve_sets
+        self.seed = int(seed)
+        self.output_dir = output_dir
+        self.results: dict[str, Any] = {}
+        self._pruned: dict[str, Any] | None = None
+        self._realign = None
+        self._safety = None
+        self._start = time.perf_counter()
+        self.summary: dict[str, Any] = {}
+
+    @override
+    def settings(self) -> dict[str, Any]:
+        return {"judge": self.judge, "baselines": self.baselines, "curve_budgets": self.curve_budgets, "seed": self.seed}
+
+    @override
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pass  # everything happens in the stage notices and at validation end
+
+    # --------------------------------------------------------------------------- helpers
+    def _loaders(self, trainer: pl.Trainer, only: Sequence[str] | None = None):
+        datamodule = trainer.datamodule
+        loaders = datamodule.val_dataloader()
+        sets = getattr(datamodule, "eval_sets", [])
+        if only is None or len(sets) != len(loaders):
+            return loaders
+        return [loader for loader, eval_set in zip(loaders, sets) if eval_set.name in only]
+
+    def _evaluate(self, trainer, pl_module, only=None) -> dict:
+        with torch.inference_mode(False):
+            return evaluate(pl_module, self._loaders(trainer, only))
+
+    def _judges(self, pl_module) -> list[str]:
+        from hsr_pl.judges import make_judge
+
+        names = [make_judge(j, refusal=pl_module.hparams.refusal).name for j in (pl_module.hparams.judges or ["keyword-gcg"])]
+        if self.judge not in names:
+            raise RealignConfigError(
+                f"StageEvaluation(judge={self.judge!r}) is not among the model's judges {names}; add it to "
+                "model.init_args.judges"
+            )
+        return names
+
+    # ------------------------------------------------------------------------ the stages
+    @override
+    def before_pruning(self, trainer, pl_module, pruner) -> None:
+        self._start = time.perf_counter()
+        self._judges(pl_module)
+        rank_zero_info("hsr-pl: evaluating the dense model")
+        self.results["dense"] = self._evaluate(trainer, pl_module)
+
+    @override
+    def on_stage(self, trainer, pl_module, stage: str, source: Callback) -> None:
+        if stage == "pruned":
+            rank_zero_info("hsr-pl: evaluating the pruned model")
+            self.results["pruned"] = self._evaluate(trainer, pl_module)
+            if self.baselines or self.curve_budgets:
+                self._pruned = self._snapshot(pl_module)
+        elif stage == "realigned":
+            rank_zero_info("hsr-pl: evaluating the realigned model")
+            self.results["realigned"] = self._evaluate(trainer, pl_module)
+            self._realign = source
+            if self._pruned is not None:
+                realigned = self._snapshot(pl_module)
+                try:
+                    self._compare(trainer, pl_module, source)
+                finally:
+                    self._put_back(pl_module, realigned)
+
+    def _snapshot(self, pl_module) -> dict[str, Any]:
+        state = get_state(pl_module)
+        modules = dict(hf_model(pl_module).named_modules())
+        return {
+            "weights": {n: modules[n].weight.detach().clone() for n in state.pruned},
+            "state": copy.deepcopy(state.state_dict()),
+        }
+
+    def _put_back(self, pl_module, snap: Mapping[str, Any]) -> None:
+        modules = dict(hf_model(pl_module).named_modules())
+        with torch.no_grad():
+            for name, weight in snap["weights"].items():
+                modules[name].weight.copy_(weight)
+        get_state(pl_module).load_state_dict(copy.deepcopy(snap["state"]))
+
+    # --------------------------------------------------------------------- baselines, curve
+    def _variant(self, trainer, pl_module, source, name: str, budget: int | None, only=None) -> dict[str, Any]:
+        """Realign the pruned model one way, evaluate, and return the counts and results."""
+        self._put_back(pl_module, self._pruned)
+        model = hf_model(pl_module)
+        adapter = get_adapter(model)
+        state = get_state(pl_module)
+        cfg: RealignConfig = source.config
+        heads = list(source.result.heads)
+        k = budget if budget is not None else source.result.restored
+        with torch.inference_mode(False):
+            if name in ("random", "random_in_heads"):
+                eligible = {}
+                by_layer: dict[int, list[int]] = {}
+                for layer, head in heads:
+                    by_layer.setdefault(layer, []).append(head)
+                linears = attention_linears(adapter)
+                for lname in state.originals:
+                    free = state.pruned[lname]
+                    if name == "random_in_heads":
+                        if lname not in linears or linears[lname][0] not in by_layer:
+                            continue
+                        layer, role, _ = linears[lname]
+                        free = free & head_slice_mask(role, tuple(free.shape), adapter.geometry(layer), by_layer[layer])
+                    eligible[lname] = free
+                restored = restore_masks(model, state, random_restore_masks(eligible, k, self.seed))
+            else:
+                variant = self._config(cfg, name, budget if budget is not None else k)
+                chosen = heads
+                if name == "random_heads":
+                    pool = [(layer, h) for layer in adapter.layer_indices() for h in range(adapter.geometry(layer).num_heads)]
+                    chosen = random_heads([p for p in pool if p not in heads] or pool, len(heads), self.seed)
+                safety = None
+                if variant.order == "gradient":
+                    if self._safety is None:
+                        self._safety = source._batches(trainer, pl_module, source.safety_calibration)
+                    safety = self._safety
+                result = realign_model(model, adapter, state, variant, chosen, dense=source.dense, safety_batches=safety)
+                restored = result.restored
+        return {"restored_params": restored, "eval": self._evaluate(trainer, pl_module, only)}
+
+    @staticmethod
+    def _config(cfg: RealignConfig, name: str, budget: int | None) -> RealignConfig:
+        if name == "hsr":
+            return replace(cfg, budget=budget)
+        if name == "paper_rule":
+            return replace(cfg, order="margin", budget=budget, rounds=1, scope="heads", utility_weight=0.0)
+        if name == "none":
+            if cfg.order == "gradient":
+                return replace(cfg, scope="all", budget=budget)
+            return replace(cfg, selection="none", budget=budget)
+        if name == "whole_heads":
+            return replace(cfg, selection="whole_heads", order="margin", budget=None, rounds=1, scope="heads",
+                           utility_weight=0.0)
+        if name == "reference":
+            return replace(cfg, selection="reference", order="margin", budget=budget, rounds=1, scope="heads",
+                           utility_weight=0.0)
+        if name == "random_heads":
+            return replace(cfg, budget=budget)
+        raise RealignConfigError(f"unknown method {name!r}")
+
+    def _compare(self, trainer, pl_module, source) -> None:
+        if self.baselines:
+            self.results["baselines"] = {}
+            for name in BASELINES:
+                # whole_heads, reference and the paper's rule restore their own rule's count
+                budget = None if name in ("whole_heads", "reference", "paper_rule") else source.result.restored
+                rank_zero_info(f"hsr-pl: baseline {name}")
+                self.results["baselines"][name] = self._variant(trainer, pl_module, source, name, budget)
+        if self.curve_budgets:
+            harmful = self.curve_sets or [e.name for e in trainer.datamodule.eval_sets if e.kind == "harmful"]
+            self.results["curve"] = {}
+            for method in self.curve_methods:
+                points = []
+                for budget in self.curve_budgets:
+                    row = self._variant(trainer, pl_module, source, method, budget, only=harmful)
+                    points.append({"budget": budget, **row})
+                if method == "paper_rule":  # and its own, unbudgeted point
+                    points.append({"budget": None, **self._variant(trainer, pl_module, source, method, None, only=harmful)})
+                self.results["curve"][method] = points
+                rank_zero_info(f"hsr-pl: curve {method}: {[p['restored_params'] for p in points]}")
+
+    # --------------------------------------------------------------------------- summary
+    def _stage(self, results: Mapping[str, Any], judges: Sequence[str]) -> dict[str, Any]:
+        top = headline(results, self.judge)
+        row = {k: top[k] for k in ("asr", "utility", "over_refusal", "n_harmful", "n_utility")}
+        row.update({k: v for k, v in top.items() if k.startswith("asr_")})
+        row["judges"] = {j: headline(results, j) for j in judges}
+        row["sets"] = results
+        return row
+
+    def build_summary(self, trainer, pl_module) -> dict[str, Any]:
+        judges = self._judges(pl_module)
+        state = get_state(pl_module)
+        source = self._realign
+        if source is None or not {"dense", "pruned", "realigned"} <= set(self.results):
+            raise RealignConfigError(
+                "StageEvaluation saw no full dense -> pruned -> realigned run: put it with Pruning (or "
+                "PrunedCheckpoint) and SafetyRealignment in trainer.callbacks, all acting at validation_start"
+            )
+        stages = {s: self._stage(self.results[s], judges) for s in ("dense", "pruned", "realigned")}
+        dense, pruned = stages["dense"], stages["pruned"]
+        model = hf_model(pl_module)
+        lm = language_model_parameters(model, get_adapter(model))
+        restored = source.result.restored
+
+        def rsr(asr: float | None, judge: str | None = None) -> float | None:
+            if judge is None:
+                return _rsr(dense["asr"], pruned["asr"], asr)
+            return _rsr(dense["judges"][judge]["asr"], pruned["judges"][judge]["asr"], asr)
+
+        summary: dict[str, Any] = {
+            "judge": self.judge, "judges": judges, "model": getattr(pl_module, "model_source", None) or type(model).__name__,
+            "method": state.method, "sparsity": state.sparsity, "top_h": len(source.result.heads),
+            "heads": [list(h) for h in source.result.heads], "lm_params": lm, "restored_params": restored,
+            "restored_ratio_lm": restored / lm, "rsr": rsr(stages["realigned"]["asr"]),
+            "harmful_sets": [n for n, r in self.results["dense"].items() if r["kind"] == "harmful"],
+            "realignment": {k: v for k, v in source.settings().items()},
+            **stages,
+        }
+        if self.strict_judge and self.strict_judge in judges:
+            summary["rsr_strict"] = rsr(stages["realigned"]["judges"][self.strict_judge]["asr"], self.strict_judge)
+        if "baselines" in self.results:
+            summary["baselines"] = {}
+            for name, row in self.results["baselines"].items():
+                top = headline(row["eval"], self.judge)
+                summary["baselines"][name] = {
+                    "asr": top["asr"], "rsr": rsr(top["asr"]), "restored_params": row["restored_params"],
+                    "utility": top["utility"], "over_refusal": top["over_refusal"],
+                    "judges": {j: headline(row["eval"], j) for j in judges},
+                }
+        if "curve" in self.results:
+            summary["curve"] = {
+                method: [{"budget": p["budget"], "restored_params": p["restored_params"],
+                          "asr": headline(p["eval"], self.judge)["asr"],
+                          "rsr": rsr(headline(p["eval"], self.judge)["asr"])} for p in points]
+                for method, points in self.results["curve"].items()
+            }
+        summary["wall_s"] = round(time.perf_counter() - self._start, 1)
+        return summary
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or "realigned" not in self.results:
+            return
+        from hsr_pl.report.stages import closing_line, print_stage_table, save_curve_png, save_stage_png
+
+        self.summary = self.build_summary(trainer, pl_module)
+        folder = Path(self.output_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        print_stage_table(self.summary)
+        try:
+            save_stage_png(folder / "stages.png", self.summary)
+            if "curve" in self.summary:
+                marks = {"HSR (this run)": (self.summary["restored_params"], self.summary["rsr"] or 0.0)}
+                save_curve_png(folder / "restored_weights_curve.png", self.summary["curve"], self.judge, marks)
+            self.summary["plots"] = [p.name for p in folder.glob("*.png")]
+        except ImportError:
+            rank_zero_info("hsr-pl: matplotlib not installed; no PNG plots (pip install 'hsr-pl[plot]')")
+        from hsr_pl.report.heads import write_json_atomic
+
+        write_json_atomic(folder / "summary.json", json.loads(json.dumps(self.summary, default=float)))
+        rank_zero_info(f"hsr-pl: {closing_line(self.summary)}")
+        rank_zero_info(f"hsr-pl: summary written to {folder / 'summary.json'}")
