@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-from functools import lru_cache
 
 import pytest
 import torch
@@ -16,44 +15,12 @@ import torch
 from hsr_pl.metrics import ANLSScore, CategoryRate, ChoiceAccuracy, CircularAccuracy, JudgeAgreement
 from hsr_pl.scoring import anls, circular_shift, cohen_kappa, extract_choice, levenshtein
 
+from scoring_references import reference_anls, reference_distance, reference_extract, reference_kappa
+
 CHOICES = {"A": "cat", "B": "dog", "C": "bird"}
 
 
 # ------------------------------------------------------------------------------ answer extraction
-def reference_extract(reply: str, choices: dict[str, str]) -> str | None:
-    """VLMEvalKit's heuristic spelled out character by character."""
-    for decline in ("Sorry, I can't help with images of people yet.", "I can't process this file.",
-                    "I'm sorry, but without the image provided", "Cannot determine the answer"):
-        if decline in reply:
-            return None
-    words, word = [], ""
-    for ch in reply + " ":
-        if ch.isspace() or ch in ".()[],:;!*#{}":
-            if word:
-                words.append(word)
-            word = ""
-        else:
-            word += ch
-    seen = []
-    for letter in choices:
-        if letter in words:
-            seen.append(letter)
-    if len(seen) == 1:
-        return seen[0]
-    if len(seen) == 0 and "Z" in words:
-        return None
-    total = 0
-    for option in choices.values():
-        total += len(option)
-    if len(reply) > 2 * total:
-        return None
-    found = []
-    for letter, option in choices.items():
-        if option.lower() in reply.lower():
-            found.append(letter)
-    return found[0] if len(found) == 1 else None
-
-
 @pytest.mark.parametrize("reply, expected", [
     ("B", "B"), ("(C)", "C"), ("The answer is A.", "A"), ("C. bird", "C"), ("**B**", "B"),
     ("A or B", None),  # two letters, and no option text either
@@ -146,25 +113,6 @@ def test_choice_accuracy_counts_unmatched():
 
 
 # --------------------------------------------------------------------------------------------- ANLS
-@lru_cache(maxsize=None)
-def reference_distance(a: str, b: str) -> int:
-    if not a or not b:
-        return len(a) + len(b)
-    return min(reference_distance(a[1:], b) + 1, reference_distance(a, b[1:]) + 1,
-               reference_distance(a[1:], b[1:]) + (a[0] != b[0]))
-
-
-def reference_anls(pred: str, answers: list[str]) -> float:
-    scores = []
-    p = " ".join(pred.lower().split())
-    for answer in answers:
-        g = " ".join(answer.lower().split())
-        longest = max(len(p), len(g))
-        nl = 0.0 if longest == 0 else reference_distance(p, g) / longest
-        scores.append(1 - nl if nl < 0.5 else 0.0)
-    return max(scores)
-
-
 @pytest.mark.parametrize("pred, answers, expected", [
     ("hello", ["Hello"], 1.0), ("helo", ["hello"], 0.8), ("abc", ["xyz"], 0.0),
     ("ab", ["ac"], 0.0),  # NL = 0.5 exactly is not below the threshold
@@ -200,14 +148,6 @@ def test_anls_metric_is_the_mean_over_batches():
 
 
 # ------------------------------------------------------------------------------ κ and agreement
-def reference_kappa(a: list[bool], b: list[bool]) -> float:
-    n = len(a)
-    observed = sum(x == y for x, y in zip(a, b)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    expected = pa * pb + (1 - pa) * (1 - pb)
-    return float("nan") if expected == 1 else (observed - expected) / (1 - expected)
-
-
 def test_cohen_kappa_hand_worked():
     # 50 items: 20 both yes, 5 only a, 10 only b, 15 neither: p_o 0.7, p_e 0.5 -> κ 0.4.
     assert cohen_kappa(20, 5, 10, 15) == pytest.approx(0.4)
