@@ -130,3 +130,44 @@ def test_validate_reports_every_benchmark_as_recomputed_from_the_replies(tmp_pat
             "val/figstep/asr/strict"} <= set(logged)
     out = capsys.readouterr().out
     assert "figstep: asr per category" in out and "judge agreement, Cohen's κ" in out
+
+
+EVAL_CONFIGS = ["eval_figstep", "eval_mmsafetybench", "eval_vlguard_test", "eval_mmbench", "eval_docvqa",
+                "eval_hsr_paper"]
+
+
+@pytest.fixture
+def benchmark_tree(tmp_path, monkeypatch):
+    """The configs' relative paths (data/FigStep/…, data/LMUData/…) filled with fixtures, cwd there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    write_figstep(tmp_path / "data" / "FigStep")
+    write_mmsafetybench(tmp_path / "data" / "MM-SafetyBench")
+    write_vlguard_test(tmp_path / "data" / "VLGuard")
+    write_mmbench(tmp_path / "data" / "LMUData")
+    write_docvqa(tmp_path / "data" / "DocVQA")
+    (tmp_path / "examples").symlink_to(root / "examples")
+    monkeypatch.chdir(tmp_path)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EVAL_CONFIGS)
+def test_eval_configs_compose_with_a_recipe_and_run_as_written(benchmark_tree, name, tmp_path):
+    from hsr_pl.cli import run_cli
+
+    configs = benchmark_tree / "configs"
+    cli = run_cli(["validate", "--config", str(configs / "tiny_llava.yaml"), "--config", str(configs / f"{name}.yaml"),
+                   f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
+                   "--data.init_args.eval_batch_size=2"])
+    assert cli.datamodule.train_path == "examples/tiny_vlguard/train.json"  # the recipe's data stays
+    sets = [e.name for e in cli.datamodule.eval_sets]
+    metrics = cli.trainer.callback_metrics
+    for eval_set in sets:
+        assert any(key.startswith(f"val/{eval_set}/") for key in metrics), (eval_set, sorted(metrics))
+    if name == "eval_hsr_paper":
+        report = json.loads((tmp_path / "runs" / "eval_hsr_paper.json").read_text())
+        assert [s["name"] for s in report["sets"]] == sets
+    if name == "eval_vlguard_test":
+        assert cli.model.hparams.judges == ["keyword-vlguard", "keyword-gcg"]
