@@ -98,9 +98,13 @@ class LVLMModule(pl.LightningModule):
             ``min_lr_ratio × learning_rate`` at the last step; override with LightningCLI's
             ``optimizer:`` / ``lr_scheduler:`` keys.
         max_new_tokens: generation budget for evaluation (greedy).
-        judges: names of the judges for ASR and over-refusal (see :func:`hsr_pl.judges.make_judge`;
-            default ``["keyword-gcg"]``); every reported rate carries its judge's name.
+        judges: the judges for ASR and over-refusal, by name or as a mapping (see
+            :func:`hsr_pl.judges.make_judge`; default ``["keyword-gcg"]``); every reported rate
+            carries its judge's name, and with two or more judges each harmful set also reports
+            their pairwise agreement (Cohen's κ).
         refusal: the aligned refusal sentence, for the ``strict`` judge.
+        eval_output: a JSON file to write every evaluation result to (rates per judge, per
+            category, judge agreement, utility scores); None writes none.
     """
 
     def __init__(
@@ -118,8 +122,9 @@ class LVLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         init_seed: int = 0,
         max_new_tokens: int = 32,
-        judges: list[str] | None = None,
+        judges: list[str | dict[str, Any]] | None = None,
         refusal: str | None = None,
+        eval_output: str | None = None,
     ) -> None:
         super().__init__()
         if dtype not in _DTYPES:
@@ -143,6 +148,7 @@ class LVLMModule(pl.LightningModule):
             processor = AutoProcessor.from_pretrained(processor, trust_remote_code=trust_remote_code)
         self.processor = processor if processor is not None else self._default_processor()
         self.eval_metrics: nn.ModuleDict | None = None
+        self._judges: list | None = None  # built once, shared by every evaluation set
 
     # ------------------------------------------------------------------------------ loading
     def _prepare_source(self, source: str, trust_remote_code: bool) -> str:
@@ -261,28 +267,33 @@ class LVLMModule(pl.LightningModule):
         return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 
     # --------------------------------------------------------------------------- validation
-    def _metrics_for(self, eval_set: str, kind: str):
+    def _metrics_for(self, batch: dict):
         from .evaluation import build_eval_metrics
+        from .judges import make_judge
 
         if self.eval_metrics is None:
             self.eval_metrics = nn.ModuleDict()
+        if self._judges is None:  # a guard model is loaded once, not once per evaluation set
+            self._judges = [make_judge(j, refusal=self.hparams.refusal) for j in self.hparams.judges or ["keyword-gcg"]]
+        eval_set, meta = batch["eval_set"], batch.get("eval_meta") or {}
         if eval_set not in self.eval_metrics:
             self.eval_metrics[eval_set] = build_eval_metrics(
-                kind, judges=self.hparams.judges or ["keyword-gcg"], refusal=self.hparams.refusal
+                batch["kind"], judges=self._judges, scoring=meta.get("scoring", "match"),
+                categories=meta.get("categories", ()), num_groups=meta.get("num_groups", 0),
+                circular=meta.get("circular", False),
             ).to(self.device)
         return self.eval_metrics[eval_set]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        replies = self.generate(batch)
-        metrics = self._metrics_for(batch["eval_set"], batch["kind"])
-        metrics.update(replies, batch["references"], batch.get("instructions"))
+        replies = self.generate(batch, (batch.get("eval_meta") or {}).get("max_new_tokens"))
+        self._metrics_for(batch).update_batch(replies, batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.eval_metrics is None:
             return
-        from .report.evaluation import print_eval_table
+        from .report.evaluation import print_eval_breakdowns, print_eval_table, write_eval_json
 
-        rows = []
+        rows, summaries = [], []
         for eval_set, metrics in self.eval_metrics.items():
             values = metrics.compute()
             for name, value in values.items():
@@ -290,6 +301,11 @@ class LVLMModule(pl.LightningModule):
                 key = name.replace("[", "/").replace("]", "")
                 self.log(f"val/{eval_set}/{key}", value, add_dataloader_idx=False, sync_dist=False)
             rows.append((eval_set, metrics.kind, values, int(metrics.count())))
+            summaries.append(metrics.summary(eval_set))
             metrics.reset()
         if self.trainer.is_global_zero:
             print_eval_table(rows)
+            print_eval_breakdowns(summaries)
+            if self.hparams.eval_output:
+                write_eval_json(self.hparams.eval_output, summaries, model=self.model_source or type(self.model).__name__,
+                                judges=[j.name for j in self._judges or []])

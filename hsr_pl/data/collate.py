@@ -37,6 +37,11 @@ def _open_image(path: str):
         return image.convert("RGB")
 
 
+def _load_image(image):
+    """An RGB image from a path, or from an image already in memory (e.g. MMBench's base64 cells)."""
+    return image.convert("RGB") if hasattr(image, "convert") else _open_image(image)
+
+
 def _tokenizer_of(processor):
     return getattr(processor, "tokenizer", processor)
 
@@ -92,7 +97,7 @@ class VLGuardCollator:
             raise ValueError("a batch mixes examples with and without images; batch them apart")
         # One image list per sample: every family's processor accepts the nested form, and
         # Gemma3 / Mllama / SmolVLM reject a flat list for batches of more than one row.
-        images = [[_open_image(e["image"])] for e in examples] if all(has_image) else []
+        images = [[_load_image(e["image"])] for e in examples] if all(has_image) else []
         prompts = [self._template(build_messages(e["instruction"], None, bool(images)), True) for e in examples]
         if not self.with_response:
             batch = self._encode(prompts, images)

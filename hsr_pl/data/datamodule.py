@@ -4,6 +4,10 @@
   responses and prompt-masked labels, for supervised fine-tuning.
 - ``val_dataloader``: one prompt-only loader per entry of ``eval_sets``; each batch also carries
   the references and the set's ``kind`` (harmful / utility / benign) so the module can score it.
+  An evaluation set names its ``format``: VLGuard JSON (train or test file) or a published
+  benchmark layout (FigStep SafeBench, MM-SafetyBench, MMBench TSV, DocVQA JSON; see
+  ``hsr_pl.data.benchmarks`` and docs/evaluation.md). Its examples are batched longest prompt
+  first, so that each batch pads little and a too-long prompt fails at the first batch.
 - ``calibration_dataloader(split, …)``: what the callbacks use (pruning statistics, head scores,
   importance scores): a seeded selection of N examples of one split.
 
@@ -13,14 +17,18 @@ is given, so a YAML config names the model path once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import io
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from . import benchmarks
+from .benchmarks.vlguard_test import SUBSETS, select_subset
 from .collate import VLGuardCollator
 from .vlguard import SPLITS, load_vlguard, pairs_to_dataset, parse_split, select_samples
 
@@ -31,31 +39,75 @@ EVAL_KINDS = ("harmful", "utility", "benign")
 
 @dataclass
 class EvalSet:
-    """One evaluation set: a VLGuard file, the split to read from it, and how to score it.
+    """One evaluation set: a file in a published layout, what to read from it, how to score it.
 
-    ``kind``: ``harmful`` -> attack success rate (the reply should be a refusal), ``utility`` ->
-    accuracy against the reference answer, ``benign`` -> over-refusal rate.
+    ``format``: ``vlguard`` (default; VLGuard JSON, train or test file), ``figstep`` (SafeBench
+    CSV), ``mmsafetybench`` (``processed_questions/`` folder or one scenario JSON), ``mmbench``
+    (VLMEvalKit TSV) or ``docvqa`` (annotation JSON); ``options`` are the format's settings
+    (docs/evaluation.md). ``split`` (VLGuard only): ``utility`` / ``safety`` / ``over_refusal``
+    (joinable with '+'), or VLGuard's test subsets ``unsafes`` / ``safe_unsafes`` /
+    ``safe_safes``; default ``safety``. ``kind``: ``harmful`` -> attack success rate (the reply
+    should be a refusal), ``utility`` -> accuracy (exact choice for MMBench, ANLS for DocVQA),
+    ``benign`` -> over-refusal rate; default: the format's (harmful; utility for MMBench and
+    DocVQA; benign for ``safe_safes``). ``max_new_tokens`` overrides the module's budget.
     """
 
     name: str
     path: str
-    split: str = "safety"
-    kind: Literal["harmful", "utility", "benign"] = "harmful"
+    split: str | None = None
+    kind: Literal["harmful", "utility", "benign"] | None = None
     num_samples: int | None = None
     image_root: str | None = None
+    format: Literal["vlguard", "figstep", "mmsafetybench", "mmbench", "docvqa"] = "vlguard"
+    options: dict[str, Any] | None = None
+    max_new_tokens: int | None = None
+
+
+def _decoded(example: dict) -> dict:
+    """The example with a base64 image (MMBench) decoded to a PIL image for the processor."""
+    if example.get("image_b64") is None:
+        return example
+    from PIL import Image
+
+    with Image.open(io.BytesIO(base64.b64decode(example["image_b64"]))) as image:
+        return {**example, "image": image.convert("RGB")}
 
 
 class _EvalCollator:
-    def __init__(self, inner: VLGuardCollator, eval_set: EvalSet) -> None:
-        self.inner, self.eval_set = inner, eval_set
+    """Prompt-only model inputs plus what the metrics of the set need (references, categories …)."""
+
+    def __init__(self, inner: VLGuardCollator, eval_set: EvalSet, meta: dict) -> None:
+        self.inner, self.eval_set, self.meta = inner, eval_set, meta
+        self._category_index = {c: i for i, c in enumerate(meta["categories"])}
 
     def __call__(self, examples):
+        examples = [_decoded(e) for e in examples]
         batch = self.inner(examples)
         batch["references"] = [e["response"] for e in examples]
-        batch["instructions"] = [e["instruction"] for e in examples]
+        # Judges read the request: for typographic attacks the harmful question, not the prompt.
+        batch["instructions"] = [e.get("judge_prompt") or e["instruction"] for e in examples]
         batch["eval_set"] = self.eval_set.name
         batch["kind"] = self.eval_set.kind
+        batch["eval_meta"] = self.meta
+        batch["categories"] = [self._category_index.get(e.get("category") or "", -1) for e in examples]
+        batch["image_refs"] = [e["image"] if isinstance(e.get("image"), str) else None for e in examples]
+        for key in ("answers", "choices", "answer", "group", "rotation"):
+            if key in examples[0]:
+                batch[key] = [e[key] for e in examples]
         return batch
+
+
+def _select_examples(examples: list[dict], num_samples: int | None, seed: int) -> list[dict]:
+    """The seeded selection of :func:`select_samples`, over whole question groups where there are."""
+    from datasets import Dataset
+
+    if "group" not in examples[0]:
+        keep = select_samples(Dataset.from_dict({"i": list(range(len(examples)))}), num_samples, seed)["i"]
+        return [examples[i] for i in keep]
+    groups = sorted({e["group"] for e in examples})
+    chosen = sorted(select_samples(Dataset.from_dict({"g": groups}), num_samples, seed)["g"])
+    renumber = {g: i for i, g in enumerate(chosen)}
+    return [{**e, "group": renumber[e["group"]]} for e in examples if e["group"] in renumber]
 
 
 class VLGuardDataModule(pl.LightningDataModule):
@@ -72,6 +124,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         num_samples: default calibration size per split (SPEC: 128).
         seed: the seed of the calibration selection (seeded shuffle, first N).
         max_length: optional token cap (longer rows are an error, never silently cut).
+        eval_length_sorted: batch evaluation prompts by length, longest first (less padding, so
+            faster greedy generation; the metrics do not depend on the order).
         shuffle_seed: seed of the training order's own generator; None (default) draws it from the
             global RNG, so it follows ``seed_everything`` but also shifts when the number of
             evaluation loaders iterated between epochs changes.
@@ -92,6 +146,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         max_length: int | None = None,
         shuffle_seed: int | None = None,
+        eval_length_sorted: bool = True,
     ) -> None:
         super().__init__()
         if batch_size <= 0 or eval_batch_size <= 0:
@@ -99,15 +154,10 @@ class VLGuardDataModule(pl.LightningDataModule):
         for split in train_splits or ():
             if split not in SPLITS:
                 raise ValueError(f"train_splits has unknown split {split!r}; choose from {SPLITS}")
-        eval_sets = [e if isinstance(e, EvalSet) else EvalSet(**e) for e in (eval_sets or [])]
-        for eval_set in eval_sets:
-            parse_split(eval_set.split)
-        self.eval_sets = eval_sets
-        for eval_set in self.eval_sets:
-            if eval_set.kind not in EVAL_KINDS:
-                raise ValueError(f"eval set {eval_set.name!r}: kind must be one of {EVAL_KINDS}")
-            if not Path(eval_set.path).is_file():
-                raise FileNotFoundError(f"eval set {eval_set.name!r}: {eval_set.path} does not exist")
+        self.eval_sets = [self._resolve(e) for e in (eval_sets or [])]
+        names = [e.name for e in self.eval_sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"eval set names must be distinct (their metrics are keyed by name), got {names}")
         for label, path in (("train_path", train_path), ("calibration_path", calibration_path)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{label}={path} does not exist; give a VLGuard JSON file")
@@ -123,7 +173,21 @@ class VLGuardDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.max_length = max_length
         self.shuffle_seed = shuffle_seed
+        self.eval_length_sorted = eval_length_sorted
         self._examples: dict[str, list[dict]] = {}
+
+    @staticmethod
+    def _resolve(eval_set: EvalSet | dict) -> EvalSet:
+        """The set with its format's default split and kind, checked cheaply (no file is parsed)."""
+        eval_set = eval_set if isinstance(eval_set, EvalSet) else EvalSet(**eval_set)
+        split, kind = benchmarks.resolve(
+            eval_set.name, eval_set.format, eval_set.path, eval_set.split, eval_set.kind, eval_set.options
+        )
+        if eval_set.format == "vlguard" and split not in SUBSETS:
+            parse_split(split)
+        if eval_set.max_new_tokens is not None and eval_set.max_new_tokens <= 0:
+            raise ValueError(f"eval set {eval_set.name!r}: max_new_tokens must be positive")
+        return replace(eval_set, split=split, kind=kind)
 
     # ------------------------------------------------------------------------------ plumbing
     @property
@@ -181,7 +245,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         if self.train_path is not None:
             self.examples(self.train_path)
         for eval_set in self.eval_sets:
-            self.examples(eval_set.path, eval_set.image_root)
+            self.eval_examples(eval_set)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_path is None:
@@ -193,16 +257,66 @@ class VLGuardDataModule(pl.LightningDataModule):
         collate = VLGuardCollator(self.processor, with_response=True, max_length=self.max_length)
         return self._loader(self._rows(dataset), collate, self.batch_size, shuffle=True)
 
+    def eval_examples(self, eval_set: EvalSet) -> list[dict]:
+        """All examples of one evaluation set (parsed and validated; cached)."""
+        if eval_set.format == "vlguard":
+            examples = self.examples(eval_set.path, eval_set.image_root)
+            if eval_set.split in SUBSETS:
+                examples = select_subset(examples, eval_set.split)
+            return examples
+        key = f"{eval_set.format}::{eval_set.path}::{eval_set.image_root}::{sorted((eval_set.options or {}).items())}"
+        if key not in self._examples:
+            self._examples[key] = benchmarks.load_examples(
+                eval_set.format, eval_set.path, eval_set.image_root, eval_set.options
+            )
+        return self._examples[key]
+
+    def eval_rows(self, eval_set: EvalSet) -> list[dict]:
+        """The seeded selection of ``num_samples`` examples of a set, in batching order."""
+        examples = self.eval_examples(eval_set)
+        if eval_set.format == "vlguard":
+            split = None if eval_set.split in SUBSETS else eval_set.split
+            if not examples:
+                raise ValueError(f"eval set {eval_set.name!r}: {eval_set.path} has no {eval_set.split!r} examples")
+            dataset = pairs_to_dataset(examples, split, source=eval_set.path)
+            rows = self._rows(select_samples(dataset, eval_set.num_samples, self.seed))
+        else:
+            rows = _select_examples(examples, eval_set.num_samples, self.seed)
+        if self.eval_length_sorted:
+            rows = self._by_length(rows)
+        return rows
+
+    def _by_length(self, rows: list[dict]) -> list[dict]:
+        # Longest first: each batch pads to a similar length, and an out-of-memory batch comes first.
+        # Text tokens are the proxy (the image tokens of a family are the same for every prompt of
+        # a fixed-size image); rows without an image stay apart from those with one.
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        lengths = [len(ids) for ids in tokenizer([r["instruction"] for r in rows], add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(rows)), key=lambda i: (rows[i].get("image") is None and rows[i].get("image_b64") is None,
+                                                        -lengths[i], i))
+        return [rows[i] for i in order]
+
+    def _eval_meta(self, eval_set: EvalSet, rows: list[dict]) -> dict:
+        """What the module needs to build the set's metrics before its first batch."""
+        categories = sorted({r.get("category") or "" for r in rows} - {""})
+        groups = {r["group"] for r in rows if "group" in r}
+        return {
+            "format": eval_set.format,
+            "scoring": benchmarks.FORMATS[eval_set.format].scoring,
+            "categories": tuple(categories),
+            "num_groups": len(groups),
+            "circular": any(r.get("rotation", 0) for r in rows),
+            "max_new_tokens": eval_set.max_new_tokens,
+        }
+
     def val_dataloader(self) -> list[DataLoader]:
         # No eval sets: fit trains without validation (validate itself is refused in setup).
         loaders = []
         for eval_set in self.eval_sets:
-            dataset = pairs_to_dataset(
-                self.examples(eval_set.path, eval_set.image_root), eval_set.split, source=eval_set.path
-            )
-            dataset = select_samples(dataset, eval_set.num_samples, self.seed)
-            collate = _EvalCollator(VLGuardCollator(self.processor, with_response=False), eval_set)
-            loaders.append(self._loader(self._rows(dataset), collate, self.eval_batch_size, shuffle=False))
+            rows = self.eval_rows(eval_set)
+            meta = self._eval_meta(eval_set, rows)
+            collate = _EvalCollator(VLGuardCollator(self.processor, with_response=False), eval_set, meta)
+            loaders.append(self._loader(rows, collate, self.eval_batch_size, shuffle=False))
         return loaders
 
     def calibration_dataset(self, split: str, num_samples: int | None = None):
