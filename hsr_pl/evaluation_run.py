@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .evaluation import build_eval_metrics
-
 __all__ = ["evaluate", "headline"]
 
 
@@ -28,29 +26,25 @@ def _to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 def evaluate(module, loaders: Iterable[Iterable[Mapping[str, Any]]], *, on_batch=None) -> dict[str, dict[str, Any]]:
     """Greedy replies on every batch of ``loaders`` (VLGuard eval collation) scored per set.
 
-    ``module`` is an :class:`hsr_pl.module.LVLMModule` (its judges, refusal and max_new_tokens
-    apply). Returns ``{set name: {"kind", "n", <log key>: value, ...}}`` with values as fractions.
+    ``module`` is an :class:`hsr_pl.module.LVLMModule`; its generation, judges and metrics are
+    exactly those of ``validate`` (:meth:`~hsr_pl.module.LVLMModule.eval_step`). Returns
+    ``{set name: {"kind", "n", <log key>: value, ...}}`` with values as fractions.
     """
-    judges = module.hparams.judges or ["keyword-gcg"]
     device = next(module.model.parameters()).device
-    metrics: dict[str, Any] = {}
+    store: dict[str, Any] = {}
     flags = [(m, m.training) for m in module.model.modules()]
     module.model.eval()
     try:
         for loader in loaders:
             for batch in loader:
-                replies = module.generate(_to(batch, device))
-                name = batch["eval_set"]
-                if name not in metrics:
-                    metrics[name] = build_eval_metrics(batch["kind"], judges=judges, refusal=module.hparams.refusal).to(device)
-                metrics[name].update(replies, batch["references"], batch.get("instructions"))
+                replies = module.eval_step(_to(batch, device), store)
                 if on_batch is not None:
-                    on_batch(name, len(replies))
+                    on_batch(batch["eval_set"], len(replies))
     finally:
         for mod, flag in flags:
             mod.train(flag)
     out = {}
-    for name, group in metrics.items():
+    for name, group in store.items():
         values = {key: float(value) for key, value in group.compute().items()}
         out[name] = {"kind": group.kind, "n": int(group.count()), **values}
     return out

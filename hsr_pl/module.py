@@ -267,26 +267,36 @@ class LVLMModule(pl.LightningModule):
         return [text.strip() for text in tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)]
 
     # --------------------------------------------------------------------------- validation
-    def _metrics_for(self, batch: dict):
+    def metrics_for(self, batch: dict, store: dict | nn.ModuleDict):
+        """The metric group of ``batch``'s evaluation set in ``store``, built on first use.
+
+        ``validate`` keeps its groups in ``self.eval_metrics``; :func:`hsr_pl.evaluation_run.evaluate`
+        passes its own store, so stage-by-stage evaluations never mix with the loop's counts.
+        """
         from .evaluation import build_eval_metrics
         from .judges import make_judge
 
-        if self.eval_metrics is None:
-            self.eval_metrics = nn.ModuleDict()
         if self._judges is None:  # a guard model is loaded once, not once per evaluation set
             self._judges = [make_judge(j, refusal=self.hparams.refusal) for j in self.hparams.judges or ["keyword-gcg"]]
         eval_set, meta = batch["eval_set"], batch.get("eval_meta") or {}
-        if eval_set not in self.eval_metrics:
-            self.eval_metrics[eval_set] = build_eval_metrics(
+        if eval_set not in store:
+            store[eval_set] = build_eval_metrics(
                 batch["kind"], judges=self._judges, scoring=meta.get("scoring", "match"),
                 categories=meta.get("categories", ()), num_groups=meta.get("num_groups", 0),
                 circular=meta.get("circular", False),
             ).to(self.device)
-        return self.eval_metrics[eval_set]
+        return store[eval_set]
+
+    def eval_step(self, batch: dict, store: dict | nn.ModuleDict) -> list[str]:
+        """Greedy replies for one evaluation batch, added to its set's metrics in ``store``."""
+        replies = self.generate(batch, (batch.get("eval_meta") or {}).get("max_new_tokens"))
+        self.metrics_for(batch, store).update_batch(replies, batch)
+        return replies
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        replies = self.generate(batch, (batch.get("eval_meta") or {}).get("max_new_tokens"))
-        self._metrics_for(batch).update_batch(replies, batch)
+        if self.eval_metrics is None:
+            self.eval_metrics = nn.ModuleDict()
+        self.eval_step(batch, self.eval_metrics)
 
     def on_validation_epoch_end(self) -> None:
         if self.eval_metrics is None:
