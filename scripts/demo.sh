@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The main job of the README: set up the environment, then run the embedded demo — the shipped
-# organism evaluated dense and after Wanda pruning (the safety it loses is what HSR repairs).
+# The main job of the README: set up the environment (.venv, runtime + plot packages only), then run
+# the embedded demo: HSR end to end on the shipped model organism (configs/demo.yaml): head scores,
+# Wanda pruning at 60 %, realignment of 1 ‱ of the weights, the dense / pruned / realigned
+# evaluation with baselines and the restored-weights curve, and the export. Outputs in runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-HSR="${HSR_VENV:-.venv}/bin/hsr-pl"
-echo "== the shipped organism, dense =="
-"$HSR" validate --config configs/organism_dense.yaml
-echo "== the same organism after Wanda pruning at 60 % (calibrated on benign utility data) =="
-"$HSR" validate --config configs/organism_wanda.yaml
+"${HSR_VENV:-.venv}/bin/hsr-pl" validate --config configs/demo.yaml

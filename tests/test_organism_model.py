@@ -111,3 +111,26 @@ def test_load_without_checkpoint_says_how_to_train(tmp_path):
     with pytest.raises(OrganismNotTrainedError, match=r"hsr-pl fit --config configs/organism.yaml"):
         load_organism(tmp_path)
     assert ORGANISM_PACKAGE_PATH.parts[-3:] == ("hsr_pl", "assets", "organism")
+
+
+def test_ship_organism_replaces_only_through_its_explicit_step(tmp_path):
+    import json
+
+    from hsr_pl.callbacks.export import save_pretrained_atomic
+    from hsr_pl.models.organism import build_organism, ship_organism
+
+    model, processor = build_organism(seed=3)
+    export = save_pretrained_atomic(model, processor, tmp_path / "export", {"global_step": 1})
+    target = tmp_path / "assets" / "organism"
+    with pytest.raises(OrganismNotTrainedError, match="not an organism export"):
+        ship_organism(tmp_path / "nothing", target)
+    config = json.loads((export / "config.json").read_text())
+    shipped = ship_organism(export, target)
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(
+        p.name for p in export.iterdir() if p.suffix in (".json", ".safetensors", ".jinja", ".txt"))
+    again, _ = load_organism(shipped)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    config["text_config"]["num_hidden_layers"] = 2
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not the organism"):
+        ship_organism(export, target)

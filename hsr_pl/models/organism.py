@@ -32,6 +32,7 @@ __all__ = [
     "build_organism",
     "load_organism",
     "organism_config",
+    "ship_organism",
 ]
 
 ORGANISM_PACKAGE_PATH = Path(__file__).resolve().parent.parent / "assets" / "organism"
@@ -39,8 +40,9 @@ ORGANISM_PACKAGE_PATH = Path(__file__).resolve().parent.parent / "assets" / "org
 
 PATCH_SIZE = 8
 TRAIN_HINT = (
-    "train it with `hsr-pl fit --config configs/organism.yaml` (about 5 minutes on one CPU core), "
-    "which writes the checkpoint there, or pass the folder of a checkpoint you trained"
+    "train it with `hsr-pl fit --config configs/organism.yaml` (it exports to runs/organism/export) and "
+    "ship that folder with `bash scripts/ship_organism.sh runs/organism/export`, or pass the folder of a "
+    "checkpoint you trained"
 )
 
 
@@ -133,3 +135,45 @@ def load_organism(path: str | os.PathLike[str] | None = None, *, dtype: torch.dt
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     processor = AutoProcessor.from_pretrained(folder)
     return model.eval(), processor
+
+
+def ship_organism(folder: str | os.PathLike[str], target: str | os.PathLike[str] | None = None) -> Path:
+    """Replace the shipped organism with a trained export — the one, explicit way to change it.
+
+    ``folder`` must be an hsr-pl export (``hsr_summary.json``) of the organism's architecture; its
+    model, processor and summary are copied into ``target`` (default: the package's assets) through
+    a temporary sibling folder and one rename, so a failure leaves the old organism in place.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    source = Path(folder)
+    target = Path(target) if target is not None else ORGANISM_PACKAGE_PATH
+    needed = ("config.json", "model.safetensors", "hsr_summary.json")
+    missing = [n for n in needed if not (source / n).is_file()]
+    if missing:
+        raise OrganismNotTrainedError(f"{source} is not an organism export (missing {', '.join(missing)}); {TRAIN_HINT}")
+    config = json.loads((source / "config.json").read_text())
+    text = config.get("text_config", {})
+    shape = (config.get("model_type"), text.get("hidden_size"), text.get("num_hidden_layers"), text.get("num_attention_heads"))
+    if shape != ("llava", 128, 4, 8):
+        raise ValueError(f"{source} holds a {shape} model, not the organism (llava, hidden 128, 4 layers, 8 heads)")
+    if source.resolve() == target.resolve():
+        raise ValueError(f"{source} is already the shipped organism")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.ship-", dir=target.parent))
+    try:
+        for item in source.iterdir():
+            if item.is_file() and item.suffix in (".json", ".safetensors", ".jinja", ".txt"):
+                shutil.copy2(item, tmp / item.name)
+        os.chmod(tmp, 0o755)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
