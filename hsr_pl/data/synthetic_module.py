@@ -66,6 +66,7 @@ class SyntheticDataModule(VLGuardDataModule):
             ``synthetic/<settings>``).
         eval_splits: which held-out splits to evaluate (default all six).
         eval_num_samples: cap per evaluation split (default: all ``n_eval``).
+        train_splits: train on these loader splits only (e.g. ``[utility]`` for a benign fine-tune).
         The rest as in :class:`VLGuardDataModule`; calibration reads ``calibration.json``.
     """
 
@@ -86,6 +87,7 @@ class SyntheticDataModule(VLGuardDataModule):
         calibration_seed: int = 0,
         num_workers: int = 0,
         shuffle_seed: int | None = None,
+        train_splits: list[str] | None = None,
     ) -> None:
         eval_splits = list(SYNTHETIC_EVAL_SETS) if eval_splits is None else list(eval_splits)
         unknown = [s for s in eval_splits if s not in SYNTHETIC_EVAL_SETS]
@@ -115,5 +117,6 @@ class SyntheticDataModule(VLGuardDataModule):
             seed=calibration_seed,
             num_workers=num_workers,
             shuffle_seed=shuffle_seed,
+            train_splits=train_splits,
         )
         self.data_dir = folder
