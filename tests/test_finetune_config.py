@@ -27,7 +27,7 @@ def test_finetune_config_keeps_masks_and_trains_restored_weights(tmp_path, monke
     assert state.method == "wanda" and state.realignment["restored_params"] == 107  # 1‱ of 1,071,488
     modules = dict(module.model.named_modules())
     moved = 0
-    for name, mask in state.pruned.items():
+    for name in state.pruned:
         weight = modules[name].weight.detach()
         assert bool((weight[~state.keep_mask(name)] == 0).all()), name
         if name in state.restored:
