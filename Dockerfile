@@ -1,21 +1,36 @@
-# CUDA image for GPU runs of hsr-pl. Build:  docker build -t hsr-pl .
-# Run:  docker run --gpus all -v /path/to/models:/models -v $PWD/configs:/configs hsr-pl \
-#         validate --config /configs/<your config>.yaml --model.init_args.model /models/<checkpoint>
+# CUDA image for GPU runs of hsr-pl.
+#   docker build -t hsr-pl .
+#   docker run --gpus all --rm -v /path/to/models:/models:ro -v /path/to/VLGuard:/data/VLGuard:ro \
+#       -v "$PWD/runs:/workspace/runs" hsr-pl validate --config configs/models/llava_next_vicuna_7b.yaml
+# The recipes in configs/models/ read /models/<checkpoint> and /data/VLGuard/...; outputs go to
+# /workspace/runs (mount it to keep them). The embedded demo needs no mounts:
+#   docker run --rm hsr-pl validate --config configs/demo.yaml --trainer.accelerator=auto
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
 
 ENV PIP_NO_CACHE_DIR=1 \
-    TOKENIZERS_PARALLELISM=false \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    HSR_PL_CACHE=/workspace/.cache/hsr_pl
 
 WORKDIR /opt/hsr-pl
 COPY pyproject.toml README.md ./
 COPY hsr_pl ./hsr_pl
 COPY callbacks ./callbacks
-COPY configs ./configs
-# The base image's torch satisfies the package's torch range, so pip keeps the CUDA build.
-RUN python -m pip install ".[plot]" && python -c "import hsr_pl.callbacks"
+# The base image's torch (2.7.1, CUDA 12.8) satisfies the package's torch range, so pip keeps it;
+# the other requirements are pinned to the versions the test suite ran with.
+RUN python -m pip install \
+        "lightning==2.6.6" "transformers==5.24.0" "torchmetrics==1.9.0" "datasets==5.2.0" "rich==15.0.0" \
+        "matplotlib==3.11.2" "jsonargparse[signatures]==4.53.0" \
+    && python -m pip install --no-deps . \
+    && python -c "import hsr_pl.callbacks"
 
+RUN useradd --create-home --uid 1000 hsr
 WORKDIR /workspace
+COPY --chown=hsr:hsr configs ./configs
+COPY --chown=hsr:hsr examples ./examples
+RUN mkdir -p /workspace/runs /workspace/.cache && chown -R hsr:hsr /workspace
+USER 1000
+
 ENTRYPOINT ["hsr-pl"]
 CMD ["--help"]
