@@ -98,13 +98,13 @@ class VLGuardDataModule(pl.LightningDataModule):
         allow_text_only: bool = False,
     ) -> None:
         super().__init__()
-        check_num_samples(batch_size, "batch_size", allow_none=False)
-        check_num_samples(eval_batch_size, "eval_batch_size", allow_none=False)
-        check_num_samples(num_samples, "num_samples", allow_none=False)
+        owner = type(self).__name__
+        check_num_samples(batch_size, f"{owner}: batch_size", allow_none=False)
+        check_num_samples(eval_batch_size, f"{owner}: eval_batch_size", allow_none=False)
+        check_num_samples(num_samples, f"{owner}: num_samples", allow_none=False, why="calibration samples per split; SPEC: 128")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers={num_workers!r} must be an integer ≥ 0 (0: load in the main process)")
-        if max_length is not None:
-            check_num_samples(max_length, "max_length")
+            raise ValueError(f"{owner}: num_workers={num_workers!r} must be an integer ≥ 0 (0: load in the main process)")
+        check_num_samples(max_length, f"{owner}: max_length", why="a token cap; null: no cap")
         for split in train_splits or ():
             if split not in SPLITS:
                 raise ValueError(f"train_splits has unknown split {split!r}; choose from {SPLITS}")
@@ -118,7 +118,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         for eval_set in self.eval_sets:
             if eval_set.kind not in EVAL_KINDS:
                 raise ValueError(f"eval set {eval_set.name!r}: kind={eval_set.kind!r} must be one of {EVAL_KINDS}")
-            check_num_samples(eval_set.num_samples, f"eval set {eval_set.name!r}: num_samples")
+            check_num_samples(eval_set.num_samples, f"eval set {eval_set.name!r}: num_samples", why="null: the whole set")
             if not Path(eval_set.path).is_file():
                 raise FileNotFoundError(
                     f"eval set {eval_set.name!r}: {eval_set.path} does not exist; give a VLGuard JSON file"

@@ -145,12 +145,13 @@ def pairs_to_dataset(examples: Iterable[dict], split: str | None = None, *, sour
     return Dataset.from_dict(columns)
 
 
-def check_num_samples(num_samples: object, label: str = "num_samples", allow_none: bool = True) -> None:
-    """Refuse a sample count that is not a positive integer (None allowed: "all")."""
+def check_num_samples(num_samples: object, label: str = "num_samples", allow_none: bool = True, why: str = "") -> None:
+    """Refuse a count that is not a positive integer (None allowed unless ``allow_none=False``)."""
     if num_samples is None and allow_none:
         return
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"{label}={num_samples!r} must be a positive integer" + (" or null (all)" if allow_none else ""))
+        tail = " or null" if allow_none else ""
+        raise ValueError(f"{label}={num_samples!r} must be a positive integer{tail}" + (f" ({why})" if why else ""))
 
 
 def select_samples(dataset, num_samples: int | None, seed: int):
