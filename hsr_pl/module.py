@@ -320,12 +320,21 @@ class LVLMModule(pl.LightningModule):
         rank_zero_info(f"hsr-pl: loading {self.model_source} ({self.hparams.dtype})")
         try:
             # safetensors only: a pickle file in the folder is never unpickled.
-            model = loader.from_pretrained(Path(self.model_source).expanduser(), use_safetensors=True, **kwargs)
+            model, info = loader.from_pretrained(
+                Path(self.model_source).expanduser(), use_safetensors=True, output_loading_info=True, **kwargs
+            )
         except Exception as exc:  # transformers/safetensors raise many kinds; all mean "cannot load this"
             raise ModelLoadError(
                 f"cannot load the weights of {self.model_source} ({_first_line(exc)}); check the checkpoint "
                 "(re-save it with save_pretrained) or its dtype/attn_implementation settings"
             ) from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            # transformers would initialise these randomly and carry on: a silently different model.
+            raise ModelLoadError(
+                f"{self.model_source}: the weights lack {len(missing)} tensor(s) of its config.json (e.g. {missing[0]!r}); "
+                "the files do not match the architecture: re-save the checkpoint with save_pretrained"
+            )
         get_adapter(model)  # fail now, not deep inside a callback
         check_finite_parameters(model, str(self.model_source))
         self.model = model

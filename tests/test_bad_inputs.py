@@ -112,6 +112,14 @@ def weights(i: Inputs, content: bytes | Callable[[bytes], bytes]) -> list[str]:
     return with_model(i, model)
 
 
+def weights_lacking_a_tensor(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    tensors = load_file(model / "model.safetensors")
+    tensors.pop(next(k for k in sorted(tensors) if k.endswith("layers.1.mlp.down_proj.weight")))
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return with_model(i, model)
+
+
 def pickle_only(i: Inputs) -> list[str]:
     model = i.model_copy()
     (model / "model.safetensors").rename(model / "pytorch_model.bin")
@@ -274,6 +282,8 @@ CASES = [
     case("weights-empty", lambda i: weights(i, b""), r"shorter than the 8-byte header length"),
     case("weights-pickle-only", pickle_only, r"holds only pickle weights .*; hsr-pl loads safetensors only: convert them"),
     case("weights-shard-missing", missing_shard, r"names shard\(s\) \['model-00001-of-00002.safetensors'\] that are not in"),
+    case("weights-missing-tensor", weights_lacking_a_tensor,
+         r"the weights lack 1 tensor\(s\) of its config.json \(e.g. '.*layers.1.mlp.down_proj.weight'\); .*re-save", ("load",)),
     case("weights-nan", nan_weights, r"weight .*layers.0.self_attn.q_proj.weight holds 1 NaN/inf value\(s\); .*re-export", ("load",)),
     case("dtype-unknown", lambda i: tiny(i, TINY, "--model.init_args.dtype=int8"), r"dtype='int8' is not one of"),
     case("tiny-family-unknown", lambda i: with_model(i, "tiny:gpt2"), r"'tiny:gpt2': no tiny builder; known:"),
