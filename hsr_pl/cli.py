@@ -67,6 +67,17 @@ class HSRCLI(LightningCLI):
             parser.set_defaults({"verbose": False})
         return parser
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer only validates its settings in ``__init__``: what it raises there is a bad input."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"trainer: {_one_line(str(exc))}") from exc
+        except Exception as exc:
+            if type(exc).__name__ != "MisconfigurationException":
+                raise
+            raise UserError(f"trainer: {_one_line(str(exc))}") from exc
+
     def _check_ckpt_path(self) -> None:
         """A missing checkpoint fails here, before the model is loaded or any callback runs."""
         ckpt = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None

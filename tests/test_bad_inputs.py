@@ -262,6 +262,10 @@ CASES = [
     case("wrong-type", lambda i: tiny(i, TINY, "--trainer.max_steps=abc"), r"trainer.max_steps: expected int, got abc"),
     case("unknown-callback-class", lambda i: tiny(i, TINY, "--trainer.callbacks+=hsr_pl.callbacks.Prunning"),
          r"trainer.callbacks: .*'Prunning'"),
+    case("trainer-strategy-unknown", lambda i: tiny(i, TINY, "--trainer.strategy=nosuch"),
+         r"trainer: You selected an invalid strategy name: `strategy='nosuch'`.*Example choices: auto, ddp"),
+    case("trainer-devices-zero", lambda i: tiny(i, TINY, "--trainer.devices=0"),
+         r"trainer: `Trainer\(devices='0'\)` value is not a valid input using cpu accelerator"),
     case("ckpt-path-missing", lambda i: tiny(i, TINY, f"--ckpt_path={i.root / 'none.ckpt'}"),
          r"ckpt_path='.*none.ckpt' does not exist; give a Lightning checkpoint file"),
     # model
