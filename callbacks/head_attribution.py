@@ -348,7 +348,10 @@ class SafetyHeadAttribution(HSRCallback):
     def on_layer_scored(self, layer: int, scores: Mapping[str, float]) -> None:
         """Called on every rank after each finished layer: saves the partial file. Override to
         observe progress (call ``super()`` to keep the resume file)."""
-        _check_finite_scores(scores, f"layer {layer}")
+        if not all(math.isfinite(v) for v in scores.values()):
+            if dist_world()[1] == 1:
+                _check_finite_scores(scores, f"layer {layer}")  # fail now, before more layers are scanned
+            return  # never written; under DDP every rank raises together after the all-gather (in run)
         self._partial.update(scores)
         rank, world = dist_world()
         path = self.partial_path(rank, world)

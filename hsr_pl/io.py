@@ -34,6 +34,7 @@ __all__ = [
     "atomic_path",
     "check_output_file",
     "check_output_folder",
+    "dumps_json",
     "file_mode",
     "folder_mode",
     "folder_owner",
