@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -73,6 +74,17 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer ({hint})")
     return value
+
+
+def _check_finite_scores(scores: Mapping[str, float], where: str) -> None:
+    """NaN/inf scores are never written (JSON cannot hold them) nor ranked."""
+    bad = sorted(k for k, v in scores.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(
+            f"head attribution ({where}) gave NaN/inf scores for heads {bad[:6]}{' …' if len(bad) > 6 else ''}: the "
+            "model's outputs on the calibration prompts are not finite although its weights are; check the "
+            "calibration data (NaN pixel values?) or run the model in float32"
+        )
 
 
 def assign_heads(targets: Mapping[int, Sequence[int]], world: int, num_layers: int | None = None) -> list[list[Pair]]:
@@ -129,7 +141,8 @@ class SafetyHeadAttribution(HSRCallback):
             several may be joined with ``+``).
         num_samples: calibration prompts (SPEC: 128).
         batch_size: calibration batch size (the scripts: 1).
-        top_h: how many top heads to select (scripts: 10 for LLaVA-NeXT-Vicuna-7B).
+        top_h: how many top heads to select (scripts: 10 for LLaVA-NeXT-Vicuna-7B); 0 means
+            "score only": every head is scored and written, none is selected.
         output: JSON path for ``{"<layer>-<head>": score}``; next to it ``<stem>.top.json``,
             ``<stem>.png`` and, while scanning, ``<stem>.partial.json``. None: no files.
         scores_path: load precomputed scores in the released format instead of scanning.
@@ -247,7 +260,39 @@ class SafetyHeadAttribution(HSRCallback):
             raise ValueError(f"output={output!r} must be a .json file path (e.g. runs/heads/head_scores.json)")
         if path.is_dir():
             raise ValueError(f"output={output!r} is a directory; give a file path ending in .json")
+        blocker = next((p for p in path.parents if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"output={output!r} lies under {str(blocker)!r}, which is a file; choose a path in a folder")
         return path
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before any work: every output path is test-written, and a resume file must parse."""
+        if self.output is None:
+            return
+        from hsr_pl.io import check_output_file
+
+        rank, world = dist_world()
+        for label, path in (("output", self.output), ("output (top heads)", self.top_path),
+                            ("output (heatmap)", self.png_path), ("output (partial)", self.partial_path(rank, world))):
+            check_output_file(path, label)
+        if self.resume and self._precomputed is None:
+            self._check_partials_readable(trainer)
+
+    def _check_partials_readable(self, trainer: pl.Trainer) -> None:
+        """Rank 0 parses the partial files now (same error on every rank), not after the data is read."""
+        from hsr_pl.report.heads import read_partial
+
+        error = None
+        if dist_world()[0] == 0:
+            try:
+                for path in self._partial_files():
+                    read_partial(path)
+            except ValueError as exc:
+                error = str(exc)
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise ValueError(error)
 
     # ----------------------------------------------------------------------------- paths
     def _sibling(self, suffix: str) -> Path:
@@ -303,6 +348,10 @@ class SafetyHeadAttribution(HSRCallback):
     def on_layer_scored(self, layer: int, scores: Mapping[str, float]) -> None:
         """Called on every rank after each finished layer: saves the partial file. Override to
         observe progress (call ``super()`` to keep the resume file)."""
+        if not all(math.isfinite(v) for v in scores.values()):
+            if dist_world()[1] == 1:
+                _check_finite_scores(scores, f"layer {layer}")  # fail now, before more layers are scanned
+            return  # never written; under DDP every rank raises together after the all-gather (in run)
         self._partial.update(scores)
         rank, world = dist_world()
         path = self.partial_path(rank, world)
@@ -377,6 +426,8 @@ class SafetyHeadAttribution(HSRCallback):
             "score": self.config.score, "positions": self.config.positions, "ablation": self.config.ablation,
             "epsilon": self.config.epsilon, "r_max": self.config.r_max, "engine": self.engine,
             "engine_kwargs": self.engine_kwargs, "calibration": self.calibration, "batch_size": self.batch_size,
+            # The fingerprint records the samples actually used; these record what was asked for.
+            "num_samples_requested": self.num_samples, "top_h": self.top_h,
         }
 
     @torch.no_grad()
@@ -508,6 +559,9 @@ class SafetyHeadAttribution(HSRCallback):
             scores = dict(self._precomputed)
             rank_zero_info(f"hsr-pl: loaded {len(scores)} head scores from {self.scores_path}")
         else:
+            from hsr_pl.module import check_finite_parameters
+
+            check_finite_parameters(model, "SafetyHeadAttribution", "NaN weights make every head score NaN: reload the model")
             self._warn_if_pruned(pl_module, adapter)
             # Grad-enabled tensors even inside validate's inference mode (the gradient engine).
             with torch.inference_mode(False):
@@ -526,8 +580,11 @@ class SafetyHeadAttribution(HSRCallback):
             missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
             if missing:
                 raise RuntimeError(f"head attribution finished without scores for {missing[:8]}; please report this")
+            _check_finite_scores(scores, "the scan")
         self.scores = {head_key(layer, h): scores[head_key(layer, h)] for layer, hs in expected.items() for h in hs}
         self.top = top_heads(self.scores, self.top_h)
+        if self.top_h == 0:
+            rank_zero_info("hsr-pl: top_h=0: scoring only, no heads are selected (realignment would restore nothing)")
         self._done = True
         self._publish(pl_module)
         if trainer.is_global_zero:
@@ -554,8 +611,9 @@ class SafetyHeadAttribution(HSRCallback):
     # ----------------------------------------------------------------------------- state
     @override
     def settings(self) -> dict[str, Any]:
+        described = {k: v for k, v in self._describe().items() if k != "num_samples_requested"}
         return {
-            **self._describe(), "num_samples": self.num_samples, "top_h": self.top_h,
+            **described, "num_samples": self.num_samples, "top_h": self.top_h,
             "scores_path": None if self.scores_path is None else str(self.scores_path),
         }
 

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from hsr_pl.data.vlguard import SPLITS, parse_split
 from hsr_pl.models import get_adapter
 from hsr_pl.pruning import (
     PartialPruningError,
@@ -172,6 +173,13 @@ class Pruning(MaskHolder):
         )
         if not isinstance(calibration, str) or not calibration:
             raise PruningConfigError(f"calibration={calibration!r} must name a data-module split, e.g. 'utility'")
+        try:
+            parse_split(calibration)
+        except ValueError:
+            raise PruningConfigError(
+                f"Pruning.calibration={calibration!r} is not a calibration split {SPLITS} (or several joined with "
+                "'+'); the references calibrate on 'utility'"
+            ) from None
         if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples <= 0):
             raise PruningConfigError(f"num_samples={num_samples!r} must be a positive integer (SPEC: 128) or None")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:

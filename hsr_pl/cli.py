@@ -3,18 +3,51 @@
 Model and data module default to :class:`~hsr_pl.module.LVLMModule` and
 :class:`~hsr_pl.data.VLGuardDataModule`; subclasses are selectable with ``class_path`` in YAML, and
 callbacks are added by ``class_path`` under ``trainer.callbacks`` (``hsr_pl.callbacks.Pruning`` …).
+
+Errors: a bad input ends as one line ``hsr-pl: error: <what is wrong and how to fix it>`` on
+stderr (sometimes with one ``hint:`` line) and exit status 2; ``--debug`` or ``HSR_PL_DEBUG=1``
+shows the traceback instead. See :func:`explain` for how the message is found, and
+docs/errors.md for the list of guarded inputs.
 """
 
 from __future__ import annotations
 
+import linecache
 import os
+import re
+import sys
+import traceback
+from argparse import ArgumentError
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 from .data import VLGuardDataModule
 from .module import LVLMModule
 
-__all__ = ["HSRCLI", "main", "run_cli"]
+__all__ = ["HSRCLI", "UserError", "explain", "main", "run_cli"]
+
+EXIT_USAGE = 2  # a bad input (argparse's convention)
+EXIT_BUG = 1
+DEBUG_ENV = "HSR_PL_DEBUG"
+REPORT_URL = "the hsr-pl issue tracker"
+EPILOG = (
+    f"A bad input ends as one line 'hsr-pl: error: ...' and exit status {EXIT_USAGE}; add --debug (anywhere) or set "
+    f"{DEBUG_ENV}=1 to see the traceback. The guarded inputs are listed in docs/errors.md."
+)
+
+# What a user's mistake raises: hsr-pl's own errors are ValueError subclasses (ModelLoadError,
+# PruningConfigError, CalibrationError, DataFormatError, ResumeMismatchError, OutputPathError, …);
+# missing or unwritable paths are OSErrors; RuntimeError carries "needs X" messages.
+_USER_TYPES = (ValueError, TypeError, OSError, RuntimeError)
+# jsonargparse's wrappers around the real message, and lines that only repeat it.
+_WRAPPER = re.compile(r"^(Does not validate against any of the Union subtypes|Problem with given class_path)")
+_PARSER_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$', re.S)
+
+
+class UserError(Exception):
+    """A one-line CLI error raised by :class:`HSRCLI` itself (bad ``ckpt_path`` and the like)."""
 
 
 class HSRCLI(LightningCLI):
@@ -34,9 +67,40 @@ class HSRCLI(LightningCLI):
             parser.set_defaults({"verbose": False})
         return parser
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer only validates its settings in ``__init__``: what it raises there is a bad input."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"trainer: {_one_line(str(exc))}") from exc
+        except Exception as exc:
+            if type(exc).__name__ != "MisconfigurationException":
+                raise
+            raise UserError(f"trainer: {_one_line(str(exc))}") from exc
+
+    def _check_ckpt_path(self) -> None:
+        """A missing checkpoint fails here, before the model is loaded or any callback runs."""
+        ckpt = self.config.get(self.subcommand, {}).get("ckpt_path") if self.subcommand else None
+        if ckpt is None or ckpt in ("last", "best", "hpc", "registry") or "://" in str(ckpt):
+            return
+        path = Path(str(ckpt)).expanduser()
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise UserError(f"ckpt_path={str(ckpt)!r} {what}; give a Lightning checkpoint file (.ckpt) or drop ckpt_path")
+
+    def before_fit(self) -> None:
+        self._check_ckpt_path()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_path()
+
 
 def run_cli(args: list[str] | None = None) -> HSRCLI:
-    """Run the CLI (``args`` instead of ``sys.argv``) and return it, trainer and model included."""
+    """Run the CLI (``args`` instead of ``sys.argv``) and return it, trainer and model included.
+
+    Errors propagate as exceptions (parse errors as ``argparse.ArgumentError``); :func:`main`
+    turns them into one-line messages.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return HSRCLI(
         LVLMModule,
@@ -44,13 +108,158 @@ def run_cli(args: list[str] | None = None) -> HSRCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Errors raise (main() prints them as one line); the subcommand parsers inherit this.
+        parser_kwargs={"exit_on_error": False, "epilog": EPILOG},
         args=args,
     )
 
 
-def main() -> None:
-    """Entry point of the ``hsr-pl`` console script."""
-    run_cli()
+# ------------------------------------------------------------------------------- error text
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, outermost first (explicit causes, then implicit contexts)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+
+
+def _our_roots() -> tuple[str, ...]:
+    import hsr_pl
+    import hsr_pl.callbacks
+
+    return tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (hsr_pl, hsr_pl.callbacks))
+
+
+def _raised_by_us(exc: BaseException, roots: tuple[str, ...]) -> bool:
+    """Whether ``exc`` came from a ``raise`` statement in hsr-pl's own code.
+
+    The innermost frame must be ours *and* its line a ``raise``: an error that torch or Python
+    raises inside our code (a shape mismatch, a bad call) is a bug and keeps its traceback.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    if not str(Path(filename).resolve()).startswith(roots):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
+def _is_input_error(exc: BaseException, roots: tuple[str, ...]) -> bool:
+    """An error that reports a bad input rather than a bug."""
+    if isinstance(exc, UserError):
+        return True
+    if type(exc).__name__ == "MisconfigurationException":  # Lightning's "this trainer setting cannot work"
+        return True
+    return isinstance(exc, _USER_TYPES) and _raised_by_us(exc, roots)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _project_error(exc: BaseException) -> BaseException | None:
+    """The outermost exception in the chain that hsr-pl raised on purpose for a bad input."""
+    roots = _our_roots()
+    return next((link for link in _chain(exc) if _is_input_error(link, roots)), None)
+
+
+def _bullets(text: str) -> list[str]:
+    """The ``- reason`` lines of a jsonargparse "Does not validate against any of …" message,
+    without the uninformative "Expected a <class 'NoneType'>" of optional values."""
+    items = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+    return [item for item in items if "NoneType" not in item]
+
+
+def _detail(link: BaseException) -> str:
+    """One link's own message as one line, jsonargparse's wrapping removed."""
+    text = str(link).strip()
+    match = _PARSER_KEY.match(text.splitlines()[0] if text else "")
+    if match:
+        text = "\n".join([match.group(2), *text.splitlines()[1:]]).strip()
+    if _WRAPPER.match(text):
+        bullets = _bullets(text)
+        text = bullets[0] if bullets else text.splitlines()[0]
+    text = text.replace('"<unicode string>"', "the config")
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    text = re.sub(r"^Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", r"expected one of \1, got \2", text, flags=re.S)
+    text = re.sub(r"^Expected a (.+?)\. Got value: (.*)$", r"expected \1, got \2", text, flags=re.S)
+    return _one_line(text)
+
+
+def _parser_message(exc: BaseException) -> tuple[str, str] | None:
+    """jsonargparse's own complaint (unknown option, wrong type, missing file …) as one line."""
+    links = list(_chain(exc))
+    if not any(isinstance(link, ArgumentError) or type(link).__module__.startswith("jsonargparse") for link in links):
+        return None
+    keys = [m.group(1) for link in links if (m := _PARSER_KEY.match(str(link).strip()))]
+    # The innermost link is the precise complaint; the outer ones only wrap it.
+    inner = links[-1]
+    detail = _detail(inner)
+    hint = "run `hsr-pl fit --help` / `hsr-pl validate --help` for the accepted options"
+    if type(inner).__module__.startswith("yaml"):
+        detail = f"the config is not valid YAML: {detail}"
+        hint = "fix the YAML at that line (values holding ': ' or ' #' need quotes)"
+    message = f"{keys[0]}: {detail}" if keys and not detail.startswith(keys[0]) else detail
+    return message, hint
+
+
+def explain(exc: BaseException) -> tuple[str, str | None] | None:
+    """``(message, hint)`` for an error caused by the input; None for a bug (keep the traceback).
+
+    * an exception hsr-pl raised itself for a bad input — the outermost in the ``__cause__`` /
+      ``__context__`` chain whose raising frame is hsr-pl's code: its own message (it names the
+      problem and the fix). This reaches through jsonargparse, which wraps errors raised in a
+      class's ``__init__`` in "Does not validate against any of the Union subtypes";
+    * jsonargparse's own argument errors: the innermost message, prefixed with the key;
+    * anything else is a bug.
+    """
+    ours = _project_error(exc)
+    if ours is not None:
+        return _one_line(str(ours)), None
+    return _parser_message(exc)
+
+
+def _debug_requested(args: Sequence[str]) -> bool:
+    return "--debug" in args or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``hsr-pl`` console script (``argv`` defaults to ``sys.argv[1:]``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(args)
+    args = [a for a in args if a != "--debug"]
+    saved = sys.argv
+    # LightningCLI parses sys.argv (and warns when given args besides it): show it the cleaned list.
+    sys.argv = [saved[0] if saved else "hsr-pl", *args]
+    try:
+        run_cli()
+    except KeyboardInterrupt:
+        sys.stderr.write("hsr-pl: interrupted\n")
+        raise SystemExit(130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        explained = explain(exc)
+        if explained is None:
+            traceback.print_exc()
+            sys.stderr.write(
+                f"hsr-pl: internal error: {_one_line(f'{type(exc).__name__}: {exc}')[:500]}\n"
+                f"hint: this is a bug, not a bad input; please report it to {REPORT_URL} with the command, the config "
+                "(--print_config) and the traceback above\n"
+            )
+            raise SystemExit(EXIT_BUG) from None
+        message, hint = explained
+        sys.stderr.write(f"hsr-pl: error: {message}\n")
+        if hint:
+            sys.stderr.write(f"hint: {hint}\n")
+        raise SystemExit(EXIT_USAGE) from None
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch import nn
 
 from .models import get_adapter, supported_families
 
-__all__ = ["LVLMModule", "ModelLoadError"]
+__all__ = ["LVLMModule", "ModelLoadError", "check_finite_parameters", "check_safetensors"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _TEXT_ONLY = {"llama", "mistral", "qwen2"}
@@ -50,35 +50,144 @@ class ModelLoadError(ValueError):
     """A model path or argument that cannot be loaded; the message says how to fix it."""
 
 
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _read_config(path: Path) -> dict:
+    """``config.json`` as a dict, or a ModelLoadError that names the file."""
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"{config_file} is not valid JSON ({exc}); restore it (save_pretrained writes it) or point model= at "
+            "an intact checkpoint folder"
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {config_file} ({exc.strerror or exc}); check its permissions") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelLoadError(
+            f"{config_file} has no \"model_type\" string; it is not a transformers model config (save_pretrained "
+            "writes one)"
+        )
+    return config
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file from its header alone (no tensor is read).
+
+    Layout: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
+    ``data_offsets``, then the data; every offset must lie inside the file.
+    """
+    def damaged(why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"{file} is not a complete safetensors file ({why}); the download or copy was cut short or the file "
+            "is damaged: copy or re-save the checkpoint"
+        )
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise damaged(f"{size} bytes, shorter than the 8-byte header length")
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise damaged(f"header of {length} bytes in a {size}-byte file")
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {file} ({exc.strerror or exc}); check its permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    data = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise damaged(f"tensor {name!r} has no data_offsets")
+        if not 0 <= offsets[0] <= offsets[1] <= data:
+            raise damaged(f"tensor {name!r} ends at byte {offsets[1]} of {data} data bytes")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one file or the shards of an index)."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({str(name) for name in weight_map.values()})
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(
+                f"{index} is not a valid safetensors index (no weight_map); re-save the checkpoint"
+            ) from None
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing or not shards:
+            raise ModelLoadError(
+                f"{index} names shard(s) {missing[:3] or '[]'} that are not in {path}; copy every shard next to it"
+            )
+        return [path / name for name in shards]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (*.bin / *.pt); hsr-pl loads safetensors only: convert them "
+            "(model.save_pretrained(path, safe_serialization=True))"
+        )
+    raise ModelLoadError(f"{path} has no model.safetensors (or index); save the weights with save_pretrained")
+
+
 def _check_model_dir(path: Path, trust_remote_code: bool) -> str:
-    """Validate a local checkpoint folder cheaply; returns its ``model_type``."""
+    """Validate a local checkpoint folder cheaply (no weights are loaded); returns its ``model_type``.
+
+    An architecture without an adapter is refused even with ``trust_remote_code``: hsr-pl could
+    not prune or score it anyway, and refusing here means none of the folder's code ever runs.
+    """
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist; pass a local checkpoint folder")
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} is a file; pass the checkpoint *folder* (with config.json)")
-    config_file = path / "config.json"
-    if not config_file.is_file():
+    if not (path / "config.json").is_file():
         raise ModelLoadError(
             f"{path} is not a model folder (no config.json); point model= at the folder written by "
             "save_pretrained"
         )
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    model_type = _read_config(path)["model_type"]
     known = {t for types in supported_families().values() for t in types}
-    if model_type not in known and not trust_remote_code:
+    if model_type not in known:
+        remote = " (trust_remote_code cannot add one)" if trust_remote_code else ""
         raise ModelLoadError(
-            f"{path}: model_type={model_type!r} has no hsr-pl adapter. Supported: {sorted(known)}. "
+            f"{path}: model_type={model_type!r} has no hsr-pl adapter{remote}. Supported: {sorted(known)}. "
             "Add an adapter (docs/adapters.md)."
         )
-    has_processor = any(
-        (path / name).is_file()
-        for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
-    )
-    if not has_processor:
+    if not any((path / name).is_file() for name in _PROCESSOR_FILES):
         raise ModelLoadError(
             f"{path} has no processor or tokenizer files; save the processor next to the weights "
             "(processor.save_pretrained(path)) or pass processor=<folder>"
         )
+    for file in _weight_files(path):
+        check_safetensors(file)
     return model_type
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def check_finite_parameters(
+    model: nn.Module, source: str, fix: str = "the checkpoint is damaged: re-export or re-download it"
+) -> None:
+    """Refuse weights holding NaN/inf, naming the first such parameter (every later step would
+    otherwise fail with a misleading message, or prune and score garbage silently)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                bad = int((~torch.isfinite(param)).sum())
+                raise ModelLoadError(f"{source}: weight {name} holds {bad} NaN/inf value(s); {fix}")
 
 
 class LVLMModule(pl.LightningModule):
@@ -88,7 +197,9 @@ class LVLMModule(pl.LightningModule):
         model: a local checkpoint folder, ``"tiny:<family>"`` / ``"tiny:<family>-gqa"`` (random
             tiny model from config), ``"organism"`` (the shipped aligned tiny LVLM),
             ``"organism:init"`` / ``"organism:init-gqa"`` (the organism's architecture, random
-            init from ``init_seed``: what ``configs/organism.yaml`` trains), or a model.
+            init from ``init_seed``: what ``configs/organism.yaml`` trains), or an ``nn.Module``.
+            (Annotated ``str | Any``: for a parameter that accepts a class, jsonargparse reads a
+            path to an existing file as that file's content.)
         processor: a processor object or folder; default: the model folder.
         dtype: weights dtype when loading (``float32``, ``bfloat16``, ``float16``).
         attn_implementation: passed to ``from_pretrained`` (``eager`` keeps head hooks exact).
@@ -109,7 +220,7 @@ class LVLMModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: str | nn.Module = "tiny:llava",
+        model: str | Any = "tiny:llava",
         processor: Any = None,
         dtype: str = "float32",
         attn_implementation: str | None = "eager",
@@ -127,6 +238,11 @@ class LVLMModule(pl.LightningModule):
         eval_output: str | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(model, (str, nn.Module)):
+            raise ModelLoadError(
+                f"model={model!r} is a {type(model).__name__}; pass a checkpoint folder, 'tiny:<family>', 'organism' "
+                "or an nn.Module"
+            )
         if dtype not in _DTYPES:
             raise ModelLoadError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         if max_new_tokens <= 0:
@@ -143,9 +259,7 @@ class LVLMModule(pl.LightningModule):
         if isinstance(model, str):
             self._model_type = self._prepare_source(model, trust_remote_code)
         if isinstance(processor, str):
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(processor, trust_remote_code=trust_remote_code)
+            processor = self._load_processor(Path(processor).expanduser(), None, "processor")
         self.processor = processor if processor is not None else self._default_processor()
         self.eval_metrics: nn.ModuleDict | None = None
         self._judges: list | None = None  # built once, shared by every evaluation set
@@ -182,11 +296,22 @@ class LVLMModule(pl.LightningModule):
             return self._tiny_processor
         if self.model_source is None:
             return None
+        return self._load_processor(Path(self.model_source).expanduser(), self._model_type, "model")
+
+    def _load_processor(self, path: Path, model_type: str | None, label: str):
+        """The processor (a tokenizer for text-only models) of ``path``; errors name the folder."""
         from transformers import AutoProcessor, AutoTokenizer
 
-        path = Path(self.model_source).expanduser()
-        loader = AutoTokenizer if self._model_type in _TEXT_ONLY else AutoProcessor
-        return loader.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+        if not path.is_dir():
+            raise ModelLoadError(f"{label}={str(path)!r} is not a folder; pass the folder that holds the processor files")
+        loader = AutoTokenizer if model_type in _TEXT_ONLY else AutoProcessor
+        try:
+            return loader.from_pretrained(path, trust_remote_code=self.hparams.trust_remote_code)
+        except Exception as exc:  # transformers raises many kinds here; all mean "this folder is unusable"
+            raise ModelLoadError(
+                f"cannot load the processor from {path} ({_first_line(exc)}); save it next to the weights "
+                "(processor.save_pretrained(path)) or pass processor=<folder>"
+            ) from exc
 
     def configure_model(self) -> None:
         """Load the weights (once). Called by Lightning inside the strategy's init context."""
@@ -199,8 +324,26 @@ class LVLMModule(pl.LightningModule):
         if self.hparams.attn_implementation:
             kwargs["attn_implementation"] = self.hparams.attn_implementation
         rank_zero_info(f"hsr-pl: loading {self.model_source} ({self.hparams.dtype})")
-        self.model = loader.from_pretrained(Path(self.model_source).expanduser(), **kwargs)
-        get_adapter(self.model)  # fail now, not deep inside a callback
+        try:
+            # safetensors only: a pickle file in the folder is never unpickled.
+            model, info = loader.from_pretrained(
+                Path(self.model_source).expanduser(), use_safetensors=True, output_loading_info=True, **kwargs
+            )
+        except Exception as exc:  # transformers/safetensors raise many kinds; all mean "cannot load this"
+            raise ModelLoadError(
+                f"cannot load the weights of {self.model_source} ({_first_line(exc)}); check the checkpoint "
+                "(re-save it with save_pretrained) or its dtype/attn_implementation settings"
+            ) from exc
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            # transformers would initialise these randomly and carry on: a silently different model.
+            raise ModelLoadError(
+                f"{self.model_source}: the weights lack {len(missing)} tensor(s) of its config.json (e.g. {missing[0]!r}); "
+                "the files do not match the architecture: re-save the checkpoint with save_pretrained"
+            )
+        get_adapter(model)  # fail now, not deep inside a callback
+        check_finite_parameters(model, str(self.model_source))
+        self.model = model
 
     @property
     def tokenizer(self):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from hsr_pl.cli import run_cli
+from hsr_pl.cli import main, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny_llava.yaml"
@@ -46,21 +44,33 @@ def test_validate_prints_a_table_with_the_judge_name(tmp_path, capsys):
     assert "hsr-pl evaluation" in out and "keyword-gcg" in out
 
 
-def test_only_fit_and_validate_are_offered():
-    result = subprocess.run([sys.executable, "-m", "hsr_pl", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    assert "{fit,validate}" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "hsr_pl", "predict"], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode != 0
+def run_main(argv: list[str], capsys) -> tuple[int | str | None, str, str]:
+    """``hsr-pl <argv>`` in-process (the import is paid once): exit code, stdout, stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
 
 
-def test_print_config_round_trips(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "hsr_pl", "validate", "--config", str(CONFIG), "--print_config"],
-        capture_output=True, text=True, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "tiny:llava" in result.stdout and "hsr_pl.data.VLGuardDataModule" in result.stdout
+def test_only_fit_and_validate_are_offered(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0 and "{fit,validate}" in out
+    assert "--debug" in out and "HSR_PL_DEBUG=1" in out  # the epilog says how to see a traceback
+    code, _, err = run_main(["predict"], capsys)
+    assert code == 2
+    assert "hsr-pl: error: argument subcommand: invalid choice: 'predict' (choose from 'fit', 'validate')" in err
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    code, printed, err = run_main(["validate", "--config", str(CONFIG), "--print_config"], capsys)
+    assert code == 0, err
+    assert "tiny:llava" in printed and "hsr_pl.data.VLGuardDataModule" in printed
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    code, again, err = run_main(["validate", "--config", str(saved), "--print_config"], capsys)
+    assert code == 0, err
+    assert again == printed
 
 
 def test_eval_table_keeps_counts_in_a_narrow_console():

@@ -3,6 +3,8 @@ response-token statistics, validation before weight changes, partial-failure rep
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from hsr_pl.models import get_adapter
 from hsr_pl.models.tiny import build_tiny
 from hsr_pl.pruning import (
     CalibrationError,
+    DamagedModelError,
     PartialPruningError,
     PruningConfig,
     PruningConfigError,
@@ -249,11 +252,11 @@ def test_missing_labels_explained(batches):
     prune_model(fresh(), no_labels, PruningConfig("wanda", tokens="all"))  # fine with all tokens
 
 
-def test_nan_midway_names_pruned_layers(batches):
+def test_overflow_midway_names_pruned_layers(batches):
     model = fresh()
     adapter = get_adapter(model)
     with torch.no_grad():
-        adapter.projections(1)["v"].weight[0, 0] = float("nan")  # layer 1 o_proj input goes NaN
+        adapter.projections(1)["v"].weight[0, 0] = 3e38  # finite, but layer 1's o_proj statistic overflows
     with pytest.raises(PartialPruningError, match=r"already pruned in place: \[0\]") as info:
         prune_model(model, batches, PruningConfig("wanda"))
     assert info.value.pruned_layers == [0]
@@ -265,7 +268,8 @@ def test_nan_oneshot_fails_before_any_change(batches):
     with torch.no_grad():
         get_adapter(model).projections(1)["v"].weight[0, 0] = float("nan")
     before = snapshot(model)
-    with pytest.raises(CalibrationError, match="NaN/inf"):
+    name = get_adapter(model).name_of(get_adapter(model).projections(1)["v"])
+    with pytest.raises(DamagedModelError, match=rf"weight {re.escape(name)}.weight holds 1 NaN/inf value"):
         prune_model(model, batches, PruningConfig("sparsegpt", mode="oneshot"))
     for k, v in model.state_dict().items():
         assert torch.equal(v.nan_to_num(7.0), before[k].nan_to_num(7.0)), k

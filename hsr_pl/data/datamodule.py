@@ -25,12 +25,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from . import benchmarks
 from .benchmarks.vlguard_test import SUBSETS, select_subset
 from .collate import VLGuardCollator
-from .vlguard import SPLITS, load_vlguard, pairs_to_dataset, parse_split, select_samples
+from .vlguard import SPLITS, check_num_samples, load_vlguard, pairs_to_dataset, parse_split, select_samples
 
 __all__ = ["EvalSet", "VLGuardDataModule"]
 
@@ -129,6 +130,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         shuffle_seed: seed of the training order's own generator; None (default) draws it from the
             global RNG, so it follows ``seed_everything`` but also shifts when the number of
             evaluation loaders iterated between epochs changes.
+        allow_text_only: accept records without an image (text-only models); otherwise such a
+            record is an error, not a silently text-only prompt.
     """
 
     def __init__(
@@ -147,10 +150,16 @@ class VLGuardDataModule(pl.LightningDataModule):
         max_length: int | None = None,
         shuffle_seed: int | None = None,
         eval_length_sorted: bool = True,
+        allow_text_only: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size <= 0 or eval_batch_size <= 0:
-            raise ValueError("batch_size and eval_batch_size must be positive")
+        owner = type(self).__name__
+        check_num_samples(batch_size, f"{owner}: batch_size", allow_none=False)
+        check_num_samples(eval_batch_size, f"{owner}: eval_batch_size", allow_none=False)
+        check_num_samples(num_samples, f"{owner}: num_samples", allow_none=False, why="calibration samples per split; SPEC: 128")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"{owner}: num_workers={num_workers!r} must be an integer ≥ 0 (0: load in the main process)")
+        check_num_samples(max_length, f"{owner}: max_length", why="a token cap; null: no cap")
         for split in train_splits or ():
             if split not in SPLITS:
                 raise ValueError(f"train_splits has unknown split {split!r}; choose from {SPLITS}")
@@ -158,6 +167,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         names = [e.name for e in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"eval set names must be distinct (their metrics are keyed by name), got {names}")
+        for eval_set in self.eval_sets:
+            check_num_samples(eval_set.num_samples, f"eval set {eval_set.name!r}: num_samples", why="null: the whole set")
         for label, path in (("train_path", train_path), ("calibration_path", calibration_path)):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"{label}={path} does not exist; give a VLGuard JSON file")
@@ -174,6 +185,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         self.max_length = max_length
         self.shuffle_seed = shuffle_seed
         self.eval_length_sorted = eval_length_sorted
+        self.allow_text_only = bool(allow_text_only)
         self._examples: dict[str, list[dict]] = {}
 
     @staticmethod
@@ -211,7 +223,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         """Parsed (and validated) examples of one file, cached."""
         key = f"{path}::{image_root or self.image_root}"
         if key not in self._examples:
-            self._examples[key] = load_vlguard(path, image_root or self.image_root)
+            self._examples[key] = load_vlguard(path, image_root or self.image_root, allow_text_only=self.allow_text_only)
         return self._examples[key]
 
     def _loader(self, rows: list[dict], collate, batch_size: int, shuffle: bool) -> DataLoader:
@@ -331,7 +343,14 @@ class VLGuardDataModule(pl.LightningDataModule):
         if self.calibration_path is None:
             raise ValueError("no calibration data: set data.calibration_path or data.train_path")
         dataset = pairs_to_dataset(self.examples(self.calibration_path), split, source=self.calibration_path)
-        return select_samples(dataset, num_samples if num_samples is not None else self.num_samples, self.seed)
+        wanted = num_samples if num_samples is not None else self.num_samples
+        selected = select_samples(dataset, wanted, self.seed)
+        if len(selected) < wanted:
+            rank_zero_info(
+                f"hsr-pl: calibration split {split!r} has {len(dataset)} examples, fewer than the {wanted} requested; "
+                f"using all {len(selected)}"
+            )
+        return selected
 
     def calibration_dataloader(
         self,

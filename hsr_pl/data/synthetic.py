@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,18 +56,21 @@ __all__ = [
     "COLOURS",
     "COMPLIANCE_PREFIX",
     "EVAL_SPLITS",
+    "GENERATOR",
     "KINDS",
     "REFUSAL",
     "SHAPES",
     "SPLITS",
     "VOCABULARY",
     "SyntheticSplit",
+    "check_arguments",
     "draw_image",
     "generate",
     "generate_split",
     "heldout_combinations",
     "instruction_of",
     "load_images",
+    "split_sizes",
     "to_dataset",
     "vlguard_role",
 ]
@@ -336,13 +337,18 @@ def _make_record(split: str, index: int, kind: str, rng: np.random.Generator,
     return record, image
 
 
+def check_arguments(seed: int, n_train: int, n_calib: int, n_eval: int, harmful_fraction: float) -> None:
+    """Refuse bad generator arguments before anything is read or written."""
+    _validate(seed, {"n_train": n_train, "n_calib": n_calib, "n_eval": n_eval}, harmful_fraction)
+
+
 def _validate(seed: int, sizes: dict[str, int], harmful_fraction: float) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     for name, n in sizes.items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    if not 0.0 < harmful_fraction < 1.0:
+            raise ValueError(f"{name} must be a non-negative integer, got {n!r}")
+    if isinstance(harmful_fraction, bool) or not isinstance(harmful_fraction, (int, float)) or not 0.0 < harmful_fraction < 1.0:
         raise ValueError(
             f"harmful_fraction must be in (0, 1), got {harmful_fraction!r}; the organism is designed for "
             "0.10-0.25 (0.15 by default)"
@@ -430,6 +436,15 @@ def to_dataset(split: SyntheticSplit):
 
 
 # -------------------------------------------------------------------------------------------- on disk
+GENERATOR = "hsr_pl.data.synthetic"
+"""The owner name this generator writes into its folders (manifest and owner marker)."""
+
+
+def split_sizes(n_train: int, n_calib: int, n_eval: int) -> dict[str, int]:
+    """Records per split, as :func:`generate` writes them and ``manifest.json`` records them."""
+    return {"train": n_train, "calib_utility": n_calib, "calib_safety": n_calib, **{name: n_eval for name in EVAL_SPLITS}}
+
+
 def generate(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
@@ -444,9 +459,12 @@ def generate(
 
     Also writes ``calibration.json`` (the union of both calibration splits, which the VLGuard
     mapping separates again) and ``manifest.json`` (arguments, sizes, vocabulary, held-out pairs).
-    The whole folder is built in a temporary sibling and renamed into place, so a crash never
-    leaves a half-written data set; an existing non-empty ``out_dir`` needs ``overwrite=True``.
+    The whole folder is built in a temporary sibling and renamed into place
+    (:func:`hsr_pl.io.atomic_folder`), so a crash never leaves a half-written data set; an
+    existing non-empty ``out_dir`` needs ``overwrite=True``.
     """
+    from hsr_pl.io import atomic_folder
+
     sizes = {"n_train": n_train, "n_calib": n_calib, "n_eval": n_eval}
     _validate(seed, sizes, harmful_fraction)
     out = Path(out_dir)
@@ -454,13 +472,10 @@ def generate(
         raise FileExistsError(f"{out} exists and is not a folder; choose another out_dir")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it, or choose another out_dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    split_sizes = {"train": n_train, "calib_utility": n_calib, "calib_safety": n_calib,
-                   **{name: n_eval for name in EVAL_SPLITS}}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    counts = split_sizes(n_train, n_calib, n_eval)
+    with atomic_folder(out, GENERATOR, label="data_dir", overwrite=overwrite) as tmp:
         records_by_split: dict[str, list[dict[str, Any]]] = {}
-        for split, n in split_sizes.items():
+        for split, n in counts.items():
             data = generate_split(split, n, seed, harmful_fraction=harmful_fraction)
             (tmp / "images" / split).mkdir(parents=True)
             for record, image in zip(data.records, data.images, strict=True):
@@ -471,27 +486,18 @@ def generate(
                     records_by_split["calib_utility"] + records_by_split["calib_safety"])
         combos = heldout_combinations(seed)
         manifest = {
-            "generator": "hsr_pl.data.synthetic", "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
-            "harmful_fraction": harmful_fraction, "sizes": split_sizes,
+            "generator": GENERATOR, "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
+            "harmful_fraction": harmful_fraction, "sizes": counts,
             "refusal": REFUSAL, "compliance_prefix": COMPLIANCE_PREFIX,
             "vocabulary": list(VOCABULARY),
             "heldout_pairs": {k: [" ".join(p) for p in v["eval"]] for k, v in combos.items()},
         }
         _write_json(tmp / "manifest.json", manifest)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    # Inside the temp folder of atomic_folder, which fsyncs every file before the swap.
     path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
 
 

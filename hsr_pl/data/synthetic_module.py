@@ -13,10 +13,15 @@ import json
 import os
 from pathlib import Path
 
+from hsr_pl.io import OWNER_MARKER, OutputPathError, check_output_folder, folder_owner
+
 from . import synthetic
 from .datamodule import EvalSet, VLGuardDataModule
 
 __all__ = ["SYNTHETIC_EVAL_SETS", "SyntheticDataModule", "ensure_synthetic"]
+
+# The installed package (shipped organism included): never a place to generate data into.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 # How each held-out synthetic split is read and scored (see docs/organism.md).
 SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
@@ -35,23 +40,60 @@ def _default_dir(args: dict) -> Path:
     return root / name
 
 
-def ensure_synthetic(data_dir: str | os.PathLike | None = None, **args) -> Path:
+def _manifest(folder: Path) -> dict | None:
+    """The folder's manifest when this generator wrote it (None: absent, unreadable or foreign)."""
+    try:
+        found = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and found.get("generator") == synthetic.GENERATOR else None
+
+
+def _is_current(manifest: dict | None, args: dict) -> bool:
+    """Same generator version and every argument that changes the files."""
+    if manifest is None:
+        return False
+    sizes = synthetic.split_sizes(args["n_train"], args["n_calib"], args["n_eval"])
+    return (
+        manifest.get("version") == synthetic.GENERATOR_VERSION
+        and manifest.get("seed") == args["seed"]
+        and manifest.get("harmful_fraction") == args["harmful_fraction"]
+        and manifest.get("sizes") == sizes
+    )
+
+
+def _check_replaceable(folder: Path, overwrite: bool) -> None:
+    """Only a folder this generator wrote (owner marker or its manifest) is regenerated in place."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"data_dir={str(folder)!r} is a file; give a folder for the synthetic data set")
+    if not folder.is_dir() or overwrite or not any(folder.iterdir()):
+        return
+    if folder_owner(folder) == synthetic.GENERATOR or _manifest(folder) is not None:
+        return
+    raise OutputPathError(
+        f"data_dir={str(folder)!r} is not empty and holds no synthetic data set written by hsr-pl (no "
+        f"{OWNER_MARKER} or manifest.json of {synthetic.GENERATOR}); choose a new or empty folder, or set "
+        "overwrite: true to replace it"
+    )
+
+
+def ensure_synthetic(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, **args) -> Path:
     """Generate the synthetic set into ``data_dir`` unless an identical one is already there.
 
-    Safe when several processes of one job call it at once (a lock file serialises them).
+    A folder is regenerated in place only when this generator wrote it; any other non-empty
+    folder is refused unless ``overwrite=True``. The package's own folder is never replaced. Safe
+    when several processes of one job call it at once (a lock file serialises them).
     """
-    folder = Path(data_dir) if data_dir is not None else _default_dir(args)
+    synthetic.check_arguments(args["seed"], args["n_train"], args["n_calib"], args["n_eval"], args["harmful_fraction"])
+    folder = Path(data_dir).expanduser() if data_dir is not None else _default_dir(args)
+    _check_replaceable(folder, overwrite)
+    check_output_folder(folder, synthetic.GENERATOR, label="data_dir", overwrite=True, protect=[PACKAGE_DIR])
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = folder / "manifest.json"
-        if manifest.is_file():
-            found = json.loads(manifest.read_text())
-            same = found.get("version") == synthetic.GENERATOR_VERSION and found.get("seed") == args["seed"] and found.get("harmful_fraction") == args["harmful_fraction"] and (
-                found.get("sizes", {}).get("train") == args["n_train"]
-            )
-            if same:
-                return folder
+        if _is_current(_manifest(folder), args):
+            return folder
+        _check_replaceable(folder, overwrite)  # another process may have written it meanwhile
         synthetic.generate(folder, overwrite=True, **args)
     return folder
 
@@ -63,7 +105,9 @@ class SyntheticDataModule(VLGuardDataModule):
         seed / n_train / n_calib / n_eval / harmful_fraction: generator settings
             (:func:`hsr_pl.data.synthetic.generate`).
         data_dir: where to generate (default ``$HSR_PL_CACHE`` or ``~/.cache/hsr_pl``, under
-            ``synthetic/<settings>``).
+            ``synthetic/<settings>``). A non-empty folder that this generator did not write is
+            refused (never replaced) unless ``overwrite`` is set.
+        overwrite: allow replacing a non-empty ``data_dir`` that holds something else.
         eval_splits: which held-out splits to evaluate (default all six).
         eval_num_samples: cap per evaluation split (default: all ``n_eval``).
         train_splits: train on these loader splits only (e.g. ``[utility]`` for a benign fine-tune).
@@ -78,6 +122,7 @@ class SyntheticDataModule(VLGuardDataModule):
         n_eval: int = 300,
         harmful_fraction: float = 0.15,
         data_dir: str | None = None,
+        overwrite: bool = False,
         eval_splits: list[str] | None = None,
         eval_num_samples: int | None = None,
         processor: object | str | None = None,
@@ -94,7 +139,7 @@ class SyntheticDataModule(VLGuardDataModule):
         if unknown:
             raise ValueError(f"unknown synthetic eval splits {unknown}; choose from {list(SYNTHETIC_EVAL_SETS)}")
         folder = ensure_synthetic(
-            data_dir, seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval, harmful_fraction=harmful_fraction
+            data_dir, overwrite=overwrite, seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval, harmful_fraction=harmful_fraction
         )
         eval_sets = [
             EvalSet(

@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["SPLITS", "DataFormatError", "load_vlguard", "pairs_to_dataset", "parse_split", "select_samples", "split_of"]
+__all__ = ["SPLITS", "DataFormatError", "check_num_samples", "load_vlguard", "pairs_to_dataset", "parse_split", "select_samples", "split_of"]
 
 SPLITS = ("utility", "safety", "over_refusal")
 _INSTRUCTION_KEYS = ("safe_instruction", "unsafe_instruction", "instruction")
@@ -48,20 +48,25 @@ def _where(path: Path, index: int) -> str:
     return f"{path}: record {index}"
 
 
-def load_vlguard(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[dict]:
+def load_vlguard(
+    path: str | os.PathLike, image_root: str | os.PathLike | None = None, *, allow_text_only: bool = False
+) -> list[dict]:
     """Read a VLGuard JSON file into flat examples, one per instruction/response pair.
 
     Each example: ``{"image": absolute path or None, "instruction", "response", "split",
     "safe": bool, "category": str, "record": int}``. ``image_root`` defaults to the JSON file's
-    folder. A record whose ``image`` is null is a text-only prompt (for text-only LMs).
+    folder. A record without an ``image`` (missing or null) is refused unless ``allow_text_only``
+    (text-only LMs): silently dropping the image would calibrate or evaluate a different task.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(f"VLGuard file {path} is a folder; pass the JSON file (e.g. {path / 'train.json'})")
     if not path.is_file():
         raise FileNotFoundError(f"VLGuard file {path} does not exist; pass an existing JSON file path")
     root = Path(image_root) if image_root is not None else path.parent
     try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataFormatError(f"{path} is not valid JSON ({err}); expected a JSON list of records") from None
     if not isinstance(records, list):
         raise DataFormatError(f"{path} holds a {type(records).__name__}; expected a JSON list of records")
@@ -74,6 +79,13 @@ def load_vlguard(path: str | os.PathLike, image_root: str | os.PathLike | None =
             if key not in record:
                 raise DataFormatError(f"{where} has no {key!r} field (fields: {sorted(record)})")
         image = record.get("image")
+        if image is None and not allow_text_only:
+            raise DataFormatError(
+                f"{where} has no image; VLGuard records pair an image with instructions: add the image path, or set "
+                "allow_text_only: true (data module) for a text-only model"
+            )
+        if image is not None and (not isinstance(image, str) or not image):
+            raise DataFormatError(f"{where}: 'image' must be a path string, got {image!r}")
         if image is not None:
             image_path = Path(image) if Path(image).is_absolute() else root / image
             if not image_path.is_file():
@@ -133,10 +145,18 @@ def pairs_to_dataset(examples: Iterable[dict], split: str | None = None, *, sour
     return Dataset.from_dict(columns)
 
 
+def check_num_samples(num_samples: object, label: str = "num_samples", allow_none: bool = True, why: str = "") -> None:
+    """Refuse a count that is not a positive integer (None allowed unless ``allow_none=False``)."""
+    if num_samples is None and allow_none:
+        return
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        tail = " or null" if allow_none else ""
+        raise ValueError(f"{label}={num_samples!r} must be a positive integer{tail}" + (f" ({why})" if why else ""))
+
+
 def select_samples(dataset, num_samples: int | None, seed: int):
     """Seeded shuffle, then the first ``num_samples`` (all when None or larger than the set)."""
-    if num_samples is not None and num_samples <= 0:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    check_num_samples(num_samples)
     shuffled = dataset.shuffle(seed=seed)
     if num_samples is None or num_samples >= len(shuffled):
         return shuffled

@@ -5,7 +5,7 @@ Entry point: :func:`prune_model` with a :class:`PruningConfig`. The per-method f
 plain tensors and are what the tests compare against slow references. See docs/pruning.md.
 """
 
-from .errors import CalibrationError, PartialPruningError, PruningConfigError, PruningError
+from .errors import CalibrationError, DamagedModelError, PartialPruningError, PruningConfigError, PruningError
 from .magnitude import magnitude_mask
 from .masks import check_sparsity, matrix_mask, nm_mask, parse_nm, row_mask, select_mask
 from .runner import METHODS, PruningConfig, PruningResult, prune_linear, prune_model
@@ -18,6 +18,7 @@ from .wanda import wanda_mask, wanda_scores
 __all__ = [
     "METHODS",
     "CalibrationError",
+    "DamagedModelError",
     "HessianStats",
     "LayerInput",
     "PartialPruningError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CalibrationError", "PartialPruningError", "PruningConfigError", "PruningError"]
+__all__ = ["CalibrationError", "DamagedModelError", "PartialPruningError", "PruningConfigError", "PruningError"]
 
 
 class PruningError(Exception):
@@ -15,6 +15,10 @@ class PruningConfigError(PruningError, ValueError):
 
 class CalibrationError(PruningError, ValueError):
     """Calibration data cannot give usable statistics (no tokens, NaN/inf, missing labels)."""
+
+
+class DamagedModelError(PruningError, ValueError):
+    """The model's weights hold NaN/inf before pruning (found before any weight changes)."""
 
 
 class PartialPruningError(PruningError, RuntimeError):

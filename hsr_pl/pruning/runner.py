@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .errors import CalibrationError, PartialPruningError, PruningConfigError
+from .errors import CalibrationError, DamagedModelError, PartialPruningError, PruningConfigError
 from .magnitude import magnitude_mask
 from .masks import UNSTRUCTURED, check_sparsity, parse_nm
 from .sequential import capture_layer_inputs, model_inputs, run_layer
@@ -153,6 +153,19 @@ def _validate(config: PruningConfig, targets: Mapping[str, nn.Linear], keep_orig
 
 
 @torch.no_grad()
+def _check_finite_weights(model: nn.Module) -> None:
+    """NaN/inf anywhere in the model would poison every statistic (and magnitude would keep NaN
+    weights silently): refuse before any weight changes, naming the parameter."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise DamagedModelError(
+                f"weight {name} holds {bad} NaN/inf value(s) before pruning; the model is damaged: reload or "
+                "re-export it (pruning would keep or spread them)"
+            )
+
+
+@torch.no_grad()
 def prune_linear(
     linear: nn.Linear, config: PruningConfig, stat: RowStats | HessianStats | Tensor | None = None
 ) -> tuple[Tensor, float | None]:
@@ -222,6 +235,7 @@ def prune_model(
         adapter = get_adapter(model)
     chosen = _select_targets(adapter, targets)
     keep = _validate(config, chosen, keep_originals)
+    _check_finite_weights(model)
     if config.needs_data and batches is None:
         raise CalibrationError(f"method={config.method!r} needs calibration batches; pass a dataloader")
     if config.method == "magnitude":

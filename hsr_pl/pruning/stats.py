@@ -202,7 +202,8 @@ class StatsCollector:
             for key, tensor in stat.tensors().items():
                 if not bool(torch.isfinite(tensor).all()):
                     raise CalibrationError(
-                        f"{name}: the activation statistic {key} holds NaN/inf; the model overflows on the "
-                        "calibration data (run it in float32/bfloat16 instead of float16, or check the inputs)"
+                        f"{name}: the inputs reaching this linear hold NaN/inf (statistic {key}); the weights are "
+                        "finite (checked before pruning), so the calibration inputs are (NaN pixel values?) or the "
+                        "activations overflow: check the calibration data, or run in float32/bfloat16 instead of float16"
                     )
         return self.stats

@@ -1,8 +1,8 @@
 """Head-attribution outputs: the released score JSON, resumable partial files, heatmaps.
 
 * :func:`write_scores` / :func:`read_scores` — ``{"<layer>-<head>": score}``, the released
-  scripts' format, written atomically (temp file + ``os.replace``) so a crash never leaves half a
-  file where a finished one is expected.
+  scripts' format, written atomically (:mod:`hsr_pl.io`: temp file, fsync, ``os.replace``) so a
+  crash never leaves half a file where a finished one is expected; NaN/inf is refused, never written.
 * :func:`write_partial` / :func:`read_partial` — the same scores plus a header of the settings
   that produced them, so a resumed scan can refuse results computed differently.
 * :func:`heatmap` / :func:`print_heatmap` — a rich terminal heatmap (layers × heads, colour by
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.text import Text
 
+from hsr_pl import io
 from hsr_pl.state import head_key, parse_head_key
 
 __all__ = [
@@ -48,19 +48,8 @@ _VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231
 
 # ------------------------------------------------------------------------------------ files
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``obj`` as JSON to ``path`` atomically (see :func:`hsr_pl.io.write_json_atomic`)."""
+    return io.write_json_atomic(path, obj)
 
 
 def _ordered(scores: Mapping[str, float]) -> dict[str, float]:
@@ -109,8 +98,21 @@ def read_partial(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, flo
         ) from None
     if not isinstance(data, dict) or data.get("format") != PARTIAL_FORMAT:
         raise ValueError(f"{path} is not an hsr-pl partial head-attribution file; delete it or set resume: false")
-    scores = {head_key(*parse_head_key(k)): float(v) for k, v in data.get("scores", {}).items()}
-    return dict(data.get("settings", {})), scores
+    settings, raw = data.get("settings", {}), data.get("scores", {})
+    if not isinstance(settings, dict) or not isinstance(raw, dict):
+        raise ValueError(f"partial file {path} is damaged (settings/scores are not objects); delete it to start afresh")
+    scores: dict[str, float] = {}
+    for key, value in raw.items():
+        try:
+            layer, head = parse_head_key(key)
+        except ValueError:
+            raise ValueError(f"partial file {path} is damaged (key {key!r}); delete it to start the scan afresh") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"partial file {path} is damaged (score of {key!r} is {value!r}); delete it to start the scan afresh"
+            )
+        scores[head_key(layer, head)] = float(value)
+    return dict(settings), scores
 
 
 # ---------------------------------------------------------------------------------- heatmap
@@ -120,6 +122,8 @@ def score_grid(scores: Mapping[str, float]) -> tuple[list[int], int, list[list[f
     if not scores:
         raise ValueError("no head scores to show")
     pairs = {parse_head_key(k): float(v) for k, v in scores.items()}
+    if not any(math.isfinite(v) for v in pairs.values()):
+        raise ValueError(f"none of the {len(pairs)} head scores is a finite number; nothing to show")
     layers = sorted({layer for layer, _ in pairs})
     num_heads = max(head for _, head in pairs) + 1
     grid = [[pairs.get((layer, h), math.nan) for h in range(num_heads)] for layer in layers]
@@ -268,14 +272,6 @@ def save_heatmap_png(
     ax.set_title(textwrap.fill(caption, width=int(8 * fig.get_figwidth())), fontsize=9)
     fig.tight_layout()
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with io.atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

@@ -1,0 +1,512 @@
+"""The bad-input suite: every guarded mistake, through the real ``hsr-pl`` entry point.
+
+Each case builds its inputs (model folder, config, weights, data, callback arguments, output
+paths, resume files) under ``<tmp>/in`` and runs :func:`hsr_pl.cli.main` in-process. Every case
+must end with exit status 2 and exactly one ``hsr-pl: error:`` line (at most one ``hint:`` line
+after it) that names the problem and the fix, no traceback, before any expensive step (weights
+loaded, calibration forwards, head scans, training or validation steps), and with every input
+folder byte-for-byte unchanged. A few cases also run as real ``hsr-pl`` subprocesses.
+
+docs/errors.md lists the same cases; ``test_docs_list_every_case`` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hsr_pl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "configs/tiny_llava.yaml"
+HEADS = "configs/tiny_llava_heads.yaml"
+PRUNED = "configs/tiny_llava_pruned.yaml"
+EXAMPLES = ROOT / "examples" / "tiny_vlguard"
+WATCHED = [ROOT / "examples", ROOT / "configs", ROOT / "hsr_pl" / "assets"]
+
+
+# ------------------------------------------------------------------------------------ inputs
+@dataclass
+class Inputs:
+    """What a case may build on: its own input folder and the shared pristine assets."""
+
+    root: Path  # <tmp>/in: everything here must be unchanged after the run
+    out: Path  # <tmp>/out: the run's default_root_dir
+    model: Path  # a pristine tiny LLaVA checkpoint folder (shared, read-only)
+    checkpoint: Path  # a Lightning checkpoint of a Pruning(magnitude, 0.5) fit (shared)
+
+    def model_copy(self) -> Path:
+        target = self.root / "model"
+        shutil.copytree(self.model, target)
+        return target
+
+    def data_copy(self, edit: Callable[[list], None] | None = None) -> Path:
+        target = self.root / "data"
+        shutil.copytree(EXAMPLES, target)
+        if edit is not None:
+            records = json.loads((target / "train.json").read_text())
+            edit(records)
+            (target / "train.json").write_text(json.dumps(records))
+        return target / "train.json"
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+
+def tiny(i: Inputs, config: str = TINY, *extra: str, cmd: str = "validate") -> list[str]:
+    return [cmd, "--config", config, f"--trainer.default_root_dir={i.out}", "--trainer.logger=false", *extra]
+
+
+def with_model(i: Inputs, model: Path | str, *extra: str) -> list[str]:
+    return tiny(i, TINY, f"--model.init_args.model={model}", *extra)
+
+
+def heads(i: Inputs, *extra: str) -> list[str]:
+    return tiny(i, HEADS, f"--trainer.callbacks.init_args.output={i.out / 'heads' / 'scores.json'}", *extra)
+
+
+def pruned(i: Inputs, *extra: str) -> list[str]:
+    return tiny(i, PRUNED, *extra)
+
+
+def yaml_config(i: Inputs, text: str) -> list[str]:
+    return ["validate", "--config", str(i.file("bad.yaml", text)), f"--trainer.default_root_dir={i.out}"]
+
+
+# ----------------------------------------------------------------------------- model folders
+def config_json(i: Inputs, text: str) -> list[str]:
+    model = i.model_copy()
+    (model / "config.json").write_text(text)
+    return with_model(i, model)
+
+
+def gpt2_remote_code(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"},
+    }))
+    # Would leave a trace in the (watched) input folder if anything imported it.
+    (model / "evil.py").write_text(f"open({str(model / 'RAN')!r}, 'w').write('remote code ran')\n")
+    return with_model(i, model, "--model.init_args.trust_remote_code=true")
+
+
+def weights(i: Inputs, content: bytes | Callable[[bytes], bytes]) -> list[str]:
+    model = i.model_copy()
+    file = model / "model.safetensors"
+    file.write_bytes(content(file.read_bytes()) if callable(content) else content)
+    return with_model(i, model)
+
+
+def weights_lacking_a_tensor(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    tensors = load_file(model / "model.safetensors")
+    tensors.pop(next(k for k in sorted(tensors) if k.endswith("layers.1.mlp.down_proj.weight")))
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return with_model(i, model)
+
+
+def pickle_only(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    return with_model(i, model)
+
+
+def missing_shard(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    (model / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    return with_model(i, model)
+
+
+def no_processor(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    for name in ("processor_config.json", "tokenizer_config.json", "tokenizer.json", "chat_template.jinja"):
+        (model / name).unlink()
+    return with_model(i, model)
+
+
+def nan_weights(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    tensors = load_file(model / "model.safetensors")
+    key = next(k for k in sorted(tensors) if k.endswith("layers.0.self_attn.q_proj.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return with_model(i, model)
+
+
+# ------------------------------------------------------------------------------------ data
+def train_path(i: Inputs, path: Path) -> list[str]:
+    return tiny(i, TINY, f"--data.init_args.train_path={path}")
+
+
+def edited_data(edit: Callable[[list], None]) -> Callable[[Inputs], list[str]]:
+    return lambda i: train_path(i, i.data_copy(edit))
+
+
+def drop_key(key: str, index: int = 0) -> Callable[[list], None]:
+    return lambda records: records[index].pop(key)
+
+
+def eval_sets(i: Inputs, entry: dict) -> list[str]:
+    base = {"name": "x", "path": str(EXAMPLES / "train.json"), "split": "safety", "kind": "harmful"}
+    return tiny(i, TINY, f"--data.init_args.eval_sets={json.dumps([{**base, **entry}])}")
+
+
+def synthetic(i: Inputs, data_dir: Path) -> list[str]:
+    return tiny(i, TINY, "--data=hsr_pl.data.SyntheticDataModule", f"--data.init_args.data_dir={data_dir}",
+                "--data.init_args.n_train=6", "--data.init_args.n_calib=2", "--data.init_args.n_eval=2")
+
+
+def foreign_data_dir(i: Inputs) -> list[str]:
+    folder = i.root / "my-data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a synthetic data set")
+    return synthetic(i, folder)
+
+
+# ------------------------------------------------------------------------- outputs, resume
+def output_under_file(i: Inputs) -> list[str]:
+    blocker = i.file("results", "a file, not a folder")
+    return tiny(i, HEADS, f"--trainer.callbacks.init_args.output={blocker / 'heads.json'}")
+
+
+def output_unwritable(i: Inputs) -> list[str]:
+    return tiny(i, HEADS, f"--trainer.callbacks.init_args.output={unwritable(i) / 'heads.json'}")
+
+
+def unwritable(i: Inputs) -> Path:
+    """A folder where creating a file fails: a 0500 folder, or /sys when running as root."""
+    locked = i.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    for candidate in (locked, Path("/sys")):
+        probe = candidate / ".probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            return candidate
+        probe.unlink()
+    pytest.fail("no unwritable folder to test with")
+
+
+def partial(i: Inputs, content: str) -> list[str]:
+    out = i.root / "scan" / "scores.json"
+    i.file("scan/scores.partial.json", content)
+    return tiny(i, HEADS, f"--trainer.callbacks.init_args.output={out}", "--trainer.callbacks.init_args.resume=true")
+
+
+def partial_of_other_settings(i: Inputs) -> list[str]:
+    from hsr_pl.report.heads import PARTIAL_FORMAT
+
+    header = {"format": PARTIAL_FORMAT, "settings": {"ablation": "zero"}, "scores": {"0-0": 0.5}}
+    return partial(i, json.dumps(header))
+
+
+def corrupt_partial(i: Inputs) -> list[str]:
+    from hsr_pl.report.heads import PARTIAL_FORMAT
+
+    return partial(i, json.dumps({"format": PARTIAL_FORMAT, "settings": {}, "scores": {"0-0": "0.5x"}}))
+
+
+def scores_file(i: Inputs, content: str) -> list[str]:
+    return heads(i, f"--trainer.callbacks.init_args.scores_path={i.file('released.json', content)}")
+
+
+def resume_changed(i: Inputs) -> list[str]:
+    return tiny(i, PRUNED, "--trainer.callbacks.init_args.when=fit_start", "--trainer.callbacks.init_args.method=magnitude",
+                "--trainer.callbacks.init_args.sparsity=0.6", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                f"--ckpt_path={i.checkpoint}", cmd="fit")
+
+
+# ---------------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Case:
+    id: str
+    build: Callable[[Inputs], list[str]]
+    message: str  # regex over the error line: the problem and the fix
+    allowed: frozenset[str] = frozenset()  # expensive steps this case may reach (the check itself needs them)
+
+
+def case(id: str, build: Callable[[Inputs], list[str]], message: str, allowed: tuple[str, ...] = ()) -> Case:
+    return Case(id, build, message, frozenset(allowed))
+
+
+CASES = [
+    # command line and config
+    case("unknown-subcommand", lambda i: ["predict"], r"invalid choice: 'predict' \(choose from 'fit', 'validate'\)"),
+    case("no-subcommand", lambda i: [], r"expected \"subcommand\".*fit.*validate|subcommand"),
+    case("config-missing", lambda i: ["validate", "--config", str(i.root / "nope.yaml")],
+         r"config: File does not exist: .*nope.yaml"),
+    case("config-not-yaml", lambda i: yaml_config(i, "model: [unclosed\n"),
+         r"the config is not valid YAML: while parsing a flow sequence in the config, line 1, column 8"),
+    case("config-unknown-key", lambda i: yaml_config(i, "trainer:\n  max_stepz: 3\n"),
+         r"Subcommand 'validate' does not accept option 'trainer.max_stepz'"),
+    case("unknown-argument", lambda i: tiny(i, TINY, "--trainer.maxsteps=3"), r"unrecognized arguments: --trainer.maxsteps=3"),
+    case("unknown-option", lambda i: tiny(i, TINY, "--model.init_args.nosuch=3"), r"model: Option 'nosuch' is not accepted"),
+    case("wrong-type", lambda i: tiny(i, TINY, "--trainer.max_steps=abc"), r"trainer.max_steps: expected int, got abc"),
+    case("unknown-callback-class", lambda i: tiny(i, TINY, "--trainer.callbacks+=hsr_pl.callbacks.Prunning"),
+         r"trainer.callbacks: .*'Prunning'"),
+    case("trainer-strategy-unknown", lambda i: tiny(i, TINY, "--trainer.strategy=nosuch"),
+         r"trainer: You selected an invalid strategy name: `strategy='nosuch'`.*Example choices: auto, ddp"),
+    case("trainer-devices-zero", lambda i: tiny(i, TINY, "--trainer.devices=0"),
+         r"trainer: `Trainer\(devices='0'\)` value is not a valid input using cpu accelerator"),
+    case("ckpt-path-missing", lambda i: tiny(i, TINY, f"--ckpt_path={i.root / 'none.ckpt'}"),
+         r"ckpt_path='.*none.ckpt' does not exist; give a Lightning checkpoint file"),
+    # model
+    case("model-missing", lambda i: with_model(i, i.root / "nope"), r"model path .*nope does not exist; pass a local checkpoint folder"),
+    case("model-is-text-file", lambda i: with_model(i, i.file("notes.txt", "hello world")),
+         r"model path .*notes.txt is a file; pass the checkpoint \*folder\*"),
+    case("model-no-config", lambda i: with_model(i, (i.root / "empty").mkdir() or i.root / "empty"),
+         r"is not a model folder \(no config.json\); point model= at the folder written by save_pretrained"),
+    case("config-json-invalid", lambda i: config_json(i, "{broken"), r"config.json is not valid JSON .*; restore it"),
+    case("config-json-no-model-type", lambda i: config_json(i, "[1, 2]"), r"config.json has no \"model_type\" string"),
+    case("model-type-unsupported", lambda i: config_json(i, json.dumps({"model_type": "gpt2"})),
+         r"model_type='gpt2' has no hsr-pl adapter\. Supported: .*Add an adapter \(docs/adapters.md\)"),
+    case("remote-code-unsupported", gpt2_remote_code, r"model_type='gpt2' has no hsr-pl adapter \(trust_remote_code cannot add one\)"),
+    case("no-processor", no_processor, r"has no processor or tokenizer files; save the processor next to the weights"),
+    case("weights-truncated", lambda i: weights(i, lambda b: b[: len(b) // 2]),
+         r"model.safetensors is not a complete safetensors file \(tensor .* ends at byte .*\); .*re-save the checkpoint"),
+    case("weights-random", lambda i: weights(i, os.urandom(4096)), r"model.safetensors is not a complete safetensors file"),
+    case("weights-empty", lambda i: weights(i, b""), r"shorter than the 8-byte header length"),
+    case("weights-pickle-only", pickle_only, r"holds only pickle weights .*; hsr-pl loads safetensors only: convert them"),
+    case("weights-shard-missing", missing_shard, r"names shard\(s\) \['model-00001-of-00002.safetensors'\] that are not in"),
+    case("weights-missing-tensor", weights_lacking_a_tensor,
+         r"the weights lack 1 tensor\(s\) of its config.json \(e.g. '.*layers.1.mlp.down_proj.weight'\); .*re-save", ("load",)),
+    case("weights-nan", nan_weights, r"weight .*layers.0.self_attn.q_proj.weight holds 1 NaN/inf value\(s\); .*re-export", ("load",)),
+    case("dtype-unknown", lambda i: tiny(i, TINY, "--model.init_args.dtype=int8"), r"dtype='int8' is not one of"),
+    case("tiny-family-unknown", lambda i: with_model(i, "tiny:gpt2"), r"'tiny:gpt2': no tiny builder; known:"),
+    # data
+    case("train-path-missing", lambda i: train_path(i, i.root / "nope.json"), r"train_path=.*nope.json does not exist; give a VLGuard JSON file"),
+    case("train-json-invalid", lambda i: train_path(i, i.file("t.json", "[{")), r"t.json is not valid JSON .*expected a JSON list of records"),
+    case("train-json-object", lambda i: train_path(i, i.file("t.json", "{}")), r"holds a dict; expected a JSON list of records"),
+    case("record-without-image", edited_data(drop_key("image", 2)),
+         r"record 2 has no image; .*set allow_text_only: true .* for a text-only model"),
+    case("record-image-missing", edited_data(lambda r: r[1].update(image="images/gone.png")),
+         r"record 1: image .*gone.png does not exist; check image_root"),
+    case("record-without-pairs", edited_data(drop_key("instr-resp")), r"record 0 has no 'instr-resp' field"),
+    case("data-num-samples-zero", lambda i: tiny(i, TINY, "--data.init_args.num_samples=0"), r"VLGuardDataModule: num_samples=0 must be a positive integer \(calibration samples per split"),
+    case("data-batch-size-zero", lambda i: tiny(i, TINY, "--data.init_args.batch_size=0"), r"VLGuardDataModule: batch_size=0 must be a positive integer"),
+    case("eval-kind-unknown", lambda i: eval_sets(i, {"kind": "toxic"}),
+         r"data: expected one of 'harmful', 'utility', 'benign', got toxic"),
+    case("eval-path-missing", lambda i: eval_sets(i, {"path": str(i.root / "e.json")}), r"eval set 'x': .*e.json does not exist"),
+    case("eval-num-samples-zero", lambda i: eval_sets(i, {"num_samples": 0}), r"eval set 'x': num_samples=0 must be a positive integer or null \(null: the whole set\)"),
+    case("synthetic-foreign-dir", foreign_data_dir,
+         r"data_dir=.*my-data' is not empty and holds no synthetic data set .*or set overwrite: true"),
+    case("synthetic-dir-is-file", lambda i: synthetic(i, i.file("data.txt", "x")), r"data_dir=.*data.txt' is a file"),
+    # callbacks
+    case("pruning-method", lambda i: pruned(i, "--trainer.callbacks.init_args.method=obs"), r"method='obs' is unknown; choose one of wanda"),
+    case("pruning-sparsity", lambda i: pruned(i, "--trainer.callbacks.init_args.sparsity=1.5"), r"sparsity"),
+    case("pruning-structure", lambda i: pruned(i, "--trainer.callbacks.init_args.mask_structure=4:2"), r"4:2"),
+    case("pruning-calibration-split", lambda i: pruned(i, "--trainer.callbacks.init_args.calibration=harmful"),
+         r"Pruning.calibration='harmful' is not a calibration split"),
+    case("pruning-targets-match-nothing", lambda i: pruned(i, "--trainer.callbacks.init_args.targets=[language_model.*qkv_proj]"),
+         r"targets regex 'language_model.\*qkv_proj' matches no nn.Linear"),
+    case("pruning-when", lambda i: pruned(i, "--trainer.callbacks.init_args.when=test_start"), r"when='test_start'.*choose one or both"),
+    case("heads-score", lambda i: heads(i, "--trainer.callbacks.init_args.score=cosine"), r"score='cosine' is not one of"),
+    case("heads-top-h-too-large", lambda i: heads(i, "--trainer.callbacks.init_args.top_h=1000"),
+         r"top_h=1000 exceeds the model's \d+ attention heads; lower top_h"),
+    case("heads-engine-kwargs", lambda i: heads(i, '--trainer.callbacks.init_args.engine_kwargs={"max_batch_head": 2}'),
+         r"engine_kwargs has 'max_batch_head'"),
+    case("heads-output-not-json", lambda i: tiny(i, HEADS, f"--trainer.callbacks.init_args.output={i.root / 'h.txt'}"),
+         r"must be a .json file path"),
+    case("heads-output-under-file", output_under_file, r"output=.*results/heads.json' lies under .*results', which is a file"),
+    case("heads-output-unwritable", output_unwritable, r"cannot write in .*; choose a writable location"),
+    case("heads-scores-path-missing", lambda i: heads(i, f"--trainer.callbacks.init_args.scores_path={i.root / 'no.json'}"),
+         r"scores_path=.*no.json' does not exist"),
+    case("heads-scores-path-invalid", lambda i: scores_file(i, '{"0_1": 0.5}'), r"key '0_1' is not '<layer>-<head>'"),
+    case("heads-scores-path-nan", lambda i: scores_file(i, '{"0-0": NaN}'), r"score of '0-0' is nan; scores must be finite numbers"),
+    # resume
+    case("heads-resume-without-output", lambda i: tiny(i, HEADS, "--trainer.callbacks.init_args.output=null",
+                                                       "--trainer.callbacks.init_args.resume=true"),
+         r"resume=True needs output=<path.json>"),
+    case("heads-partial-corrupt", corrupt_partial, r"partial file .*scores.partial.json is damaged .*delete it to start the scan afresh"),
+    case("heads-partial-not-json", lambda i: partial(i, "{half"), r"partial file .* is not valid JSON .*delete it"),
+    case("heads-partial-other-settings", partial_of_other_settings,
+         r"resume refused: .*scores.partial.json was written with different settings \(ablation: 'zero' there vs 'head' now"),
+    case("resume-changed-settings", resume_changed,
+         r"resume refused: the checkpoint's Pruning ran with other settings \(.*sparsity: 0.5 there -> 0.6 now\)"),
+]
+
+
+# ------------------------------------------------------------------------------------ harness
+def digest(folders: list[Path]) -> dict[str, str]:
+    """Every file (and folder) under ``folders`` with its content hash and mode."""
+    out = {}
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            key = str(path)
+            if path.is_file():
+                out[key] = hashlib.sha256(path.read_bytes()).hexdigest() + oct(path.stat().st_mode)
+            else:
+                out[key] = "dir" + oct(path.stat().st_mode)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> dict[str, Path]:
+    """A tiny LLaVA checkpoint folder and a Lightning checkpoint of a magnitude-pruned fit."""
+    from hsr_pl.cli import run_cli
+    from hsr_pl.models.tiny import build_tiny
+
+    base = tmp_path_factory.mktemp("pristine")
+    model, processor = build_tiny("llava")
+    model.save_pretrained(base / "model")
+    processor.save_pretrained(base / "model")
+    cwd = Path.cwd()
+    os.chdir(ROOT)
+    try:
+        cli = run_cli(["fit", "--config", PRUNED, f"--trainer.default_root_dir={base / 'fit'}", "--trainer.logger=false",
+                       "--trainer.callbacks.init_args.when=fit_start", "--trainer.callbacks.init_args.method=magnitude",
+                       "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+    finally:
+        os.chdir(cwd)
+    cli.trainer.save_checkpoint(base / "step1.ckpt")
+    return {"model": base / "model", "checkpoint": base / "step1.ckpt"}
+
+
+class Expensive:
+    """Records every expensive step a run reaches (and lets it happen)."""
+
+    def __init__(self, monkeypatch) -> None:
+        import transformers
+
+        import hsr_pl.callbacks.head_attribution as attribution
+        import hsr_pl.callbacks.pruning as pruning
+        from hsr_pl.module import LVLMModule
+
+        self.reached: list[str] = []
+        for owner in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
+            self._watch(monkeypatch, owner, "from_pretrained", "load")
+        self._watch(monkeypatch, pruning, "prune_model", "prune")
+        self._watch(monkeypatch, attribution, "head_scores", "scan")
+        self._watch(monkeypatch, LVLMModule, "training_step", "train")
+        self._watch(monkeypatch, LVLMModule, "validation_step", "validate")
+
+    def _watch(self, monkeypatch, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def watched(*args, **kwargs):
+            self.reached.append(label)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, watched)
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr from the error line on; asserts there is exactly one."""
+    lines = err.splitlines()
+    starts = [n for n, line in enumerate(lines) if line.startswith("hsr-pl: error: ")]
+    assert len(starts) == 1, f"expected one 'hsr-pl: error:' line, got:\n{err}"
+    return lines[starts[0]:]
+
+
+def check_one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    tail = error_lines(err)
+    assert len(tail) <= 2 and all(line.startswith("hint: ") for line in tail[1:]), f"more than error + hint:\n{err}"
+    return tail[0].removeprefix("hsr-pl: error: ")
+
+
+@pytest.mark.parametrize("bad", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_before_any_work_and_changes_nothing(bad, tmp_path, pristine, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("HSR_PL_DEBUG", raising=False)
+    inputs = Inputs(tmp_path / "in", tmp_path / "out", pristine["model"], pristine["checkpoint"])
+    inputs.root.mkdir()
+    argv = bad.build(inputs)
+    before = digest([inputs.root, pristine["model"], *WATCHED])
+    capsys.readouterr()
+    expensive = Expensive(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    message = check_one_line(err)
+    assert re.search(bad.message, message), f"{bad.id}: {message!r} does not match {bad.message!r}"
+    assert set(expensive.reached) <= bad.allowed, f"{bad.id} reached {expensive.reached} before failing"
+    assert digest([inputs.root, pristine["model"], *WATCHED]) == before, f"{bad.id} changed an input"
+
+
+def test_the_suite_covers_at_least_forty_guarded_inputs():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_docs_list_every_case():
+    table = (ROOT / "docs" / "errors.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M))
+    assert listed == {c.id for c in CASES}
+
+
+# ------------------------------------------------------------------------ debug and bugs
+def test_debug_flag_and_env_show_the_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    argv = with_model(Inputs(tmp_path, tmp_path / "out", tmp_path, tmp_path), tmp_path / "nope")
+    from hsr_pl.module import ModelLoadError
+
+    with pytest.raises(ValueError, match="Does not validate against any of the Union subtypes") as info:
+        main([*argv, "--debug"])
+    assert isinstance(info.value.__cause__, ModelLoadError)
+    monkeypatch.setenv("HSR_PL_DEBUG", "1")
+    with pytest.raises(ValueError, match="Union subtypes"):
+        main(argv)
+    monkeypatch.setenv("HSR_PL_DEBUG", "0")
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_bug_keeps_its_traceback_and_says_what_to_report(tmp_path, monkeypatch, capsys):
+    import hsr_pl.callbacks.pruning as pruning
+
+    def broken(*args, **kwargs):
+        return torch.zeros(2) + torch.zeros(3)  # torch raises inside our code: a bug, not a bad input
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(pruning, "prune_model", broken)
+    with pytest.raises(SystemExit) as info:
+        main(pruned(Inputs(tmp_path, tmp_path / "out", tmp_path, tmp_path)))
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert "Traceback" in err and "hsr-pl: internal error: RuntimeError: The size of tensor a" in err
+    assert "hint: this is a bug, not a bad input; please report it" in err
+
+
+# ------------------------------------------------------------------------ real entry point
+# A model error that jsonargparse wraps while instantiating, and one of jsonargparse's own.
+SUBPROCESS_CASES = ["model-missing", "unknown-option"]
+
+
+@pytest.mark.slow
+def test_the_installed_script_behaves_the_same(tmp_path, pristine):
+    """The real ``hsr-pl`` console script, the cases in parallel (each process pays the import)."""
+    script = Path(sys.executable).with_name("hsr-pl")
+    assert script.is_file(), f"{script} is not installed (pip install -e .)"
+    env = {**os.environ, "HSR_PL_DEBUG": "", "OMP_NUM_THREADS": "1"}
+    runs = []
+    for name in SUBPROCESS_CASES:
+        bad = next(c for c in CASES if c.id == name)
+        inputs = Inputs(tmp_path / name / "in", tmp_path / name / "out", pristine["model"], pristine["checkpoint"])
+        inputs.root.mkdir(parents=True)
+        process = subprocess.Popen([str(script), *bad.build(inputs)], cwd=ROOT, env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        runs.append((bad, process))
+    for bad, process in runs:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 2, err
+        assert re.search(bad.message, check_one_line(err)), err
