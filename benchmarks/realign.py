@@ -165,6 +165,83 @@ def organism(out: Path, sparsities: list[float], budgets: list[int]) -> None:
     _write(out, results)
 
 
+def _asr(ev: dict, judge: str) -> float:
+    return (ev["harmful_text"][f"asr[{judge}]"] + ev["harmful_image"][f"asr[{judge}]"]) / 2
+
+
+def organism_report(out: Path) -> None:
+    """Render realign_organism.json as a markdown table per sparsity and an RSR-vs-restored plot."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    dense = data["dense"]
+    lm = 1_071_488  # the organism's language-model parameters (decoder + lm_head)
+    lines = ["# Realignment on the shipped organism: every selection and order, budgets 25 … 3000", "",
+             "Wanda (sequential, 128 utility calibration samples) at 60 % and 70 %; heads: top-4 Ships scores of the dense "
+             "model (KL over the refusal, 128 image- and text-borne harmful prompts); importance and the refusal-loss "
+             "gradient from 128 `safety+over_refusal` calibration samples; held-out sets of 300 prompts each, greedy, 12 "
+             "new tokens. ASR per set under three judges (strict / keyword-gcg-nocase / coherent-compliance); RSR is the "
+             "mean of the two harmful sets under the strict and keyword judges. `budget —` is the rule's whole set "
+             "(the paper's rule). Produced by `python benchmarks/realign.py --part organism` (shared 2-core CPU).", ""]
+    judges = ("strict", "keyword-gcg-nocase")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for sparsity in sorted({r["sparsity"] for r in data["runs"]}):
+        runs = [r for r in data["runs"] if r["sparsity"] == sparsity]
+        pruned = next(r for r in runs if r["variant"] == "pruned")["eval"]
+        lines += [f"## Wanda {100 * sparsity:.0f} %", "",
+                  "| selection | order | budget | restored | ‱ of LM | text ASR s/k/c | image ASR s/k/c | utility | over-refusal | RSR strict | RSR keyword |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+        def line(name, order, budget, restored, ev, pruned=pruned):
+            t, i = ev["harmful_text"], ev["harmful_image"]
+            sk = "/".join(f"{100 * t[f'asr[{j}]']:.1f}" for j in ("strict", "keyword-gcg-nocase", "coherent-compliance"))
+            si = "/".join(f"{100 * i[f'asr[{j}]']:.1f}" for j in ("strict", "keyword-gcg-nocase", "coherent-compliance"))
+            rsr = []
+            for j in judges:
+                gap = _asr(pruned, j) - _asr(dense, j)
+                rsr.append("-" if gap <= 0 else f"{100 * (_asr(pruned, j) - _asr(ev, j)) / gap:.1f} %")
+            return (f"| {name} | {order} | {budget} | {restored if restored is not None else '-'} | "
+                    f"{'-' if restored is None else f'{1e4 * restored / lm:.2f}'} | {sk} | {si} | "
+                    f"{100 * ev['utility']['utility[contains]']:.1f} | {100 * ev['benign']['over_refusal[strict]']:.1f} | "
+                    f"{rsr[0]} | {rsr[1]} |")
+
+        lines.append(line("dense", "", "", None, dense))
+        lines.append(line("pruned", "", "", None, pruned))
+        for r in runs:
+            v = r["variant"]
+            if v == "pruned":
+                continue
+            order = v["order"] + (f", scope {v['scope']}" if v.get("scope") == "all" else "") + (
+                f", {v['rounds']} rounds" if v.get("rounds", 1) > 1 else "")
+            lines.append(line(v["selection"], order, v["budget"] if v["budget"] is not None else "—", r["restored"], r["eval"]))
+            key = f"{100 * sparsity:.0f} % {v['selection']} {order}"
+            gap = _asr(pruned, "strict") - _asr(dense, "strict")
+            if gap > 0 and v["budget"] is not None:
+                curves.setdefault(key, []).append((r["restored"], (_asr(pruned, "strict") - _asr(r["eval"], "strict")) / gap))
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110, sharey=True)
+    for ax, tag in zip(axes, ("60 %", "70 %")):
+        for key, pts in curves.items():
+            if key.startswith(tag):
+                pts = sorted(pts)
+                ax.plot([x for x, _ in pts], [100 * y for _, y in pts], marker="o", label=key.removeprefix(tag + " "))
+        ax.set_xscale("log")
+        ax.set_title(f"Wanda {tag}")
+        ax.set_xlabel("restored weights")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.axhline(0, color="grey", linewidth=0.6)
+    axes[0].set_ylabel("RSR, strict judge (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"))
+
+
 def _write(out: Path, obj: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -174,7 +251,7 @@ def _write(out: Path, obj: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["selection", "organism"], default="selection")
+    parser.add_argument("--part", choices=["selection", "organism", "report"], default="selection")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.6, 0.7])
     parser.add_argument("--budgets", type=int, nargs="+", default=BUDGETS)
@@ -183,11 +260,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(*args.child)))
         return
-    out = args.out or Path(__file__).parent / "results" / f"realign_{args.part}"
-    if args.part == "selection":
+    out = args.out or Path(__file__).parent / "results" / f"realign_{'organism' if args.part == 'report' else args.part}"
+    if args.part == "report":
+        organism_report(out)
+    elif args.part == "selection":
         selection(out)
     else:
         organism(out, args.sparsities, args.budgets)
+        organism_report(out)
 
 
 if __name__ == "__main__":

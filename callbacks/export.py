@@ -21,10 +21,7 @@ Beside the weights: ``hsr_summary.json`` (what the callbacks did, always) and
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from hsr_pl.io import (
+    OutputPathError,
+    atomic_folder,
+    check_output_folder,
+    file_mode,
+    folder_mode,
+    folder_owner,
+    write_json_atomic,
+)
 from hsr_pl.state import HSRState, get_state
 
 __all__ = ["MARKER", "ExportError", "ExportPretrained", "check_export_target", "realignment_manifest", "save_pretrained_atomic"]
@@ -42,8 +48,11 @@ _WHEN = ("fit_end", "validation_end")
 MARKER = "hsr_summary.json"  # every hsr-pl export writes it; its presence proves a folder is ours
 
 
-class ExportError(ValueError):
+class ExportError(OutputPathError):
     """An export target that would lose data; the message names the fix."""
+
+
+OWNER = "hsr-pl ExportPretrained"
 
 
 def _resolved(path: str | os.PathLike) -> Path:
@@ -54,8 +63,17 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _ours(target: Path) -> bool:
+    """Written by an hsr-pl export: its owner marker, or (older exports) its hsr_summary.json."""
+    return folder_owner(target) == OWNER or (target / MARKER).is_file()
+
+
 def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = ()) -> Path:
-    """Raise :class:`ExportError` unless writing ``dirpath`` can only replace an earlier export."""
+    """Raise :class:`ExportError` unless writing ``dirpath`` can only replace an earlier export.
+
+    Stricter than :func:`hsr_pl.io.check_output_folder` for inputs: the target may neither be, hold,
+    nor lie inside a protected folder (writing into a model's folder changes that model too).
+    """
     target = _resolved(dirpath)
     for source in protected:
         if source is None:
@@ -63,40 +81,14 @@ def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, 
         src = _resolved(source)
         if _overlaps(target, src):
             raise ExportError(
-                f"export dirpath {dirpath} overlaps the input {src}; writing there would replace the model it was "
+                f"export dirpath {dirpath} overlaps the input {src}; writing there would change the model it was "
                 "loaded from: choose a new folder (e.g. runs/realigned)"
             )
-    for parent in [target, *target.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ExportError(f"export dirpath {dirpath}: {parent} is a file; choose a folder path")
-            break
-    if target.exists() and any(target.iterdir()) and not (target / MARKER).is_file() and not overwrite:
-        raise ExportError(
-            f"export dirpath {dirpath} is a non-empty folder that hsr-pl did not write (no {MARKER}); choose a new "
-            "folder, or set overwrite: true to replace it"
-        )
-    existing = next(p for p in [target, *target.parents] if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ExportError(f"export dirpath {dirpath}: {existing} is not writable; choose a folder you can write to")
+    try:
+        check_output_folder(target, OWNER, label="dirpath", overwrite=overwrite or (target.is_dir() and _ours(target)))
+    except OutputPathError as exc:
+        raise ExportError(str(exc)) from None
     return target
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for folder in [root, root.parent]:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_pretrained_atomic(
@@ -111,36 +103,21 @@ def save_pretrained_atomic(
 ) -> Path:
     """``model.save_pretrained`` + ``processor.save_pretrained`` into ``dirpath`` in one rename.
 
-    ``summary`` becomes ``hsr_summary.json`` (written always, so later exports recognise the folder),
-    ``manifest`` ``realignment.json``. See :func:`check_export_target` for what is refused.
+    ``summary`` becomes ``hsr_summary.json`` (written always), ``manifest`` ``realignment.json``.
+    See :func:`check_export_target` for what is refused; the folder is built by
+    :func:`hsr_pl.io.atomic_folder` (fsynced, umask modes, owner marker, one rename).
     """
     target = check_export_target(dirpath, overwrite=overwrite, protected=protected)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    replace_ours = overwrite or (target.is_dir() and _ours(target))
+    with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
-        _write_json(tmp / MARKER, summary or {})
+        write_json_atomic(tmp / MARKER, summary or {})
         if manifest is not None:
-            _write_json(tmp / "realignment.json", manifest)
-        # mkdtemp makes a private (0700) folder; give the result the usual umask-based modes.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+            write_json_atomic(tmp / "realignment.json", manifest)
         for path in tmp.rglob("*"):
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        _fsync_tree(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.chmod(path, folder_mode() if path.is_dir() else file_mode())
     return target
 
 

@@ -260,6 +260,25 @@ class SafetyRealignment(HSRCallback):
         return _with_progress(batches, description)
 
     # ------------------------------------------------------------------------------ run
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # The flow's shape is known before any weight is loaded: refuse a wrong one now.
+        self._check_order(trainer)
+        callbacks = list(trainer.callbacks)
+        mine = callbacks.index(self)
+        if not any(is_pruner(cb) for cb in callbacks[:mine]) and trainer.ckpt_path is None:
+            raise RealignInputError(
+                "SafetyRealignment has no pruner before it in trainer.callbacks: add Pruning (or PrunedCheckpoint for "
+                "a model pruned by another tool) before it"
+            )
+        scorers = [cb for cb in callbacks[:mine] if hasattr(cb, "top") and hasattr(cb, "scores")]
+        if self.config.needs_heads and self.heads is None and self._file_scores is None and not scorers \
+                and trainer.ckpt_path is None:
+            raise RealignInputError(
+                "SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning in trainer.callbacks, or give "
+                "heads_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
+            )
+
     def _check_order(self, trainer: pl.Trainer) -> None:
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)

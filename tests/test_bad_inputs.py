@@ -88,6 +88,38 @@ def yaml_config(i: Inputs, text: str) -> list[str]:
     return ["validate", "--config", str(i.file("bad.yaml", text)), f"--trainer.default_root_dir={i.out}"]
 
 
+def flow(i: Inputs, callbacks: str, *extra: str) -> list[str]:
+    """tiny_llava.yaml with ``callbacks`` (YAML list items) as trainer.callbacks."""
+    second = i.file("flow.yaml", "trainer:\n  callbacks:\n" + callbacks)
+    return ["validate", "--config", TINY, "--config", str(second), f"--trainer.default_root_dir={i.out}",
+            "--trainer.logger=false", *extra]
+
+
+PRUNE = "    - {class_path: hsr_pl.callbacks.Pruning, init_args: {num_samples: 4, when: validation_start}}\n"
+REALIGN = "    - {class_path: hsr_pl.callbacks.SafetyRealignment, init_args: {heads: ['0-1'], num_samples: 4%s}}\n"
+
+
+def export_to(i: Inputs, dirpath: Path, model: Path | None = None) -> list[str]:
+    extra = [f"--model.init_args.model={model}"] if model is not None else []
+    return flow(i, PRUNE + f"    - {{class_path: hsr_pl.callbacks.ExportPretrained, init_args: {{dirpath: '{dirpath}'}}}}\n", *extra)
+
+
+def export_over_model(i: Inputs) -> list[str]:
+    model = i.model_copy()
+    return export_to(i, model, model)
+
+
+def export_into_foreign(i: Inputs) -> list[str]:
+    folder = i.root / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("precious")
+    return export_to(i, folder)
+
+
+def export_under_file(i: Inputs) -> list[str]:
+    return export_to(i, i.file("results", "a file") / "model")
+
+
 # ----------------------------------------------------------------------------- model folders
 def config_json(i: Inputs, text: str) -> list[str]:
     model = i.model_copy()
@@ -339,6 +371,27 @@ CASES = [
     case("heads-partial-not-json", lambda i: partial(i, "{half"), r"partial file .* is not valid JSON .*delete it"),
     case("heads-partial-other-settings", partial_of_other_settings,
          r"resume refused: .*scores.partial.json was written with different settings \(ablation: 'zero' there vs 'head' now"),
+    # realignment, repair and export
+    case("realign-before-pruner", lambda i: flow(i, REALIGN % "" + PRUNE),
+         r"SafetyRealignment comes before the pruner in trainer.callbacks; order them SafetyHeadAttribution, Pruning"),
+    case("realign-no-pruner", lambda i: flow(i, REALIGN % ""), r"SafetyRealignment has no pruner before it .*add Pruning"),
+    case("realign-no-heads", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment}\n"),
+         r"SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning .*or give heads_path="),
+    case("realign-p-above-max-p", lambda i: flow(i, PRUNE + REALIGN % ", p: 0.9"), r"p=0.9 must lie in \(0, max_p=0.7\)"),
+    case("realign-gradient-no-budget", lambda i: flow(i, PRUNE + REALIGN % ", order: gradient"),
+         r"order='gradient' .*needs a budget \(e.g. budget: 100 or '1‱'\)"),
+    case("realign-bad-budget", lambda i: flow(i, PRUNE + REALIGN % ", budget: lots"),
+         r"budget='lots' is not a number; use e.g. 100, 1e-4, '1‱' or '0.01%'"),
+    case("realign-heads-path-missing", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
+                                                      f"init_args: {{heads_path: '{i.root / 'no.json'}', top_h: 2}}}}\n"),
+         r"heads_path=.*no.json' does not exist"),
+    case("repair-path-missing", lambda i: flow(i, f"    - {{class_path: hsr_pl.callbacks.PrunedCheckpoint, init_args: "
+                                                  f"{{path: '{i.root / 'pruned'}'}}}}\n"),
+         r"PrunedCheckpoint\(path=.*pruned'\): no such folder; give the pruned model's folder"),
+    case("export-over-model", export_over_model, r"export dirpath .*model overlaps the input .*choose a new folder"),
+    case("export-into-foreign-folder", export_into_foreign,
+         r"dirpath=.*mine' is not empty and was not written by hsr-pl .*or set overwrite: true"),
+    case("export-under-file", export_under_file, r"dirpath=.*results/model' lies under .*results', which is a file, not a folder; choose a path in a folder"),
     case("resume-changed-settings", resume_changed,
          r"resume refused: the checkpoint's Pruning ran with other settings \(.*sparsity: 0.5 there -> 0.6 now\)"),
 ]

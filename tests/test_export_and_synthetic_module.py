@@ -52,7 +52,7 @@ def test_export_writes_safetensors_atomically_with_exact_zeros(tmp_path, tiny_ll
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.txt").write_text("old")
-    with pytest.raises(ExportError, match="non-empty folder that hsr-pl did not write"):
+    with pytest.raises(ExportError, match="is not empty and was not written by hsr-pl"):
         save_pretrained_atomic(model, processor, target, {"k": 1})
     assert (target / "stale.txt").read_text() == "old"
     save_pretrained_atomic(model, processor, target, {"k": 1}, overwrite=True)

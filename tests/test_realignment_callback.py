@@ -201,7 +201,7 @@ def test_wrong_order_and_missing_inputs_are_named(tmp_path):
         trainer.validate(module, datamodule=make_data(module), verbose=False)
     module = make_module()
     trainer = make_trainer(tmp_path, [SafetyRealignment(heads=HEADS, when="validation_start")])
-    with pytest.raises(RealignInputError, match="found no pruning masks"):
+    with pytest.raises(RealignInputError, match="has no pruner before it"):
         trainer.validate(module, datamodule=make_data(module), verbose=False)
     module = make_module()
     with pytest.raises(RealignInputError, match="has no heads"):
