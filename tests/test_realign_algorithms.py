@@ -515,3 +515,11 @@ def test_p_auto_beyond_max_p_names_the_module():
     views = make_views(2, GEOMETRIES["mha"], sparsity=0.2)  # p = 0.8 > max_p = 0.7
     with pytest.raises(RealignConfigError, match=r"p=0.833333 for l0.q .*raise max_p above 0.833333"):
         plan_restoration(views, {0: [0], 1: [0]}, RealignConfig(), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_top_fraction_on_every_dtype_path(dtype):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 7, (9, 11), generator=g).to(dtype)  # numpy on float64, kthvalue on halves
+    for fraction in (0.2, 0.5, 0.7):
+        assert as_set(top_fraction_mask(scores, fraction)) == ref_top(scores.double(), fraction)

@@ -8,8 +8,9 @@ candidates to restore.
 
 Selection is exact and deterministic: ``T(a)`` holds exactly ``int(a · numel)`` entries (the
 released script's count) and among equal scores the lower flat (row-major) index wins. It is
-vectorised and memory-light: one ``kthvalue`` finds the threshold, one cumulative sum breaks the
-ties, so a 11008 × 4096 matrix needs a few bytes per entry, not a full sort with int64 indices.
+vectorised and memory-light: one selection pass (numpy's introselect on the CPU, ``kthvalue``
+elsewhere) finds the thresholds, and only the entries tied at a threshold are indexed, so an
+11008 × 4096 matrix needs a few bytes per entry, not a full sort with int64 indices.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .errors import RealignConfigError
 
-__all__ = ["candidate_mask", "check_fractions", "top_count", "top_fraction_mask"]
+__all__ = ["candidate_mask", "check_fractions", "top_count", "top_fraction_mask", "top_fraction_masks"]
 
 
 def top_count(numel: int, fraction: float) -> int:
@@ -27,26 +28,51 @@ def top_count(numel: int, fraction: float) -> int:
     return int(fraction * numel)
 
 
-def top_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
-    """Bool mask of the ``int(fraction · numel)`` largest scores; ties go to the lower flat index."""
-    if not 0.0 <= fraction <= 1.0:
-        raise RealignConfigError(f"fraction={fraction} must lie in [0, 1]")
+def _kth_largest(flat: Tensor, ks: list[int]) -> list[Tensor]:
+    """The k-th largest value of ``flat`` for every k (1-based); one selection pass on the CPU."""
+    n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        positions = sorted({n - k for k in ks})
+        part = np.partition(flat.numpy(), positions)  # numpy's introselect: ~3x torch.kthvalue on CPU
+        return [torch.tensor(part[n - k], dtype=flat.dtype) for k in ks]
+    return [torch.kthvalue(flat, n - k + 1).values for k in ks]
+
+
+def top_fraction_masks(scores: Tensor, fractions: list[float]) -> list[Tensor]:
+    """:func:`top_fraction_mask` for several fractions of one matrix, sharing the selection pass."""
+    for fraction in fractions:
+        if not 0.0 <= fraction <= 1.0:
+            raise RealignConfigError(f"fraction={fraction} must lie in [0, 1]")
     flat = scores.reshape(-1)
-    k = top_count(flat.numel(), fraction)
-    if k == 0:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k >= flat.numel():
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if bool(torch.isnan(flat).any()):
         raise RealignConfigError("importance scores hold NaN; check the model weights and calibration statistics")
-    # The k-th largest value is the (n - k + 1)-th smallest.
-    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
-    above = flat > threshold
-    ties = flat == threshold
-    need = k - int(above.sum())
-    # Among the tied entries keep the first `need` in flat order.
-    keep_ties = ties & (torch.cumsum(ties, 0) <= need)
-    return (above | keep_ties).reshape(scores.shape)
+    counts = [top_count(flat.numel(), f) for f in fractions]
+    inner = [k for k in counts if 0 < k < flat.numel()]
+    thresholds = dict(zip(inner, _kth_largest(flat.contiguous(), inner))) if inner else {}
+    out = []
+    for k in counts:
+        if k == 0:
+            out.append(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device))
+            continue
+        if k >= flat.numel():
+            out.append(torch.ones(scores.shape, dtype=torch.bool, device=scores.device))
+            continue
+        threshold = thresholds[k].to(flat.device)
+        mask = flat > threshold
+        need = k - int(torch.count_nonzero(mask))
+        if need:
+            # Among the entries equal to the threshold keep the first `need` in flat order.
+            ties = (flat == threshold).nonzero().squeeze(1)
+            mask[ties[:need]] = True
+        out.append(mask.reshape(scores.shape))
+    return out
+
+
+def top_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
+    """Bool mask of the ``int(fraction · numel)`` largest scores; ties go to the lower flat index."""
+    return top_fraction_masks(scores, [fraction])[0]
 
 
 def check_fractions(p: float, q: float, max_p: float, where: str = "") -> None:
@@ -70,4 +96,5 @@ def candidate_mask(utility: Tensor, safety: Tensor, p: float, q: float, max_p: f
             f"utility importance {tuple(utility.shape)} and safety importance {tuple(safety.shape)} differ in shape"
         )
     check_fractions(p, q, max_p)
-    return top_fraction_mask(safety, q) & top_fraction_mask(utility, max_p) & ~top_fraction_mask(utility, p)
+    band_top, kept = top_fraction_masks(utility, [max_p, p])
+    return top_fraction_mask(safety, q) & band_top & ~kept
