@@ -450,3 +450,19 @@ def test_cli_validate_with_the_heads_config(tmp_path, capsys, monkeypatch):
     assert "safety-head scores" in printed and "hsr-pl evaluation" in printed
     n_layers = len(adapter.layer_indices())
     assert "head attribution (kl, exact)" in printed and f"{n_layers}/{n_layers} layers" in printed  # progress bar
+
+
+def test_heatmap_stays_readable_with_zero_and_rounding_negative_scores(tmp_path):
+    from hsr_pl.report.heads import scale_range
+
+    # one dominant head, the rest spread over decades, one exact zero and one -1e-12 from rounding
+    scores = {f"0-{h}": 10.0 ** (-h) for h in range(6)}
+    scores.update({"0-6": 0.0, "0-7": -1e-12})
+    flat = list(scores.values())
+    assert color_scale(flat) == "log" and scale_range(flat, "log") == (1e-5, 1.0)
+    console = Console(record=True, width=100, color_system="truecolor")
+    console.print(heatmap(scores, [(0, 0)], "kl"))
+    text = console.export_text()
+    assert "1e-05" in text and "log scale" in text
+    save_heatmap_png(tmp_path / "h.png", scores, [(0, 0)], "kl")
+    assert (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC

@@ -29,6 +29,7 @@ from hsr_pl.state import head_key, parse_head_key
 __all__ = [
     "PARTIAL_FORMAT",
     "color_scale",
+    "scale_range",
     "heatmap",
     "print_heatmap",
     "read_partial",
@@ -131,18 +132,30 @@ def score_grid(scores: Mapping[str, float]) -> tuple[list[int], int, list[list[f
 
 
 def color_scale(values: Sequence[float]) -> str:
-    """``log`` when every score is positive and they span ≥ 100×, else ``linear``: a heavy-tailed
-    score (one dominant head) would otherwise paint every other head the same dark colour."""
-    finite = [v for v in values if math.isfinite(v)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) >= 100:
+    """``log`` when the positive scores span ≥ 100×, else ``linear``: a heavy-tailed score (one
+    dominant head) would otherwise paint every other head the same dark colour. Zeros and
+    rounding-negative values (a KL of -1e-9) do not force a linear scale: they sit at its bottom."""
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    if positive and max(positive) / min(positive) >= 100:
         return "log"
     return "linear"
+
+
+def scale_range(values: Sequence[float], scale: str) -> tuple[float, float]:
+    """``(lo, hi)`` of the colour scale: the smallest positive value is the bottom of a log scale."""
+    finite = [v for v in values if math.isfinite(v)]
+    if scale == "log":
+        positive = [v for v in finite if v > 0]
+        return min(positive), max(positive)
+    return min(finite), max(finite)
 
 
 def _unit(value: float, lo: float, hi: float, scale: str) -> float:
     if not math.isfinite(value):
         return math.nan
     if scale == "log":
+        if value <= lo:
+            return 0.0
         value, lo, hi = math.log(value), math.log(lo), math.log(hi)
     return 0.5 if hi <= lo else min(1.0, max(0.0, (value - lo) / (hi - lo)))
 
@@ -170,9 +183,8 @@ def heatmap(
     the top-h list with values follow. Cells are 3, 2 or 1 characters wide to fit ``max_width``."""
     layers, num_heads, grid = score_grid(scores)
     flat = [v for row in grid for v in row]
-    finite = [v for v in flat if math.isfinite(v)]
-    lo, hi = min(finite), max(finite)
     scale = color_scale(flat)
+    lo, hi = scale_range(flat, scale)
     rank = {tuple(pair): i + 1 for i, pair in enumerate(top)}
     label = max(len(f"L{layers[-1]}"), 3)
     width = next((w for w in (3, 2) if label + 1 + w * num_heads <= max_width), 1)
@@ -240,9 +252,10 @@ def save_heatmap_png(
 
     layers, num_heads, grid = score_grid(scores)
     flat = [v for row in grid for v in row]
-    finite = [v for v in flat if math.isfinite(v)]
-    lo, hi = min(finite), max(finite)
     scale = color_scale(flat)
+    lo, hi = scale_range(flat, scale)
+    if scale == "log":  # zeros and rounding-negative scores sit at the bottom of the log scale
+        grid = [[max(v, lo) if math.isfinite(v) else v for v in row] for row in grid]
     norm = LogNorm(lo, hi) if scale == "log" else Normalize(lo, hi if hi > lo else lo + 1e-12)
 
     fig = Figure(figsize=(max(4.5, 0.32 * num_heads + 2.2), max(3.0, 0.3 * len(layers) + 1.6)), dpi=120)
