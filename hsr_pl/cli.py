@@ -13,6 +13,7 @@ docs/errors.md for the list of guarded inputs.
 from __future__ import annotations
 
 import linecache
+import logging
 import os
 import re
 import sys
@@ -228,8 +229,28 @@ def _debug_requested(args: Sequence[str]) -> bool:
     return "--debug" in args or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+class _NoTips(logging.Filter):
+    """Drops Lightning's product tips (litlogger / litmodels adverts), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡 Tip:")
+
+
+def quiet_known_noise() -> None:
+    """Silence messages a user cannot act on: Lightning's product tips and the deprecation of
+    ``LeafSpec`` that Lightning itself triggers inside torch. Real warnings stay."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``hsr-pl`` console script (``argv`` defaults to ``sys.argv[1:]``)."""
+    quiet_known_noise()
     args = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(args)
     args = [a for a in args if a != "--debug"]

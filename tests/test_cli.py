@@ -97,3 +97,23 @@ def test_optimizer_is_overridable_from_the_cli(tmp_path):
     (optimizer,) = cli.trainer.optimizers
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.param_groups[0]["lr"] == 0.05
+
+
+def test_known_noise_is_silenced_but_real_warnings_stay(capsys, caplog):
+    import logging
+    import warnings
+
+    from hsr_pl.cli import quiet_known_noise
+
+    quiet_known_noise()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.info("💡 Tip: For seamless cloud logging, try installing litlogger")
+        logger.info("GPU available: False")
+    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_known_noise()
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use TreeSpec", FutureWarning, stacklevel=1)
+        warnings.warn("a real warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["a real warning"]
