@@ -54,6 +54,12 @@ from .base import HSRCallback
 __all__ = ["BASELINES", "StageEvaluation"]
 
 BASELINES = ("random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule")
+"""Baselines the paper argues against (and its own rule): ``random`` — HSR's count of pruned weights
+drawn anywhere (every linear with kept originals); ``random_in_heads`` — drawn inside the same heads'
+slices; ``none`` — HSR's settings without the head restriction; ``whole_heads`` — every pruned weight
+of the heads; ``reference`` — the released script's selection, truncated to HSR's count by the margin
+order; ``random_heads`` — HSR's settings on as many random heads; ``paper_rule`` — the paper's rule
+(margin order, no budget) on HSR's heads."""
 CURVE_METHODS = ("hsr", "paper_rule", "random", "random_in_heads", "none", "random_heads", "reference")
 
 
@@ -76,6 +82,7 @@ class StageEvaluation(HSRCallback):
         curve_budgets: budgets (counts) of the restored-weights curve; empty: no curve.
         curve_methods: which methods the curve sweeps (default: HSR and the baselines that take a budget).
         curve_sets: evaluation sets used on the curve (default: the harmful ones).
+        baseline_sets: evaluation sets the baselines are measured on (default: all).
         seed: seed of the random baselines.
         output_dir: where summary.json and the plots go (default ``trainer.default_root_dir``).
     """
@@ -88,6 +95,7 @@ class StageEvaluation(HSRCallback):
         curve_budgets: list[int] | None = None,
         curve_methods: list[str] | None = None,
         curve_sets: list[str] | None = None,
+        baseline_sets: list[str] | None = None,
         seed: int = 0,
         output_dir: str | None = None,
     ) -> None:
@@ -105,6 +113,7 @@ class StageEvaluation(HSRCallback):
             raise RealignConfigError(f"curve_methods has {bad}; choose from {list(CURVE_METHODS)}")
         self.curve_methods = methods
         self.curve_sets = curve_sets
+        self.baseline_sets = baseline_sets
         self.seed = int(seed)
         self.output_dir = output_dir
         self.results: dict[str, Any] = {}
@@ -196,7 +205,7 @@ class StageEvaluation(HSRCallback):
         state = get_state(pl_module)
         cfg: RealignConfig = source.config
         heads = list(source.result.heads)
-        k = budget if budget is not None else source.result.restored
+        k = source.result.restored if budget is None else budget  # the random baselines' count
         with torch.inference_mode(False):
             if name in ("random", "random_in_heads"):
                 eligible = {}
@@ -214,7 +223,7 @@ class StageEvaluation(HSRCallback):
                     eligible[lname] = free
                 restored = restore_masks(model, state, random_restore_masks(eligible, k, self.seed))
             else:
-                variant = self._config(cfg, name, budget if budget is not None else k)
+                variant = self._config(cfg, name, budget)
                 chosen = heads
                 if name == "random_heads":
                     pool = [(layer, h) for layer in adapter.layer_indices() for h in range(adapter.geometry(layer).num_heads)]
@@ -252,10 +261,11 @@ class StageEvaluation(HSRCallback):
         if self.baselines:
             self.results["baselines"] = {}
             for name in BASELINES:
-                # whole_heads, reference and the paper's rule restore their own rule's count
-                budget = None if name in ("whole_heads", "reference", "paper_rule") else source.result.restored
+                # whole_heads and the paper's rule restore their own rule's whole set; the others HSR's count
+                budget = None if name in ("whole_heads", "paper_rule") else source.result.restored
                 rank_zero_info(f"hsr-pl: baseline {name}")
-                self.results["baselines"][name] = self._variant(trainer, pl_module, source, name, budget)
+                self.results["baselines"][name] = self._variant(trainer, pl_module, source, name, budget,
+                                                                only=self.baseline_sets)
         if self.curve_budgets:
             harmful = self.curve_sets or [e.name for e in trainer.datamodule.eval_sets if e.kind == "harmful"]
             self.results["curve"] = {}

@@ -72,7 +72,8 @@ def test_stages_baselines_curve_and_the_realigned_model_put_back(tmp_path):
     assert set(base) == {"random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule"}
     for name in ("random", "random_in_heads", "none", "random_heads"):
         assert base[name]["restored_params"] == 12, name
-    assert base["whole_heads"]["restored_params"] > 12
+    assert base["whole_heads"]["restored_params"] > 12 and base["paper_rule"]["restored_params"] != 12
+    assert base["reference"]["restored_params"] == 12
     assert [p["restored_params"] for p in summary["curve"]["hsr"]] == [4, 12]
     assert summary["curve"]["paper_rule"][-1]["budget"] is None
     # The realigned model is what validate and the export see: the same weights and restorations,
@@ -84,6 +85,16 @@ def test_stages_baselines_curve_and_the_realigned_model_put_back(tmp_path):
     manifest = json.loads((tmp_path / "out" / "realignment.json").read_text())
     assert manifest["restored"]["params"] == 12
     assert (tmp_path / "stages.png").is_file() and (tmp_path / "restored_weights_curve.png").is_file()
+    # The stage table keeps every value visible in an 80-column console.
+    from rich.console import Console
+
+    from hsr_pl.report.stages import stage_table
+
+    console = Console(width=80, record=True)
+    console.print(stage_table(summary))
+    text = console.export_text()
+    assert "…" not in text and all(name in text for name in base) and "keyword-gcg-nocase" in text
+    assert f"{100 * summary['realigned']['judges']['strict']['asr_image']:.1f}" in text
 
 
 def test_bad_settings_and_missing_judge():

@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["closing_line", "print_stage_table", "save_curve_png", "save_stage_png", "stage_table"]
@@ -15,36 +17,55 @@ __all__ = ["closing_line", "print_stage_table", "save_curve_png", "save_stage_pn
 STAGES = ("dense", "pruned", "realigned")
 
 
-def _pct(value: float | None) -> str:
+def _pct(value: float | None) -> str:  # noqa: D103
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f} %"
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
 def stage_table(summary: Mapping[str, Any]) -> Table:
-    """Rows: the stages (and baselines); columns: ASR per harmful set under each judge, utility, over-refusal, RSR."""
+    """Rows: the stages, then the baselines; columns: ASR per judge (one number per harmful set),
+    utility, over-refusal, RSR under the headline judge, restored weights. Values in %."""
     judges = summary["judges"]
-    sets = summary["harmful_sets"]
-    table = Table(title=f"HSR on {summary.get('model', 'the model')}: {summary['method']} {100 * summary['sparsity']:.0f} %",
-                  title_justify="left")
-    table.add_column("stage")
-    for judge in judges:
-        for name in sets:
-            table.add_column(f"ASR {name.removeprefix('harmful_')}\n[{judge}]", justify="right")
-    table.add_column("utility", justify="right")
-    table.add_column("over-\nrefusal", justify="right")
-    table.add_column(f"RSR\n[{summary['judge']}]", justify="right")
-    table.add_column("restored", justify="right")
+    sets = [n.removeprefix("harmful_") for n in summary["harmful_sets"]]
+    title = f"HSR: {summary['method']} {100 * summary['sparsity']:.0f} %, {len(summary['heads'])} heads (values in %)"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
+                  padding=(0, 1))
+    short = {"text": "txt", "image": "img"}
+
+    def column(header: str, width: int = 4) -> None:
+        wide = max(width, *(len(line) for line in header.split("\n")))
+        table.add_column(escape(header), justify="right", no_wrap=True, min_width=wide)
+
+    table.add_column("model", no_wrap=True)
+    for i, _ in enumerate(judges):
+        for n in sets:
+            column(f"[{i + 1}]\n{short.get(n, n[:4])}")
+    column("util")
+    column("over-\nref.")
+    column(f"RSR\n[{judges.index(summary['judge']) + 1}]")
+    column("rest-\nored", width=len(f"{max([summary['restored_params']] + [b['restored_params'] for b in summary.get('baselines', {}).values()]):,}"))
+
+    def asr_cells(per_judge: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        return [_num(per_judge.get(j, {}).get(f"asr_{n}")) for j in judges for n in sets]
+
     for stage in STAGES:
         row = summary[stage]
-        cells = [_pct(row["judges"][j].get(f"asr_{n.removeprefix('harmful_')}")) for j in judges for n in sets]
-        restored = "" if stage != "realigned" else (
-            f"{summary['restored_params']:,} ({1e4 * summary['restored_ratio_lm']:.2f} ‱)")
-        rsr = _pct(summary["rsr"]) if stage == "realigned" else ""
-        table.add_row(stage, *cells, _pct(row["utility"]), _pct(row["over_refusal"]), rsr, restored)
+        restored = f"{summary['restored_params']:,}" if stage == "realigned" else ""
+        rsr = _num(summary["rsr"]) if stage == "realigned" else ""
+        style = "bold" if stage == "realigned" else None
+        table.add_row(stage, *asr_cells(row["judges"]), _num(row["utility"]), _num(row["over_refusal"]), rsr, restored,
+                      style=style)
+    if summary.get("baselines"):
+        table.add_section()
     for name, base in summary.get("baselines", {}).items():
-        cells = [_pct(base["judges"].get(j, {}).get(f"asr_{n.removeprefix('harmful_')}")) for j in judges for n in sets]
-        table.add_row(f"[dim]baseline {name}[/dim]", *cells, _pct(base.get("utility")), _pct(base.get("over_refusal")),
-                      _pct(base["rsr"]), f"{base['restored_params']:,}")
-    table.caption = closing_line(summary)
+        table.add_row(name, *asr_cells(base["judges"]), _num(base.get("utility")), _num(base.get("over_refusal")),
+                      _num(base["rsr"]), f"{base['restored_params']:,}", style="dim")
+    legend = ", ".join(f"[{i + 1}] {j}" for i, j in enumerate(judges))
+    table.caption = escape(f"attack success rate per harmful set under the judges {legend}; utility and "
+                           f"over-refusal averaged over their sets. {closing_line(summary)}")
     return table
 
 
