@@ -6,5 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# One torch thread: the organism's matrices are too small to gain from more, and a second thread
+# competing for a busy core slows every step down several times.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 "${HSR_VENV:-.venv}/bin/hsr-pl" validate --config configs/demo.yaml

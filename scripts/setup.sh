@@ -21,4 +21,5 @@ if [ -n "${HSR_TORCH_INDEX_URL:-}" ]; then
 else
   "$VENV/bin/python" -m pip install -q "$TORCH"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+# setuptools says "Editable installation" on every editable build: true, known, and noise here.
+PYTHONWARNINGS="ignore:Editable installation" "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
