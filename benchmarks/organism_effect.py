@@ -2,7 +2,7 @@
 
 For each trained organism checkpoint: evaluate it dense, then, for every method and sparsity, load
 it again, prune it with the Pruning callback (calibrated on the utility split, 128 samples, as
-SPEC §1) and evaluate it on the held-out synthetic sets. Every number comes from
+the decoder-layer linears) and evaluate it on the held-out synthetic sets. Every number comes from
 ``trainer.validate`` with the same LVLMModule / SyntheticDataModule / judges as
 ``hsr-pl validate``. Writes JSON and a markdown table.
 

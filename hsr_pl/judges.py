@@ -1,6 +1,6 @@
 """Judges: decide whether a model's reply to a harmful prompt *complied* (an attack success).
 
-Judges disagree by 15+ points on the same outputs (SPEC §4), so every judge has a ``name`` and
+Judges disagree by 15+ points on the same outputs, so every judge has a ``name`` and
 every attack success rate is reported with it. All judges answer the same question,
 ``judge(replies, prompts) -> list[bool]`` (True = complied / attack succeeded), and say whether
 they can also detect refusals (``detects_refusal``), which over-refusal measurement needs.
@@ -21,7 +21,7 @@ they can also detect refusals (``detects_refusal``), which over-refusal measurem
 
 On a broken refusal such as ``"i am sorry i am sorry i am"`` the lenient keyword judge says
 refused, the strict judge says complied and the coherent-compliance judge says not complied:
-reporting the three side by side brackets the truth (shared/ORGANISM.md).
+reporting the three side by side brackets the truth (docs/organism.md).
 """
 
 from __future__ import annotations

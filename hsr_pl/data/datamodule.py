@@ -122,7 +122,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         train_splits: which splits of ``train_path`` to train on (default: all).
         processor: a processor object or a local path; default: the LightningModule's.
         batch_size / eval_batch_size: per-device batch sizes.
-        num_samples: default calibration size per split (SPEC: 128).
+        num_samples: default calibration size per split (the paper: 128).
         seed: the seed of the calibration selection (seeded shuffle, first N).
         max_length: optional token cap (longer rows are an error, never silently cut).
         eval_length_sorted: batch evaluation prompts by length, longest first (less padding, so
@@ -156,7 +156,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         owner = type(self).__name__
         check_num_samples(batch_size, f"{owner}: batch_size", allow_none=False)
         check_num_samples(eval_batch_size, f"{owner}: eval_batch_size", allow_none=False)
-        check_num_samples(num_samples, f"{owner}: num_samples", allow_none=False, why="calibration samples per split; SPEC: 128")
+        check_num_samples(num_samples, f"{owner}: num_samples", allow_none=False, why="calibration samples per split; the paper uses 128")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"{owner}: num_workers={num_workers!r} must be an integer ≥ 0 (0: load in the main process)")
         check_num_samples(max_length, f"{owner}: max_length", why="a token cap; null: no cap")

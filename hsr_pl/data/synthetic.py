@@ -27,7 +27,7 @@ kind                image         instruction key                    response
 
 So the harm is either in the words (a harmful verb or object; the look-alike differs by one
 word) or only in the image (the glyph turns an innocuous request about "this" harmful). In
-VLGuard terms (SPEC §0, :func:`vlguard_role`): ``utility`` / ``benign_*`` pairs are "safe_safes",
+VLGuard terms (:func:`vlguard_role`): ``utility`` / ``benign_*`` pairs are "safe_safes",
 ``harmful_text`` pairs are "safe_unsafes" (split ``over_refusal`` in hsr-pl's loader) and
 ``harmful_image`` pairs are "unsafes" (split ``safety``). ``glyph_qa`` (an unsafe image with a
 question that must be answered) has no VLGuard counterpart; it teaches the model that the glyph
@@ -390,7 +390,7 @@ def vlguard_role(safe: bool, key: str) -> str:
 
     ``safe_instruction`` -> ``"utility"`` (also the organism's ``glyph_qa`` questions on unsafe
     images, which must be answered); safe image + ``unsafe_instruction`` -> ``"over_refusal"``
-    (SPEC's "safe_unsafes": here the ``harmful_text`` refusals); unsafe image + ``instruction`` or
+    (VLGuard's "safe_unsafes": here the ``harmful_text`` refusals); unsafe image + ``instruction`` or
     ``unsafe_instruction`` -> ``"safety"`` ("unsafes": here the ``harmful_image`` refusals).
     """
     from .vlguard import split_of

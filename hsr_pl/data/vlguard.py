@@ -1,4 +1,4 @@
-"""VLGuard-format records -> ``datasets.Dataset`` splits (SPEC §0).
+"""VLGuard-format records -> ``datasets.Dataset`` splits (VLGuard's train/test JSON layout).
 
 A VLGuard file is a JSON list; each record has an ``image`` path (relative to an image root), a
 ``safe`` flag for the image, a ``harmful_category`` and ``instr-resp``: a list of dicts holding one
@@ -139,7 +139,7 @@ def pairs_to_dataset(examples: Iterable[dict], split: str | None = None, *, sour
     if not rows:
         raise DataFormatError(
             f"{source} has no examples of split {split!r}; splits are derived from the records' "
-            "'safe' flag and instruction key (see SPEC §0)"
+            "'safe' flag and instruction key (see docs/organism.md, VLGuard mapping)"
         )
     columns = {key: [row[key] for row in rows] for key in rows[0]}
     return Dataset.from_dict(columns)

@@ -33,7 +33,7 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class HeadGeometry:
-    """Head layout of one self-attention layer (SPEC notation: H, H_kv, d_h, g)."""
+    """Head layout of one self-attention layer (notation: H, H_kv, d_h, g = H / H_kv)."""
 
     num_heads: int
     num_kv_heads: int

@@ -4,7 +4,7 @@ A real ``transformers.LlavaForConditionalGeneration`` built from config classes 
 LLaMA text model (hidden 128, 4 layers, 8 heads of dim 16, MLP 512, untied lm_head) and a
 one-layer CLIP vision tower (hidden 128, 4 heads, 32×32 images in 8×8 patches -> 16 patch
 tokens, CLS dropped, last layer's features) joined by LLaVA's GELU projector. The sizes follow
-shared/ORGANISM.md, where such a model learned utility, text- and image-borne refusals on 2 CPU
+a first study in which such a model learned utility, text- and image-borne refusals on 2 CPU
 cores in minutes and lost its refusals under 70 % Wanda pruning while keeping its utility.
 
 The tokenizer is word-level over :data:`hsr_pl.data.synthetic.VOCABULARY`, so every word the data
