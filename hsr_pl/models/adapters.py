@@ -164,6 +164,10 @@ class ModelAdapter:
     # Layout of those modules' outputs when already split per head: False -> [..., seq, H, d_h]
     # (or flat [..., seq, H*d_h]); True -> [batch, H, seq, d_h] (Gemma3's norms).
     states_head_major: ClassVar[bool] = False
+    # True when the decoder builds every layer's keyword arguments (masks, rotary embeddings) from
+    # the batch before its layer loop, so sequential pruning may record them without computing any
+    # layer. A decoder that derives them from an earlier layer's output must say False.
+    layer_arguments_from_batch: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

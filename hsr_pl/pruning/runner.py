@@ -279,8 +279,12 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
     layers = adapter.all_layers()
     groups = _by_layer(adapter, chosen)
     last = max(groups)
-    # Every layer's own arguments (Gemma3 & co. give sliding and full layers different masks).
-    inputs = capture_layer_inputs(model, list(layers)[: last + 1], batches, config.tokens)
+    # Every layer's own arguments (Gemma3 & co. give sliding and full layers different masks),
+    # recorded without computing the layers where the decoder builds them from the batch.
+    inputs = capture_layer_inputs(
+        model, list(layers)[: last + 1], batches, config.tokens,
+        run_layers=not adapter.layer_arguments_from_batch,
+    )
     tokens = sum(int(i.mask.sum()) for i in inputs if i.mask is not None)
     if not inputs or tokens == 0:
         raise CalibrationError(
