@@ -282,3 +282,25 @@ def test_mllama_sequential_still_refused():
     model, processor = build_tiny("mllama")
     with pytest.raises(NotImplementedError, match="mode='oneshot'"):
         prune_model(model, make_batches(processor, response=True, dtype=torch.float32), PruningConfig("wanda"))
+
+
+def test_run_layer_outputs_new_replace_or_none_agree():
+    """``replace`` (the runner's re-forward) writes the same outputs into the input list that
+    ``new`` returns; ``none`` (the statistics pass) still runs every batch, for the hooks."""
+    model, batches = setup("gemma3", False)
+    layers = list(get_adapter(model).all_layers())
+    inputs = capture_layer_inputs(model, layers, batches, "all")
+    new = run_layer(layers[0], 0, inputs)
+    calls: list[int] = []
+    handle = layers[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        assert run_layer(layers[0], 0, inputs, outputs="none") == []
+    finally:
+        handle.remove()
+    assert len(calls) == len(batches)
+    replaced = run_layer(layers[0], 0, inputs, outputs="replace")
+    assert replaced is inputs and len(replaced) == len(new)
+    for a, b in zip(replaced, new):
+        assert torch.equal(a.hidden, b.hidden) and a.kwargs is b.kwargs
+    with pytest.raises(ValueError, match="outputs="):
+        run_layer(layers[0], 0, inputs, outputs="keep")

@@ -154,12 +154,18 @@ def _validate(config: PruningConfig, targets: Mapping[str, nn.Linear], keep_orig
 
 @torch.no_grad()
 def prune_linear(
-    linear: nn.Linear, config: PruningConfig, stat: RowStats | HessianStats | Tensor | None = None
+    linear: nn.Linear,
+    config: PruningConfig,
+    stat: RowStats | HessianStats | Tensor | None = None,
+    *,
+    consume: bool = False,
 ) -> tuple[Tensor, float | None]:
     """Prune one linear in place from its statistic; return its mask (device of the weight).
 
     ``stat`` is a :class:`RowStats` (wanda), :class:`HessianStats` (sparsegpt), a summed SNIP score
     tensor (snip) or None (magnitude). The second value is SparseGPT's damping (else None).
+    ``consume=True``: the statistic is not needed afterwards, so SparseGPT may use its Hessian as
+    workspace (no copies of it, as in the reference).
     """
     weight = linear.weight
     if config.method == "wanda":
@@ -175,7 +181,8 @@ def prune_linear(
         weight.data[mask] = 0
         return mask, None
     result = sparsegpt_prune(
-        weight.data, stat.H, config.sparsity, config.nm, blocksize=config.blocksize, percdamp=config.percdamp
+        weight.data, stat.H, config.sparsity, config.nm, blocksize=config.blocksize, percdamp=config.percdamp,
+        overwrite_hessian=consume,
     )
     weight.data.copy_(result.weight)
     return result.mask, result.percdamp
@@ -241,11 +248,13 @@ def _by_layer(adapter, chosen: Mapping[str, nn.Linear]) -> dict[int, dict[str, n
 
 
 def _prune_layer(
-    linears: Mapping[str, nn.Linear], stats: Mapping, config: PruningConfig, keep: set[str], result: PruningResult
+    linears: Mapping[str, nn.Linear], stats: dict, config: PruningConfig, keep: set[str], result: PruningResult
 ) -> None:
+    """Prune ``linears`` one by one; each statistic leaves ``stats`` (and memory) once it is used,
+    as the reference frees each linear's Hessian right after pruning it."""
     for name, lin in linears.items():
         _record(result, name, lin, keep)
-        mask, damp = prune_linear(lin, config, stats.get(name) if stats else None)
+        mask, damp = prune_linear(lin, config, stats.pop(name, None) if stats else None, consume=True)
         result.masks[name] = mask.detach().to("cpu")
         if damp is not None:
             result.percdamp[name] = damp
@@ -300,13 +309,13 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
             if linears:
                 collector = StatsCollector(linears, _STAT_KIND[config.method], selection)
                 with collector:
-                    run_layer(layer, index, inputs, selection)
+                    run_layer(layer, index, inputs, selection, outputs="none")
                 stats = collector.finalize(reduce)
                 _prune_layer(linears, stats, config, keep, result)
                 del collector, stats
                 result.layers.append(index)
             if index < last:
-                inputs = run_layer(layer, index, inputs)
+                run_layer(layer, index, inputs, outputs="replace")
         except Exception as exc:
             raise _wrap(exc, result.layers) from exc
         if on_layer is not None:

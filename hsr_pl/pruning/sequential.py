@@ -201,15 +201,26 @@ def capture_layer_inputs(
 
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, index: int, inputs: list[LayerInput], selection: TokenSelection | None = None
+    layer: nn.Module,
+    index: int,
+    inputs: list[LayerInput],
+    selection: TokenSelection | None = None,
+    *,
+    outputs: str = "new",
 ) -> list[LayerInput]:
     """Feed every input through decoder layer ``index`` with that layer's own recorded kwargs.
 
-    The outputs are layer ``index + 1``'s inputs.
+    The outputs are layer ``index + 1``'s inputs. ``outputs`` says what becomes of them:
+    ``"new"`` returns them in a new list; ``"replace"`` writes each into ``inputs`` in place of
+    the input it came from (returned too), so only one batch's hidden states are alive twice;
+    ``"none"`` drops them (a statistics pass, whose hooks are all it needs). The references keep
+    two full ``[samples, seq, hidden]`` buffers instead.
     """
+    if outputs not in ("new", "replace", "none"):
+        raise ValueError(f"outputs={outputs!r}: use 'new', 'replace' or 'none'")
     dev = layer_device(layer)
-    outputs: list[LayerInput] = []
-    for inp in inputs:
+    results: list[LayerInput] = inputs if outputs == "replace" else []
+    for position, inp in enumerate(inputs):
         if index >= len(inp.kwargs):
             raise CalibrationError(
                 f"no recorded arguments for decoder layer {index} (captured {len(inp.kwargs)} layers)"
@@ -220,7 +231,11 @@ def run_layer(
         out = layer(inp.hidden.to(dev), **kwargs)
         if isinstance(out, tuple):
             out = out[0]
-        outputs.append(LayerInput(out, inp.kwargs, inp.mask))
+        if outputs == "replace":
+            results[position] = LayerInput(out, inp.kwargs, inp.mask)
+        elif outputs == "new":
+            results.append(LayerInput(out, inp.kwargs, inp.mask))
+        del out
     if selection is not None:
         selection.set(None)
-    return outputs
+    return results
