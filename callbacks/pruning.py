@@ -11,7 +11,13 @@ Thin orchestration around :func:`hsr_pl.pruning.prune_model` (the maths lives th
 * results: masks (and the dense values realignment may restore) go to :class:`hsr_pl.state.HSRState`
   (``get_state(pl_module)``, names qualified inside the Hugging Face model);
 * during fit: the masks are re-applied after every training batch (after ``optimizer.step``),
-  except entries that realignment restored (``state.restored``).
+  except entries that realignment restored (``state.restored``), from keep-masks kept on the
+  weights' devices (no host round trip per step; frozen weights are skipped);
+* checkpoints: the masks (packed bits) and the originals go to one safetensors side file per
+  distinct state, ``hsr_state-<hash>.safetensors``, written once next to the checkpoints
+  (``state_dir``, else the ModelCheckpoint directory, else ``trainer.default_root_dir``); the
+  checkpoint carries its path, SHA-256 and the small rest of the state. A resume finds it there
+  or next to the checkpoint it resumes from, or says which file is missing.
 
 Everything that can be checked — options, regexes, data module, split, token counts, N:M
 divisibility — is checked before a weight changes.
@@ -20,7 +26,9 @@ divisibility — is checked before a weight changes.
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,7 +45,9 @@ from hsr_pl.pruning import (
     PruningResult,
     prune_model,
 )
-from hsr_pl.state import HSRState, get_state
+from hsr_pl.state import HSRState, get_state, tensor_version
+from hsr_pl.state_file import FORMAT as STATE_FORMAT
+from hsr_pl.state_file import read_state_file, write_state_file
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
 from ._common import eval_mode, hf_model
@@ -85,6 +95,9 @@ class Pruning(HSRCallback):
         when: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``): where
             the callback prunes, whichever comes first; it prunes once.
         granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
+        state_dir: where checkpoints' side files (masks and originals) go; default: the
+            ModelCheckpoint directory, else ``trainer.default_root_dir``. Not a setting that
+            decides results, so a resume may change it.
     """
 
     def __init__(
@@ -104,6 +117,7 @@ class Pruning(HSRCallback):
         granularity: str = "row",
         blocksize: int = 128,
         percdamp: float = 0.01,
+        state_dir: str | None = None,
     ) -> None:
         super().__init__(when, error=PruningConfigError)
         if sparsity is None and str(mask_structure).strip() in ("0:0", ""):
@@ -133,8 +147,11 @@ class Pruning(HSRCallback):
         self.ignore = _as_list(ignore, "ignore") or []
         self.keep_originals = _as_list(keep_originals, "keep_originals")
         self.result: PruningResult | None = None
+        self.state_dir = None if state_dir is None else str(state_dir)
         self._state: HSRState | None = None
         self._loaded: dict | None = None
+        self._trainer: pl.Trainer | None = None
+        self._written: tuple[dict, dict] | None = None  # (tensor signature, side-file reference)
 
     @property
     def target_sparsity(self) -> float:
@@ -268,12 +285,20 @@ class Pruning(HSRCallback):
         for logger in trainer.loggers:
             logger.log_metrics({"pruning/sparsity": sparsity}, step=trainer.global_step)
 
-    def _sync_state(self, pl_module: pl.LightningModule) -> None:
+    def _sync_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put a checkpoint's HSRState on the module and re-apply its masks."""
         if self._loaded is None:
             return
+        loaded = self._loaded
+        if "side_file" in loaded:  # tensors by reference (else a checkpoint with them inline)
+            ckpt = getattr(trainer, "ckpt_path", None)
+            search = [Path(ckpt).parent if ckpt else None, *self._state_dirs(trainer)]
+            with torch.inference_mode(False):  # normal tensors (with version counters) even under validate
+                tensors, metadata = read_state_file(loaded["side_file"], search)
+                loaded = {**loaded, **HSRState.tensors_state(tensors, metadata)}
+            self._written = None
         state = get_state(pl_module)
-        state.load_state_dict(self._loaded)
+        state.load_state_dict(loaded)
         self._loaded = None
         self._state = state
         if state.pruned:
@@ -292,23 +317,65 @@ class Pruning(HSRCallback):
         }
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # where checkpoints' side files go, and who writes them
+
+    @override
     def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync_state(pl_module)
+        self._sync_state(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Runs after optimizer.step (and after a skipped step under accumulation: harmless).
+        # Frozen weights are skipped: the optimizer cannot have moved them since the last time.
         if self._done and self._state is not None and self._state.pruned:
-            self._state.apply_masks(hf_model(pl_module))
+            self._state.apply_masks(hf_model(pl_module), only_trainable=True)
 
     # -------------------------------------------------------------------------------- state
+    def _state_dirs(self, trainer: pl.Trainer) -> list[Path]:
+        """Where side files go (the first) and are looked for: state_dir, checkpoints, run root."""
+        checkpoint = getattr(trainer, "checkpoint_callback", None)
+        dirs = [self.state_dir, getattr(checkpoint, "dirpath", None), getattr(trainer, "default_root_dir", None)]
+        return [Path(d) for d in dirs if d]
+
+    def _side_file(self, state: HSRState) -> dict[str, Any]:
+        """The side-file reference of ``state``'s tensors, writing the file when they changed."""
+        signature = _signature(state)
+        if self._written is None or not _same_signature(self._written[0], signature):
+            tensors, metadata = state.to_tensors()
+            ref = write_state_file(
+                self._state_dirs(self._trainer)[0], tensors, metadata, write=self._trainer.is_global_zero
+            )
+            self._written = (signature, ref)
+        return self._written[1]
+
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {"hsr_state": self._state.state_dict() if self._state is not None else self._loaded}
+        if self._state is None:
+            return {"hsr_state": self._loaded}
+        if self._trainer is None:  # outside a Trainer: nowhere to write, keep it all in the dict
+            return {"hsr_state": self._state.state_dict()}
+        return {"hsr_state": {"format": STATE_FORMAT, **self._state.metadata(), "side_file": self._side_file(self._state)}}
 
     @override
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._loaded = state.get("hsr_state")
 
+
+
+def _signature(state: HSRState) -> dict[tuple[str, str], tuple[weakref.ref, int]]:
+    """What the state's tensors are now: weak references and version counters (cheap, and a
+    replaced or in-place edited tensor differs, without keeping the old one alive)."""
+    return {
+        (kind, name): (weakref.ref(tensor), tensor_version(tensor))
+        for kind in ("pruned", "restored", "originals")
+        for name, tensor in getattr(state, kind).items()
+    }
+
+
+def _same_signature(old: Mapping, new: Mapping) -> bool:
+    if old.keys() != new.keys():
+        return False
+    return all(old[k][0]() is new[k][0]() and old[k][1] == new[k][1] for k in new)
