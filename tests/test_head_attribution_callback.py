@@ -450,3 +450,22 @@ def test_cli_validate_with_the_heads_config(tmp_path, capsys, monkeypatch):
     assert "safety-head scores" in printed and "hsr-pl evaluation" in printed
     n_layers = len(adapter.layer_indices())
     assert "head attribution (kl, exact)" in printed and f"{n_layers}/{n_layers} layers" in printed  # progress bar
+
+
+def test_resume_helpers_name_the_partial_files_and_refuse_other_settings(tmp_path):
+    from hsr_pl.attribution import assign_heads as exported
+    from hsr_pl.attribution.resume import merge_partials, partial_files, partial_path
+    from hsr_pl.report.heads import write_partial
+
+    assert exported is assign_heads
+    output = tmp_path / "scores.json"
+    assert partial_path(output) == tmp_path / "scores.partial.json"
+    assert partial_path(output, 1, 2) == tmp_path / "scores.partial.rank1.json"
+    settings = {"score": "kl", "data_sha256": "abc"}
+    write_partial(partial_path(output, 0, 2), settings, {"0-0": 1.0, "0-1": 2.0})
+    write_partial(partial_path(output, 1, 2), settings, {"1-0": 3.0})
+    (tmp_path / "other.partial.json").write_text("{}")  # another output's file is not picked up
+    assert partial_files(output) == [partial_path(output, 0, 2), partial_path(output, 1, 2)]
+    assert merge_partials(partial_files(output), settings) == {"0-0": 1.0, "0-1": 2.0, "1-0": 3.0}
+    with pytest.raises(ValueError, match=r"data_sha256: 'abc' there vs 'xyz' now"):
+        merge_partials(partial_files(output), {**settings, "data_sha256": "xyz"})
