@@ -364,7 +364,6 @@ class Pruning(HSRCallback):
         self._loaded = state.get("hsr_state")
 
 
-
 def _signature(state: HSRState) -> dict[tuple[str, str], tuple[weakref.ref, int]]:
     """What the state's tensors are now: weak references and version counters (cheap, and a
     replaced or in-place edited tensor differs, without keeping the old one alive)."""

@@ -24,8 +24,6 @@ __all__ = [
     "supported_families",
 ]
 
-ATTENTION_KEYS = ("q", "k", "v", "o")
-
 
 class UnsupportedModelError(ValueError):
     """Raised for an architecture that no registered adapter understands."""
@@ -310,20 +308,3 @@ class ModelAdapter:
                 if self.name_of(module) == name:
                     return i, short
         raise KeyError(f"{name!r} is not a decoder-layer linear of this model")
-
-    def describe(self) -> dict:
-        """A JSON-able summary: family, decoder path, per-layer geometry."""
-        geos = {i: self.geometry(i) for i in self.layer_indices()}
-        first = next(iter(geos.values()))
-        return {
-            "family": self.family,
-            "model_type": self.model.config.model_type,
-            "decoder": self.name_of(self.decoder()) or "<root>",
-            "num_layers": self.num_layers,
-            "self_attention_layers": self.layer_indices(),
-            "other_layers": self.other_layer_indices(),
-            "num_heads": first.num_heads,
-            "num_kv_heads": first.num_kv_heads,
-            "head_dim": first.head_dim,
-            "group_size": first.group_size,
-        }

@@ -183,7 +183,6 @@ def _clip_image_processor(image_size: int):
     )
 
 
-
 def bpe_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
     """A ``Qwen2Tokenizer`` (byte-level BPE) whose merges spell every word of ``words`` whole.
 

@@ -383,4 +383,3 @@ def _prune_snip(model, adapter, batches, chosen, config, keep, on_layer, reduce)
         if not bool(torch.isfinite(score).all()):
             raise CalibrationError(f"{name}: SNIP scores hold NaN/inf; run the model in float32 for calibration")
     return _prune_groups(adapter, chosen, scores, config, keep, PruningResult(tokens=tokens), on_layer)
-
