@@ -46,6 +46,7 @@ def test_validate_prints_a_table_with_the_judge_name(tmp_path, capsys):
     assert "hsr-pl evaluation" in out and "keyword-gcg" in out
 
 
+@pytest.mark.slow
 def test_only_fit_and_validate_are_offered():
     result = subprocess.run([sys.executable, "-m", "hsr_pl", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -54,6 +55,7 @@ def test_only_fit_and_validate_are_offered():
     assert bad.returncode != 0
 
 
+@pytest.mark.slow
 def test_print_config_round_trips(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "hsr_pl", "validate", "--config", str(CONFIG), "--print_config"],
