@@ -410,9 +410,9 @@ class SafetyHeadAttribution(HSRCallback):
     def _gather(self, trainer: pl.Trainer, shares: Sequence[Sequence[Pair]], mine: Mapping[str, float]) -> dict[str, float]:
         """Every rank's scores, through the trainer's strategy: each rank knows every share (the
         split is deterministic), so one float64 tensor per rank (exact for Python floats) says it."""
-        if trainer.world_size == 1:
-            return dict(mine)
         width = max(len(share) for share in shares)
+        if trainer.world_size == 1 or width == 0:  # the same on every rank: all skip or all gather
+            return dict(mine)
         local = torch.full((width,), float("nan"), dtype=torch.float64, device=trainer.strategy.root_device)
         for i, pair in enumerate(shares[trainer.global_rank]):
             local[i] = mine[head_key(*pair)]

@@ -469,3 +469,25 @@ def test_resume_helpers_name_the_partial_files_and_refuse_other_settings(tmp_pat
     assert merge_partials(partial_files(output), settings) == {"0-0": 1.0, "0-1": 2.0, "1-0": 3.0}
     with pytest.raises(ValueError, match=r"data_sha256: 'abc' there vs 'xyz' now"):
         merge_partials(partial_files(output), {**settings, "data_sha256": "xyz"})
+
+
+def test_gather_maps_every_ranks_tensor_back_to_its_share():
+    """The all-gather through the strategy: rank r's float64 row holds its share's scores in
+    order (NaN padding); every rank rebuilds the same dict, exactly."""
+    from types import SimpleNamespace
+
+    shares = [[(0, 0), (0, 1), (1, 0)], [(2, 0)]]
+    scores = {"0-0": 0.1, "0-1": 1 / 3, "1-0": -2.5, "2-0": 7e-12}
+    rows = [torch.tensor([0.1, 1 / 3, -2.5], dtype=torch.float64),
+            torch.tensor([7e-12, float("nan"), float("nan")], dtype=torch.float64)]
+    for rank in (0, 1):
+        def all_gather(local, rank=rank):
+            assert torch.equal(local[: len(shares[rank])], rows[rank][: len(shares[rank])])
+            return torch.stack([local if r == rank else rows[r] for r in range(2)])
+
+        trainer = SimpleNamespace(world_size=2, global_rank=rank,
+                                  strategy=SimpleNamespace(root_device=torch.device("cpu"), all_gather=all_gather))
+        mine = {head_key(*pair): scores[head_key(*pair)] for pair in shares[rank]}
+        assert SafetyHeadAttribution()._gather(trainer, shares, mine) == scores
+    empty = SimpleNamespace(world_size=2, global_rank=0, strategy=None)
+    assert SafetyHeadAttribution()._gather(empty, [[], []], {}) == {}
