@@ -549,3 +549,32 @@ def test_all_finite_agrees_with_isfinite_also_when_the_sum_overflows():
              torch.tensor([2.0, -float("inf")]), torch.zeros(0)]
     for tensor in cases:
         assert all_finite(tensor) == bool(torch.isfinite(tensor).all()), tensor
+
+
+@pytest.mark.parametrize("kind", ["row", "hessian"])
+def test_linears_fed_the_same_tensor_share_one_term_with_identical_statistics(kind, monkeypatch):
+    """q/k/v (and gate/up) receive the very same input tensor: its term is computed once per
+    batch, and every statistic equals the one accumulated on its own."""
+    import hsr_pl.pruning.stats as stats_module
+
+    g = torch.Generator().manual_seed(41)
+    q, k, o = nn.Linear(6, 4), nn.Linear(6, 2), nn.Linear(4, 3)
+    batches = [torch.randn(2, 5, 6, generator=g) for _ in range(3)]
+    masks = [torch.rand(2, 5, generator=g) > 0.3 for _ in range(3)]
+    cls = stats_module.STAT_KINDS[kind]
+    calls: list[int] = []
+    real = cls._term
+    monkeypatch.setattr(cls, "_term", lambda self, inp: calls.append(1) or real(self, inp))
+    selection = TokenSelection()
+    collector = StatsCollector({"q": q, "k": k, "o": o}, kind, selection)
+    with collector, torch.no_grad():
+        for x, mask in zip(batches, masks):
+            selection.set(mask)
+            q(x), k(x), o(torch.randn(2, 5, 4, generator=g))  # o gets another input
+    assert len(calls) == 3 * 2  # per batch: one for q and k together, one for o
+    alone = cls(6)
+    for x, mask in zip(batches, masks):
+        alone.add(x[mask], 2)
+    for name in ("q", "k"):
+        for key, tensor in collector.stats[name].tensors().items():
+            assert torch.equal(tensor, alone.tensors()[key]), (name, key)

@@ -139,8 +139,7 @@ def sparsegpt_prune(
             if prunen != 0 and i % prunem == 0:
                 tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
+            q = torch.where(mask1[:, i], 0.0, w)  # = clone, then zero the pruned rows (one kernel)
             Q1[:, i] = q
             err1 = (w - q) / d
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
