@@ -1,19 +1,31 @@
 """``MaskHolder``: the base of the callbacks that fill HSRState's masks (Pruning, PrunedCheckpoint).
 
-The mask holder persists the masks, the kept original values and the restorations in Lightning
-checkpoints, puts them back on the module when a checkpoint says it had acted, and re-applies the
-masks after every training batch, except on the entries realignment restored.
+The mask holder persists the masks, the kept original values and the restorations, puts them back
+on the module when a checkpoint says it had acted, and re-applies the masks after every training
+batch, except on the entries realignment restored.
+
+Checkpoints carry the tensors by reference: one content-addressed safetensors side file (masks
+packed 8 to a byte, originals once) written next to the checkpoints (``state_dir``, else the
+ModelCheckpoint directory, else ``trainer.default_root_dir``) and rewritten only when the masks,
+originals or restorations changed; the checkpoint holds the JSON metadata and the file's name
+and hash. A resume looks for the file next to the checkpoint it resumes from, then in those
+folders, and says which file is missing.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
-from hsr_pl.state import HSRState, get_state
+from hsr_pl.state import HSRState, get_state, tensor_version
+from hsr_pl.state_file import FORMAT as STATE_FORMAT
+from hsr_pl.state_file import read_state_file, write_state_file
 
 from ._common import hf_model
 from .base import WHEN, HSRCallback
@@ -27,20 +39,35 @@ class MaskHolder(HSRCallback):
     fills_masks = True  # SafetyRealignment finds the pruner by this flag
     changes_kept_weights = True  # SafetyRealignment copies dense weights unless a subclass says no
 
-    def __init__(self, when=WHEN, *, error: type[Exception] = ValueError) -> None:
+    def __init__(self, when=WHEN, *, error: type[Exception] = ValueError, state_dir: str | None = None) -> None:
         super().__init__(when, error=error)
+        self.state_dir = None if state_dir is None else str(state_dir)
         self._state: HSRState | None = None
         self._loaded: dict | None = None
+        self._trainer: pl.Trainer | None = None
+        self._written: tuple[dict, dict] | None = None  # (tensor signature, side-file reference)
 
     def _hold(self, state: HSRState) -> None:
         self._state = state
 
-    def _sync_state(self, pl_module: pl.LightningModule) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer  # where checkpoints' side files go, and who writes them
+
+    def _sync_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Put a checkpoint's HSRState on the module and re-apply its masks."""
         if self._loaded is None:
             return
+        loaded = self._loaded
+        if "side_file" in loaded:  # tensors by reference (else a checkpoint with them inline)
+            ckpt = getattr(trainer, "ckpt_path", None)
+            search = [Path(ckpt).parent if ckpt else None, *self._state_dirs(trainer)]
+            with torch.inference_mode(False):  # normal tensors (with version counters) even under validate
+                tensors, metadata = read_state_file(loaded["side_file"], search)
+                loaded = {**loaded, **HSRState.tensors_state(tensors, metadata)}
+            self._written = None
         state = get_state(pl_module)
-        state.load_state_dict(self._loaded)
+        state.load_state_dict(loaded)
         self._loaded = None
         self._state = state
         if state.pruned:
@@ -48,20 +75,59 @@ class MaskHolder(HSRCallback):
 
     @override
     def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sync_state(pl_module)
+        self._sync_state(trainer, pl_module)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Runs after optimizer.step (and after a skipped step under accumulation: harmless).
+        # Frozen weights are skipped: the optimizer cannot have moved them since the last time.
         if self._done and self._state is not None and self._state.pruned:
-            self._state.apply_masks(hf_model(pl_module))
+            self._state.apply_masks(hf_model(pl_module), only_trainable=True)
+
+    # -------------------------------------------------------------------------------- state
+    def _state_dirs(self, trainer: pl.Trainer) -> list[Path]:
+        """Where side files go (the first) and are looked for: state_dir, checkpoints, run root."""
+        checkpoint = getattr(trainer, "checkpoint_callback", None)
+        dirs = [self.state_dir, getattr(checkpoint, "dirpath", None), getattr(trainer, "default_root_dir", None)]
+        return [Path(d) for d in dirs if d]
+
+    def _side_file(self, state: HSRState) -> dict[str, Any]:
+        """The side-file reference of ``state``'s tensors, writing the file when they changed."""
+        signature = _signature(state)
+        if self._written is None or not _same_signature(self._written[0], signature):
+            tensors, metadata = state.to_tensors()
+            ref = write_state_file(
+                self._state_dirs(self._trainer)[0], tensors, metadata, write=self._trainer.is_global_zero
+            )
+            self._written = (signature, ref)
+        return self._written[1]
 
     @override
     def extra_state(self) -> dict[str, Any]:
-        return {"hsr_state": self._state.state_dict() if self._state is not None else self._loaded}
+        if self._state is None:
+            return {"hsr_state": self._loaded}
+        if self._trainer is None:  # outside a Trainer: nowhere to write, keep it all in the dict
+            return {"hsr_state": self._state.state_dict()}
+        return {"hsr_state": {"format": STATE_FORMAT, **self._state.metadata(), "side_file": self._side_file(self._state)}}
 
     @override
     def load_extra_state(self, state: Mapping[str, Any]) -> None:
         self._loaded = state.get("hsr_state")
+
+
+def _signature(state: HSRState) -> dict[tuple[str, str], tuple[weakref.ref, int]]:
+    """What the state's tensors are now: weak references and version counters (cheap, and a
+    replaced or in-place edited tensor differs, without keeping the old one alive)."""
+    return {
+        (kind, name): (weakref.ref(tensor), tensor_version(tensor))
+        for kind in ("pruned", "restored", "originals")
+        for name, tensor in getattr(state, kind).items()
+    }
+
+
+def _same_signature(old: Mapping, new: Mapping) -> bool:
+    if old.keys() != new.keys():
+        return False
+    return all(old[k][0]() is new[k][0]() and old[k][1] == new[k][1] for k in new)

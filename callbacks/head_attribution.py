@@ -9,20 +9,20 @@ Thin orchestration around :func:`hsr_pl.attribution.head_scores` (the maths live
 * data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=...)``
   — prompts alone for ``positions='last'``, prompt + aligned refusal for ``positions='response'``.
   Every rank sees the *whole* calibration set (a score is a per-head mean over the set);
-* DDP: the (layer, head) pairs are split across ranks — whole layers per rank where possible,
-  since the exact engine caches layer inputs — and the scores all-gathered, so every rank ends with
-  the same scores and the same top-h;
+* DDP: the (layer, head) pairs are split across ranks (:func:`hsr_pl.attribution.sharding.assign_heads`:
+  whole layers per rank where possible, since the exact engine caches layer inputs) and the scores
+  all-gathered through the trainer's strategy, so every rank ends with the same scores and top-h;
 * results: ``get_state(pl_module).head_scores`` / ``.top_heads`` (what realignment reads), the
   released ``{"<layer>-<head>": score}`` JSON at ``output``, ``<stem>.top.json``, a PNG heatmap
   (matplotlib) and a terminal heatmap;
 * long scans: a rich progress bar with ETA over layers, the finished layers written atomically to
   ``<stem>.partial.json`` after each layer (with the settings), and ``resume: true`` to continue a
-  killed scan with identical final scores.
+  killed scan with identical final scores (paths, fingerprint and merging:
+  :mod:`hsr_pl.attribution.resume`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import math
@@ -34,7 +34,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -51,13 +50,14 @@ from hsr_pl.attribution import (
     naive_head_scores,
     top_heads,
 )
+from hsr_pl.attribution import resume as partials
+from hsr_pl.attribution.sharding import Pair, assign_heads
 from hsr_pl.data.vlguard import SPLITS
 from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
 from hsr_pl.state import get_state, head_key, parse_head_key
 
 from ._common import eval_mode, hf_model
-from ._common import world as dist_world
 from .base import WHEN, HSRCallback
 
 __all__ = ["SafetyHeadAttribution", "assign_heads"]
@@ -67,7 +67,6 @@ PRUNED_ZERO_FRACTION = 0.2
 _ENGINE_FNS = {"exact": exact_head_scores, "naive": naive_head_scores, "gradient": gradient_head_scores}
 # Engine arguments the callback sets itself.
 _RESERVED = {"model", "batches", "cfg", "layers", "heads", "progress", "adapter"}
-Pair = tuple[int, int]
 
 
 def _positive_int(value: Any, name: str, hint: str) -> int:
@@ -85,40 +84,6 @@ def _check_finite_scores(scores: Mapping[str, float], where: str) -> None:
             "model's outputs on the calibration prompts are not finite although its weights are; check the "
             "calibration data (NaN pixel values?) or run the model in float32"
         )
-
-
-def assign_heads(targets: Mapping[int, Sequence[int]], world: int, num_layers: int | None = None) -> list[list[Pair]]:
-    """Split the ``{layer: [head, ...]}`` to score into ``world`` shares, one per rank.
-
-    Whole layers stay on one rank (the exact engine caches a layer's inputs and batches its heads
-    in one forward, so a split layer costs more and may differ in the last float bit); a layer is
-    halved only while there are fewer pieces than ranks. Pieces go largest-first to the least
-    loaded rank, a piece of layer l costing ``heads × (num_layers − l)`` (the layers re-run).
-    Deterministic, so every rank computes the same split.
-    """
-    if world < 1:
-        raise ValueError(f"world={world} must be ≥ 1")
-    depth = (max(targets) + 1 if targets else 0) if num_layers is None else num_layers
-    pieces: list[tuple[int, list[int]]] = [(layer, sorted(heads)) for layer, heads in sorted(targets.items()) if heads]
-
-    def cost(piece: tuple[int, list[int]]) -> int:
-        return len(piece[1]) * max(1, depth - piece[0])
-
-    while len(pieces) < world:
-        splittable = [p for p in pieces if len(p[1]) > 1]
-        if not splittable:
-            break
-        big = max(splittable, key=lambda p: (cost(p), -p[0]))
-        i = pieces.index(big)
-        half = len(big[1]) // 2
-        pieces[i : i + 1] = [(big[0], big[1][:half]), (big[0], big[1][half:])]
-    shares: list[list[Pair]] = [[] for _ in range(world)]
-    load = [0] * world
-    for piece in sorted(pieces, key=lambda p: (-cost(p), p[0], p[1][0])):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        load[rank] += cost(piece)
-        shares[rank].extend((piece[0], h) for h in piece[1])
-    return [sorted(share) for share in shares]
 
 
 class SafetyHeadAttribution(HSRCallback):
@@ -235,6 +200,7 @@ class SafetyHeadAttribution(HSRCallback):
         self.top: list[Pair] = []
         self._settings: dict[str, Any] = {}
         self._partial: dict[str, float] = {}
+        self._rank, self._world = 0, 1  # the trainer's, set when a scan starts
 
     # ------------------------------------------------------------------------ validation
     @staticmethod
@@ -272,7 +238,7 @@ class SafetyHeadAttribution(HSRCallback):
             return
         from hsr_pl.io import check_output_file
 
-        rank, world = dist_world()
+        rank, world = trainer.global_rank, trainer.world_size
         for label, path in (("output", self.output), ("output (top heads)", self.top_path),
                             ("output (heatmap)", self.png_path), ("output (partial)", self.partial_path(rank, world))):
             check_output_file(path, label)
@@ -284,7 +250,7 @@ class SafetyHeadAttribution(HSRCallback):
         from hsr_pl.report.heads import read_partial
 
         error = None
-        if dist_world()[0] == 0:
+        if trainer.global_rank == 0:
             try:
                 for path in self._partial_files():
                     read_partial(path)
@@ -311,14 +277,10 @@ class SafetyHeadAttribution(HSRCallback):
     def partial_path(self, rank: int = 0, world: int = 1) -> Path | None:
         """Where this rank keeps its finished layers: ``<stem>.partial.json`` (one process) or
         ``<stem>.partial.rank<r>.json`` under DDP."""
-        if self.output is None:
-            return None
-        return self._sibling(".partial.json" if world == 1 else f".partial.rank{rank}.json")
+        return None if self.output is None else partials.partial_path(self.output, rank, world)
 
     def _partial_files(self) -> list[Path]:
-        if self.output is None:
-            return []
-        return sorted(self.output.parent.glob(self.output.stem + ".partial*.json"))
+        return [] if self.output is None else partials.partial_files(self.output)
 
     # ----------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Tensor]]:
@@ -349,12 +311,11 @@ class SafetyHeadAttribution(HSRCallback):
         """Called on every rank after each finished layer: saves the partial file. Override to
         observe progress (call ``super()`` to keep the resume file)."""
         if not all(math.isfinite(v) for v in scores.values()):
-            if dist_world()[1] == 1:
+            if self._world == 1:
                 _check_finite_scores(scores, f"layer {layer}")  # fail now, before more layers are scanned
             return  # never written; under DDP every rank raises together after the all-gather (in run)
         self._partial.update(scores)
-        rank, world = dist_world()
-        path = self.partial_path(rank, world)
+        path = self.partial_path(self._rank, self._world)
         if path is not None:
             from hsr_pl.report.heads import write_partial
 
@@ -430,55 +391,14 @@ class SafetyHeadAttribution(HSRCallback):
             "num_samples_requested": self.num_samples, "top_h": self.top_h,
         }
 
-    @torch.no_grad()
-    def _fingerprint(self, model: nn.Module, adapter: ModelAdapter, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, Any]:
-        """Cheap identity of the calibration data (every tensor) and weights (last o_proj), so a
-        resume cannot mix scores of different prompts or models."""
-        data = hashlib.sha256()
-        for batch in batches:
-            for key in sorted(batch):
-                value = batch[key].detach().cpu().contiguous()
-                data.update(key.encode())
-                data.update(str(tuple(value.shape)).encode())
-                data.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
-        last = adapter.layer_indices()[-1]
-        weight = adapter.projections(last)["o"].weight.detach().cpu().contiguous()
-        weights = hashlib.sha256(weight.view(torch.uint8).numpy().tobytes()).hexdigest()
-        config = getattr(model, "config", None)
-        return {
-            "num_samples": sum(int(b["input_ids"].shape[0]) for b in batches),
-            "data_sha256": data.hexdigest(),
-            "weights_sha256": weights,
-            "model_type": getattr(config, "model_type", type(model).__name__),
-            "heads": {str(layer): adapter.geometry(layer).num_heads for layer in adapter.layer_indices()},
-        }
-
     # ---------------------------------------------------------------------------- resume
-    def _load_partials(self) -> dict[str, float]:
-        """Scores of a killed scan with the same settings (rank 0 reads; the caller broadcasts)."""
-        from hsr_pl.report.heads import read_partial
-
-        merged: dict[str, float] = {}
-        for path in self._partial_files():
-            settings, scores = read_partial(path)
-            if settings != self._settings:
-                diff = sorted(k for k in set(settings) | set(self._settings) if settings.get(k) != self._settings.get(k))
-                detail = ", ".join(f"{k}: {settings.get(k)!r} there vs {self._settings.get(k)!r} now" for k in diff[:4])
-                raise ValueError(
-                    f"resume refused: {path} was written with different settings ({detail}). Delete it to start "
-                    "afresh, set resume: false, or rerun with the settings it was written with"
-                )
-            merged.update(scores)
-        return merged
-
     def _resume_state(self, trainer: pl.Trainer) -> dict[str, float]:
         if not self.resume:
             return {}
-        rank, _ = dist_world()
         payload: tuple[str | None, dict[str, float]] = (None, {})
-        if rank == 0:
+        if trainer.global_rank == 0:  # one reader; the strategy broadcasts to the others
             try:
-                payload = (None, self._load_partials())
+                payload = (None, partials.merge_partials(self._partial_files(), self._settings))
             except ValueError as exc:
                 payload = (str(exc), {})
         error, scores = trainer.strategy.broadcast(payload, src=0)
@@ -538,16 +458,17 @@ class SafetyHeadAttribution(HSRCallback):
                 adapter=adapter, **self.engine_kwargs,
             )
 
-    def _gather(self, scores: dict[str, float]) -> dict[str, float]:
-        rank, world = dist_world()
-        if world == 1:
-            return dict(scores)
-        shares: list[dict[str, float] | None] = [None] * world
-        dist.all_gather_object(shares, scores)
-        merged: dict[str, float] = {}
-        for share in shares:
-            merged.update(share or {})
-        return merged
+    def _gather(self, trainer: pl.Trainer, shares: Sequence[Sequence[Pair]], mine: Mapping[str, float]) -> dict[str, float]:
+        """Every rank's scores, through the trainer's strategy: each rank knows every share (the
+        split is deterministic), so one float64 tensor per rank (exact for Python floats) says it."""
+        width = max(len(share) for share in shares)
+        if trainer.world_size == 1 or width == 0:  # the same on every rank: all skip or all gather
+            return dict(mine)
+        local = torch.full((width,), float("nan"), dtype=torch.float64, device=trainer.strategy.root_device)
+        for i, pair in enumerate(shares[trainer.global_rank]):
+            local[i] = mine[head_key(*pair)]
+        gathered = trainer.strategy.all_gather(local).reshape(len(shares), width).cpu()
+        return {head_key(*pair): float(gathered[r, i]) for r, share in enumerate(shares) for i, pair in enumerate(share)}
 
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -566,17 +487,17 @@ class SafetyHeadAttribution(HSRCallback):
             # Grad-enabled tensors even inside validate's inference mode (the gradient engine).
             with torch.inference_mode(False):
                 batches = self.calibration_batches(trainer, pl_module)
-                self._settings = {**self._describe(), **self._fingerprint(model, adapter, batches)}
+                self._settings = {**self._describe(), **partials.fingerprint(model, adapter, batches)}
                 previous = self._resume_state(trainer)
                 self._partial = dict(previous)
                 remaining = {
                     layer: [h for h in heads if head_key(layer, h) not in previous] for layer, heads in expected.items()
                 }
-                rank, world = dist_world()
-                share = assign_heads(remaining, world, len(adapter.all_layers()))[rank]
+                self._rank, self._world = trainer.global_rank, trainer.world_size
+                shares = assign_heads(remaining, self._world, len(adapter.all_layers()))
                 show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
-                mine = self.scan(model, batches, share, adapter, show_progress=show)
-            scores = {**previous, **self._gather(mine)}
+                mine = self.scan(model, batches, shares[self._rank], adapter, show_progress=show)
+            scores = {**previous, **self._gather(trainer, shares, mine)}
             missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
             if missing:
                 raise RuntimeError(f"head attribution finished without scores for {missing[:8]}; please report this")

@@ -11,7 +11,13 @@ Thin orchestration around :func:`hsr_pl.pruning.prune_model` (the maths lives th
 * results: masks (and the dense values realignment may restore) go to :class:`hsr_pl.state.HSRState`
   (``get_state(pl_module)``, names qualified inside the Hugging Face model);
 * during fit: the masks are re-applied after every training batch (after ``optimizer.step``),
-  except entries that realignment restored (``state.restored``).
+  except entries that realignment restored (``state.restored``), from keep-masks kept on the
+  weights' devices (no host round trip per step; frozen weights are skipped);
+* checkpoints: the masks (packed bits) and the originals go to one safetensors side file per
+  distinct state, ``hsr_state-<hash>.safetensors``, written once next to the checkpoints
+  (``state_dir``, else the ModelCheckpoint directory, else ``trainer.default_root_dir``); the
+  checkpoint carries its path, SHA-256 and the small rest of the state. A resume finds it there
+  or next to the checkpoint it resumes from, or says which file is missing.
 
 Everything that can be checked — options, regexes, data module, split, token counts, N:M
 divisibility — is checked before a weight changes.
@@ -138,6 +144,9 @@ class Pruning(MaskHolder):
         when: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``): where
             the callback prunes, whichever comes first; it prunes once.
         granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
+        state_dir: where checkpoints' side files (masks and originals) go; default: the
+            ModelCheckpoint directory, else ``trainer.default_root_dir``. Not a setting that
+            decides results, so a resume may change it.
     """
 
     def __init__(
@@ -157,8 +166,9 @@ class Pruning(MaskHolder):
         granularity: str = "row",
         blocksize: int = 128,
         percdamp: float = 0.01,
+        state_dir: str | None = None,
     ) -> None:
-        super().__init__(when, error=PruningConfigError)
+        super().__init__(when, error=PruningConfigError, state_dir=state_dir)
         if sparsity is None and str(mask_structure).strip() in ("0:0", ""):
             sparsity = 0.5
         self.config = PruningConfig(

@@ -69,6 +69,7 @@ class PrunedCheckpoint(MaskHolder):
         targets / ignore / keep_originals: regexes as for :class:`hsr_pl.callbacks.Pruning`
             (default: every decoder-layer linear; originals kept for q/k/v/o).
         when: ``fit_start`` and/or ``validation_start``.
+        state_dir: where checkpoints' side files go (as for :class:`hsr_pl.callbacks.Pruning`).
     """
 
     changes_kept_weights = True  # another tool may have moved kept weights (SparseGPT does)
@@ -80,8 +81,9 @@ class PrunedCheckpoint(MaskHolder):
         ignore: str | list[str] | None = None,
         keep_originals: str | list[str] | None = None,
         when: str | list[str] = WHEN,
+        state_dir: str | None = None,
     ) -> None:
-        super().__init__(when, error=PruningConfigError)
+        super().__init__(when, error=PruningConfigError, state_dir=state_dir)
         if not isinstance(path, str) or not path:
             raise PruningConfigError("PrunedCheckpoint needs path=<folder of the pruned checkpoint>")
         folder = Path(path).expanduser()

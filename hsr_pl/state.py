@@ -6,18 +6,29 @@ LightningModule (or any ``nn.Module``); it lives at ``pl_module.hsr_state``. Pru
 SafetyRealignment fills ``restored``. Tensors are kept on the CPU, compactly: a boolean mask per
 pruned linear and the original values at the pruned positions only.
 
-``state_dict`` / ``load_state_dict`` make it part of Lightning checkpoints (through the callbacks'
-own state), so a resumed fit keeps its masks, originals, scores and restorations.
+Re-masking during fine-tuning (:meth:`HSRState.apply_masks`, after every optimizer step) keeps a
+copy of each trainable linear's keep-mask on the weight's device, packed 8 to a byte, so a step
+costs one unpack and one multiply per linear on the device and no host round trip. The copy is
+rebuilt when a mask is replaced or changed in place (tensor version counters); changes that
+bypass them (``.data``, numpy views) need :meth:`HSRState.invalidate_masks`.
+
+``state_dict`` / ``load_state_dict`` hold the whole state in memory; the Pruning callback puts the
+tensors of a checkpoint into a side file (:mod:`hsr_pl.state_file`, :meth:`HSRState.to_tensors`)
+so a resumed fit keeps its masks, originals, scores and restorations.
 """
 
 from __future__ import annotations
 
+import json
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HSRState", "get_state", "head_key", "parse_head_key"]
+from .state_file import FORMAT, pack_bits, unpack_bits
+
+__all__ = ["HSRState", "get_state", "head_key", "parse_head_key", "tensor_version"]
 
 ATTR = "hsr_state"
 
@@ -62,6 +73,8 @@ class HSRState:
     method: str | None = None
     structure: tuple[int, int] | None = None
     realignment: dict = field(default_factory=dict)
+    # {name: _DeviceKeep}: packed keep-masks on the weights' devices (see apply_masks).
+    _device_keep: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------ masks
     def record_pruning(self, name: str, pruned: Tensor, dense_weight: Tensor | None) -> None:
@@ -101,12 +114,41 @@ class HSRState:
         return keep
 
     @torch.no_grad()
-    def apply_masks(self, model: nn.Module) -> None:
-        """Zero every pruned, unrestored weight (after an optimizer step, or after loading)."""
+    def apply_masks(self, model: nn.Module, *, only_trainable: bool = False) -> None:
+        """Zero every pruned, unrestored weight (after an optimizer step, or after loading).
+
+        Weights that require grad (the ones an optimizer moves, so the ones re-masked every step)
+        are masked from a packed keep-mask cached on their device; frozen weights from the CPU
+        mask, uncached. ``only_trainable=True`` skips frozen weights: no optimizer step changed
+        them since the last full application. Zeros are written as ``weight * keep`` with ``keep``
+        in the weight's dtype, bit for bit the multiply of before (a pruned negative weight
+        becomes -0.0).
+        """
         modules = dict(model.named_modules())
         for name in self.pruned:
             weight = modules[name].weight
-            weight.mul_(self.keep_mask(name).to(weight.device, weight.dtype))
+            if not weight.requires_grad:
+                if not only_trainable:
+                    weight.mul_(self.keep_mask(name).to(weight.device, weight.dtype))
+                continue
+            weight.mul_(self._device_keep_mask(name, weight.device, weight.dtype).view_as(weight))
+
+    def invalidate_masks(self) -> None:
+        """Drop the device copies of the keep-masks (after editing a mask behind torch's back)."""
+        self._device_keep.clear()
+
+    def _device_keep_mask(self, name: str, device: torch.device, dtype: torch.dtype = torch.bool) -> Tensor:
+        """The keep-mask of ``name`` on ``device`` as ``dtype`` (0/1), unpacked from the cache.
+
+        In the weight's dtype, ``weight * keep`` is the same multiply as before, and much faster
+        than multiplying by a bool tensor (a mixed-dtype kernel)."""
+        pruned, restored = self.pruned[name], self.restored.get(name)
+        cached = self._device_keep.get(name)
+        if cached is None or not cached.matches(pruned, restored, device):
+            keep = self.keep_mask(name)
+            cached = _DeviceKeep(pruned, restored, pack_bits(keep).to(device), tuple(keep.shape))
+            self._device_keep[name] = cached
+        return unpack_bits(cached.packed, cached.shape, dtype)
 
     # ------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
@@ -133,6 +175,66 @@ class HSRState:
         structure = state.get("structure")
         self.structure = None if structure is None else (int(structure[0]), int(structure[1]))
         self.realignment = dict(state.get("realignment", {}))
+        self.invalidate_masks()
+
+    def metadata(self) -> dict:
+        """The JSON-able part of :meth:`state_dict` (everything but the tensors)."""
+        return {k: v for k, v in self.state_dict().items() if k not in _TENSOR_KINDS}
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """``(tensors, metadata)`` for a safetensors side file: masks packed 8 to a byte
+        (``pruned/<name>``, ``restored/<name>``), originals as they are (``originals/<name>``)."""
+        tensors: dict[str, Tensor] = {}
+        shapes: dict[str, dict[str, list[int]]] = {"pruned": {}, "restored": {}}
+        for kind in ("pruned", "restored"):
+            for name, mask in getattr(self, kind).items():
+                tensors[f"{kind}/{name}"] = pack_bits(mask.to("cpu", torch.bool))
+                shapes[kind][name] = list(mask.shape)
+        for name, values in self.originals.items():
+            tensors[f"originals/{name}"] = values.detach().to("cpu").contiguous()
+        return tensors, {"format": FORMAT, "shapes": json.dumps(shapes, sort_keys=True)}
+
+    @staticmethod
+    def tensors_state(tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict:
+        """The ``pruned`` / ``restored`` / ``originals`` entries of a state dict, from :meth:`to_tensors`."""
+        shapes = json.loads(metadata["shapes"])
+        out: dict[str, dict[str, Tensor]] = {kind: {} for kind in _TENSOR_KINDS}
+        for key, tensor in tensors.items():
+            kind, _, name = key.partition("/")
+            if kind not in out:
+                raise ValueError(f"unexpected tensor {key!r} in an HSR state file")
+            out[kind][name] = tensor if kind == "originals" else unpack_bits(tensor, shapes[kind][name])
+        return out
+
+
+_TENSOR_KINDS = ("pruned", "originals", "restored")
+
+
+def tensor_version(tensor: Tensor) -> int | None:
+    """The version counter (bumped by every in-place change); None for inference tensors, which
+    have none (they can only change inside ``torch.inference_mode``, where nothing trains)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+class _DeviceKeep:
+    """A packed keep-mask on a device and what it was built from: weak references and version
+    counters of the masks, so replacing one or editing it in place is noticed without holding the
+    old one alive."""
+
+    def __init__(self, pruned: Tensor, restored: Tensor | None, packed: Tensor, shape: tuple[int, ...]) -> None:
+        self.packed = packed
+        self.shape = shape
+        self._sources = [(weakref.ref(t), tensor_version(t)) if t is not None else None for t in (pruned, restored)]
+
+    def matches(self, pruned: Tensor, restored: Tensor | None, device: torch.device) -> bool:
+        if self.packed.device != device:
+            return False
+        for tensor, source in zip((pruned, restored), self._sources):
+            if (tensor is None) != (source is None):
+                return False
+            if tensor is not None and (source[0]() is not tensor or source[1] != tensor_version(tensor)):
+                return False
+        return True
 
 
 def get_state(module: nn.Module) -> HSRState:

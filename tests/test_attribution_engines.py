@@ -50,6 +50,7 @@ def assert_same(a: dict, b: dict, rtol: float = 1e-6) -> None:
         assert a[k] == pytest.approx(b[k], rel=rtol, abs=1e-12), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, gqa", MODELS)
 def test_exact_equals_naive(family, gqa):
     model, with_resp, prompts = setup_model(family, gqa)
@@ -246,6 +247,7 @@ def test_gradient_loglik_equals_finite_differences(mode):
             assert got[f"{layer}-{head}"] == pytest.approx(sum(per_prompt) / len(per_prompt), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_fisher_estimates_second_order_kl():
     """The Fisher estimator's expectation is ½ Δα² F; with many probes it tracks the exact
     second-order term, computed here from the full Jacobian by finite differences."""

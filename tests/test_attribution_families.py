@@ -17,6 +17,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, gqa", FAMILIES)
 def test_exact_equals_naive_all_families(family, gqa):
     model, with_resp, prompts = setup_model(family, gqa)

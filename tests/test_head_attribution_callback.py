@@ -466,3 +466,44 @@ def test_heatmap_stays_readable_with_zero_and_rounding_negative_scores(tmp_path)
     assert "1e-05" in text and "log scale" in text
     save_heatmap_png(tmp_path / "h.png", scores, [(0, 0)], "kl")
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_resume_helpers_name_the_partial_files_and_refuse_other_settings(tmp_path):
+    from hsr_pl.attribution import assign_heads as exported
+    from hsr_pl.attribution.resume import merge_partials, partial_files, partial_path
+    from hsr_pl.report.heads import write_partial
+
+    assert exported is assign_heads
+    output = tmp_path / "scores.json"
+    assert partial_path(output) == tmp_path / "scores.partial.json"
+    assert partial_path(output, 1, 2) == tmp_path / "scores.partial.rank1.json"
+    settings = {"score": "kl", "data_sha256": "abc"}
+    write_partial(partial_path(output, 0, 2), settings, {"0-0": 1.0, "0-1": 2.0})
+    write_partial(partial_path(output, 1, 2), settings, {"1-0": 3.0})
+    (tmp_path / "other.partial.json").write_text("{}")  # another output's file is not picked up
+    assert partial_files(output) == [partial_path(output, 0, 2), partial_path(output, 1, 2)]
+    assert merge_partials(partial_files(output), settings) == {"0-0": 1.0, "0-1": 2.0, "1-0": 3.0}
+    with pytest.raises(ValueError, match=r"data_sha256: 'abc' there vs 'xyz' now"):
+        merge_partials(partial_files(output), {**settings, "data_sha256": "xyz"})
+
+
+def test_gather_maps_every_ranks_tensor_back_to_its_share():
+    """The all-gather through the strategy: rank r's float64 row holds its share's scores in
+    order (NaN padding); every rank rebuilds the same dict, exactly."""
+    from types import SimpleNamespace
+
+    shares = [[(0, 0), (0, 1), (1, 0)], [(2, 0)]]
+    scores = {"0-0": 0.1, "0-1": 1 / 3, "1-0": -2.5, "2-0": 7e-12}
+    rows = [torch.tensor([0.1, 1 / 3, -2.5], dtype=torch.float64),
+            torch.tensor([7e-12, float("nan"), float("nan")], dtype=torch.float64)]
+    for rank in (0, 1):
+        def all_gather(local, rank=rank):
+            assert torch.equal(local[: len(shares[rank])], rows[rank][: len(shares[rank])])
+            return torch.stack([local if r == rank else rows[r] for r in range(2)])
+
+        trainer = SimpleNamespace(world_size=2, global_rank=rank,
+                                  strategy=SimpleNamespace(root_device=torch.device("cpu"), all_gather=all_gather))
+        mine = {head_key(*pair): scores[head_key(*pair)] for pair in shares[rank]}
+        assert SafetyHeadAttribution()._gather(trainer, shares, mine) == scores
+    empty = SimpleNamespace(world_size=2, global_rank=0, strategy=None)
+    assert SafetyHeadAttribution()._gather(empty, [[], []], {}) == {}

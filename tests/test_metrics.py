@@ -286,6 +286,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str, shards: lis
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_reduction_equals_one_process_over_the_union(tmp_path):
     import torch.multiprocessing as mp

@@ -13,6 +13,8 @@ import pytest
 
 from hsr_pl.cli import run_cli
 
+pytestmark = pytest.mark.slow  # runs the shipped organism through the CLI: ~10 s a test
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--data.init_args.eval_num_samples=60", "--trainer.logger=false"]
 

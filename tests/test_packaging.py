@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds and installs wheels: ~10 s a test
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

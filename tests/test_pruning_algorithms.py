@@ -478,3 +478,103 @@ def test_snip_matches_slow():
     slow = [[sum(abs(W[r, c].item() * gr[r, c].item()) for gr in grads) for c in range(8)] for r in range(5)]
     torch.testing.assert_close(total.double(), torch.tensor(slow, dtype=torch.float64), rtol=1e-6, atol=1e-7)
     assert torch.equal(snip_mask(total, 0.5), torch.tensor(slow_row_mask(slow, 0.5)))
+
+
+@pytest.mark.parametrize("indefinite", [False, True], ids=["pd", "needs-more-damping"])
+def test_sparsegpt_overwriting_the_hessian_changes_nothing_but_the_hessian(indefinite):
+    """``overwrite_hessian=True`` (the runner's setting: the statistic is not needed afterwards)
+    uses the Hessian as workspace; masks, weights and damping are those of the copying default."""
+    g = torch.Generator().manual_seed(9)
+    if indefinite:
+        v = torch.randn(16, 1, generator=g)
+        H = v @ v.T - 0.05 * torch.eye(16)
+    else:
+        H = _hessian(g, 16, dead=(2,)).float()
+    W = torch.randn(4, 16, generator=g)
+    copied = sparsegpt_prune(W, H, 0.5)
+    workspace = H.clone()
+    overwritten = sparsegpt_prune(W, workspace, 0.5, overwrite_hessian=True)
+    assert torch.equal(copied.mask, overwritten.mask) and torch.equal(copied.weight, overwritten.weight)
+    assert copied.percdamp == overwritten.percdamp and (copied.percdamp > 0.01) == indefinite
+    assert not torch.equal(workspace, H)  # it really was the workspace
+
+
+def test_token_selection_of_every_token_is_a_view_with_the_same_rows():
+    x = torch.randn(2, 3, 4)
+    selection = TokenSelection()
+    selection.set(torch.ones(2, 3, dtype=torch.bool))
+    rows, samples = selection.select(x)
+    assert samples == 2 and torch.equal(rows, x[torch.ones(2, 3, dtype=torch.bool)])
+    assert rows.data_ptr() == x.data_ptr()
+    partial = torch.tensor([[True, False, True], [False, False, True]])
+    selection.set(partial)
+    assert torch.equal(selection.select(x)[0], x[partial])
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["copy", "consume"])
+def test_sparsegpt_retry_after_the_second_cholesky_fails(monkeypatch, overwrite):
+    """The inverse's Cholesky failing (its storage is then lost) retries with 10x damping: from
+    the caller's Hessian when copying (exactly the reference at that damping), from L L^T with the
+    exact diagonal when the Hessian is consumed (here: the same mask)."""
+    g = torch.Generator().manual_seed(10)
+    H = _hessian(g, 24, dead=(5,)).float()
+    W = torch.randn(6, 24, generator=g)
+    real = torch.linalg.cholesky_ex
+    failures = []
+
+    def flaky(matrix, *, upper=False, out=None, **kwargs):
+        result = real(matrix, upper=upper, out=out, **kwargs) if out is not None else real(matrix, upper=upper, **kwargs)
+        if upper and not failures:
+            failures.append(1)
+            return result[0], torch.ones((), dtype=torch.int32)
+        return result
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    res = sparsegpt_prune(W, H.clone(), 0.5, overwrite_hessian=overwrite)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+    assert failures == [1] and res.percdamp == pytest.approx(0.1)
+    expected = sparsegpt_prune(W, H, 0.5, percdamp=res.percdamp)
+    assert torch.equal(res.mask, expected.mask)
+    if overwrite:
+        torch.testing.assert_close(res.weight, expected.weight, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(res.weight, expected.weight)
+
+
+def test_all_finite_agrees_with_isfinite_also_when_the_sum_overflows():
+    from hsr_pl.pruning.stats import all_finite
+
+    big = torch.full((4, 4), 3e38)  # finite entries, infinite sum
+    cases = [torch.randn(5, 5), big, torch.tensor([1.0, float("nan")]), torch.tensor([float("inf"), -float("inf")]),
+             torch.tensor([2.0, -float("inf")]), torch.zeros(0)]
+    for tensor in cases:
+        assert all_finite(tensor) == bool(torch.isfinite(tensor).all()), tensor
+
+
+@pytest.mark.parametrize("kind", ["row", "hessian"])
+def test_linears_fed_the_same_tensor_share_one_term_with_identical_statistics(kind, monkeypatch):
+    """q/k/v (and gate/up) receive the very same input tensor: its term is computed once per
+    batch, and every statistic equals the one accumulated on its own."""
+    import hsr_pl.pruning.stats as stats_module
+
+    g = torch.Generator().manual_seed(41)
+    q, k, o = nn.Linear(6, 4), nn.Linear(6, 2), nn.Linear(4, 3)
+    batches = [torch.randn(2, 5, 6, generator=g) for _ in range(3)]
+    masks = [torch.rand(2, 5, generator=g) > 0.3 for _ in range(3)]
+    cls = stats_module.STAT_KINDS[kind]
+    calls: list[int] = []
+    real = cls._term
+    monkeypatch.setattr(cls, "_term", lambda self, inp: calls.append(1) or real(self, inp))
+    selection = TokenSelection()
+    collector = StatsCollector({"q": q, "k": k, "o": o}, kind, selection)
+    with collector, torch.no_grad():
+        for x, mask in zip(batches, masks):
+            selection.set(mask)
+            q(x), k(x), o(torch.randn(2, 5, 4, generator=g))  # o gets another input
+    assert len(calls) == 3 * 2  # per batch: one for q and k together, one for o
+    alone = cls(6)
+    for x, mask in zip(batches, masks):
+        alone.add(x[mask], 2)
+    for name in ("q", "k"):
+        for key, tensor in collector.stats[name].tensors().items():
+            assert torch.equal(tensor, alone.tensors()[key]), (name, key)

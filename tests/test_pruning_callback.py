@@ -271,6 +271,94 @@ def test_checkpoint_resume_restores_state_and_does_not_prune_again(tmp_path, mon
     assert again.done and again.state_dict()["hsr_state"]["method"] == "wanda"
 
 
+class ChangeRestoredAt(Callback):
+    """Marks one more pruned q_proj weight restored after training step ``step`` (a state change
+    between checkpoints)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            state = get_state(pl_module)
+            name = next(n for n in state.pruned if n.endswith("q_proj"))
+            restored = state.restored.get(name, torch.zeros_like(state.pruned[name])).clone()
+            restored[tuple(state.pruned[name].nonzero()[-1].tolist())] = True
+            state.restored[name] = restored
+
+
+def _tensors_in(obj) -> list[str]:
+    if isinstance(obj, torch.Tensor):
+        return [f"{obj.dtype}{tuple(obj.shape)}"]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors_in(v)]
+    return []
+
+
+def test_checkpoints_reference_one_side_file_per_distinct_state(tmp_path):
+    """Masks and originals leave the checkpoints: each holds a reference (path, SHA-256) to a
+    safetensors file next to it, written once while the state stays the same, anew when it changes."""
+    module, data = make_module(lr=0.05), make_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    callbacks = [Pruning(num_samples=4, when="fit_start"), MarkRestored(), ChangeRestoredAt(2), ckpt]
+    make_trainer(tmp_path, callbacks, enable_checkpointing=True, max_steps=3, limit_train_batches=3).fit(
+        module, datamodule=data
+    )
+    saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
+    side = sorted((tmp_path / "ckpt").glob("hsr_state-*.safetensors"))
+    assert len(saved) == 3 and len(side) == 2  # the state changes before the step-2 checkpoint only
+    refs = []
+    for path in saved:
+        checkpoint = torch.load(path, weights_only=False)
+        (pruning_state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("Pruning")]
+        hsr = pruning_state["hsr_state"]
+        assert _tensors_in(hsr) == [] and hsr["method"] == "wanda" and hsr["sparsity"] == 0.5
+        refs.append(hsr["side_file"])
+        assert Path(hsr["side_file"]["path"]).parent == tmp_path / "ckpt"
+    assert refs[0] != refs[1] == refs[2] and {Path(r["path"]) for r in refs} == set(side)
+
+
+def test_resume_finds_the_side_file_next_to_a_moved_checkpoint_or_names_the_missing_file(tmp_path):
+    from hsr_pl.state_file import StateFileError
+
+    module, data = make_module(lr=0.05), make_data()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "run" / "ckpt", save_last=True, every_n_train_steps=1)
+    trainer = make_trainer(tmp_path / "run", [Pruning(num_samples=4, when="fit_start"), ckpt], enable_checkpointing=True)
+    trainer.fit(module, datamodule=data)
+    saved = get_state(module).state_dict()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    last = tmp_path / "moved" / "ckpt" / "last.ckpt"
+    resumed, second = make_module(lr=0.05), Pruning(num_samples=4, when="fit_start")
+    make_trainer(tmp_path / "fresh", [second], max_steps=3).fit(resumed, datamodule=make_data(), ckpt_path=last)
+    for name, mask in saved["pruned"].items():
+        assert torch.equal(get_state(resumed).pruned[name], mask), name
+    for name, values in saved["originals"].items():
+        assert torch.equal(get_state(resumed).originals[name], values), name
+    for side in (tmp_path / "moved" / "ckpt").glob("hsr_state-*.safetensors"):
+        side.unlink()
+    with pytest.raises(StateFileError, match=r"side file 'hsr_state-[0-9a-f]{16}\.safetensors'.*Copy that file"):
+        make_trainer(tmp_path / "fresh", [Pruning(num_samples=4, when="fit_start")], max_steps=3).fit(
+            make_module(), datamodule=make_data(), ckpt_path=last
+        )
+
+
+def test_a_checkpoint_with_the_tensors_inline_still_loads(tiny_llava):
+    """Checkpoints written before the side file held the whole state dict inline."""
+    model, _ = tiny_llava
+    first = Pruning(method="magnitude", when="fit_start")
+    first.prune(model, None)
+    inline = {"done": True, "settings": first.settings(), "hsr_state": get_state(model).state_dict()}
+    second = Pruning(method="magnitude", when="fit_start")
+    second.load_state_dict(inline)
+    fresh, _ = build_tiny("llava")
+    second.on_restored(None, fresh)
+    for name, mask in get_state(model).pruned.items():
+        assert torch.equal(get_state(fresh).pruned[name], mask)
+        assert bool((dict(fresh.named_modules())[name].weight[mask] == 0).all())
+
+
 def test_resume_under_changed_settings_is_refused_with_the_difference(tmp_path):
     module, data = make_module(lr=0.05), make_data()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1)

@@ -32,6 +32,17 @@ def setup(family: str, gqa: bool) -> tuple[nn.Module, list[dict]]:
     return _CACHE[key]
 
 
+def mixed_layer_types(family: str) -> tuple[nn.Module, list[dict]]:
+    """A 3-layer ``family`` model whose ``layer_types`` mix sliding (window 4) and full attention."""
+    dense, processor = build_tiny(family, layers=3)
+    config = copy.deepcopy(dense.config)
+    text = config.get_text_config()
+    text.use_sliding_window, text.sliding_window = True, 4
+    text.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    return type(dense)(config).double().eval(), make_batches(processor, response=True)
+
+
 def model_layer_io(model: nn.Module, batch: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(input, output) hidden states of every decoder layer in one full forward, by our own hooks.
 
@@ -92,6 +103,80 @@ def layer0_arguments_gap(model: nn.Module, batches: list[dict]) -> float:
     return gap
 
 
+def same_structure(a, b, where: str) -> None:
+    """``a`` and ``b`` hold equal tensors (exactly) and equal plain values, in the same nesting."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            same_structure(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            same_structure(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_capture_equals_full_forward(model: nn.Module, batches: list[dict], label: str) -> None:
+    """The stub capture (no layer computed) records exactly the arguments the dense forward gives
+    every layer, and replaying from it gives bit-identical layer outputs."""
+    layers = list(get_adapter(model).all_layers())
+    calls: list[str] = []
+    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
+    handles = [lin.register_forward_hook(lambda m, a, o: calls.append("linear")) for lin in linears]
+    try:
+        fast = capture_layer_inputs(model, layers, batches, "all")
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [], f"{label}: the capture computed decoder layers"
+    full = capture_layer_inputs(model, layers, batches, "all", run_layers=True)
+    assert len(fast) == len(full) == len(batches)
+    for b, (x, y) in enumerate(zip(fast, full)):
+        assert torch.equal(x.hidden, y.hidden) and torch.equal(x.mask, y.mask), (label, b)
+        assert len(x.kwargs) == len(y.kwargs) == len(layers)
+        for index in range(len(layers)):
+            same_structure(x.kwargs[index], y.kwargs[index], f"{label} batch {b} layer {index}")
+    for index, layer in enumerate(layers):
+        fast, full = run_layer(layer, index, fast), run_layer(layer, index, full)
+        for b, (x, y) in enumerate(zip(fast, full)):
+            assert torch.equal(x.hidden, y.hidden), (label, index, b)
+    for layer in layers:
+        assert "forward" not in vars(layer), f"{label}: a capture stub was left on a layer"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_without_computing_layers_equals_the_full_forward_capture(family):
+    model, batches = setup(family, True)
+    assert_capture_equals_full_forward(model, batches, family)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
+def test_capture_equals_full_forward_with_mixed_sliding_and_full_layer_types(family):
+    model, batches = mixed_layer_types(family)
+    assert_capture_equals_full_forward(model, batches, f"{family} mixed layer_types")
+
+
+def test_capture_restores_a_forward_set_on_the_instance_and_survives_errors():
+    """Dispatch libraries (accelerate) put their own ``forward`` on the instance: it comes back,
+    also when the forward fails half-way."""
+    model, batches = setup("llama", False)
+    layers = list(get_adapter(model).all_layers())
+    wrapped = layers[0].forward
+    layers[0].forward = wrapped  # an instance attribute, as accelerate's hooks set one
+    try:
+        capture_layer_inputs(model, layers, batches, "all")
+        assert vars(layers[0])["forward"] is wrapped and "forward" not in vars(layers[1])
+        with pytest.raises(CalibrationError, match="labels"):
+            capture_layer_inputs(model, layers, [{k: v for k, v in batches[0].items() if k != "labels"}], "response")
+        assert vars(layers[0])["forward"] is wrapped and "forward" not in vars(layers[1])
+    finally:
+        del layers[0].forward
+
+
 @pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_replay_equals_the_models_own_layer_outputs(family, gqa):
@@ -102,14 +187,7 @@ def test_replay_equals_the_models_own_layer_outputs(family, gqa):
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
 def test_replay_with_mixed_sliding_and_full_layer_types(family):
     """Qwen2 / Qwen2-VL / Qwen2.5-VL configs whose ``layer_types`` mix sliding and full attention."""
-    dense, processor = build_tiny(family, layers=3)
-    config = copy.deepcopy(dense.config)
-    text = config.get_text_config()
-    text.use_sliding_window, text.sliding_window = True, 4
-    text.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
-    torch.manual_seed(0)
-    model = type(dense)(config).double().eval()
-    batches = make_batches(processor, response=True)
+    model, batches = mixed_layer_types(family)
     assert layer0_arguments_gap(model, batches) > 1e-3  # the layers really get different masks
     assert_replay_matches(model, batches, f"{family} mixed layer_types")
 
@@ -204,3 +282,25 @@ def test_mllama_sequential_still_refused():
     model, processor = build_tiny("mllama")
     with pytest.raises(NotImplementedError, match="mode='oneshot'"):
         prune_model(model, make_batches(processor, response=True, dtype=torch.float32), PruningConfig("wanda"))
+
+
+def test_run_layer_outputs_new_replace_or_none_agree():
+    """``replace`` (the runner's re-forward) writes the same outputs into the input list that
+    ``new`` returns; ``none`` (the statistics pass) still runs every batch, for the hooks."""
+    model, batches = setup("gemma3", False)
+    layers = list(get_adapter(model).all_layers())
+    inputs = capture_layer_inputs(model, layers, batches, "all")
+    new = run_layer(layers[0], 0, inputs)
+    calls: list[int] = []
+    handle = layers[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        assert run_layer(layers[0], 0, inputs, outputs="none") == []
+    finally:
+        handle.remove()
+    assert len(calls) == len(batches)
+    replaced = run_layer(layers[0], 0, inputs, outputs="replace")
+    assert replaced is inputs and len(replaced) == len(new)
+    for a, b in zip(replaced, new):
+        assert torch.equal(a.hidden, b.hidden) and a.kwargs is b.kwargs
+    with pytest.raises(ValueError, match="outputs="):
+        run_layer(layers[0], 0, inputs, outputs="keep")

@@ -103,3 +103,20 @@ def test_unknown_family_lists_the_known_ones():
     with pytest.raises(ValueError, match="llava") as err:
         build_tiny("gpt2")
     assert "gpt2" in str(err.value)
+
+
+def test_one_spec_per_builder_and_family_options_are_checked():
+    """Every builder is the one spec-driven builder; family options reach the config, and an
+    option a family does not have is refused by name."""
+    from hsr_pl.models import tiny
+
+    assert set(tiny.TINY_SPECS) == set(TINY_BUILDERS)
+    assert tiny.build_tiny_gemma3 is TINY_BUILDERS["gemma3"] and tiny.build_tiny_gemma3.__name__ == "build_tiny_gemma3"
+    model, processor = build_tiny("gemma3", image_size=16, mm_tokens_per_image=1, layers=3)
+    assert model.config.mm_tokens_per_image == 1 and model.config.vision_config.image_size == 16
+    assert model.config.get_text_config().layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert processor.image_seq_length == 1
+    model, _ = build_tiny("mllama", cross_attention_layers=(0,), layers=2)
+    assert model.config.get_text_config().cross_attention_layers == [0]
+    with pytest.raises(TypeError, match=r"build_tiny_llama\(\) got unexpected keyword arguments \['image_size'\]"):
+        build_tiny("llama", image_size=16)

@@ -31,6 +31,7 @@ from .scores import (
     score_positions,
     subspace_score,
 )
+from .sharding import assign_heads
 
 __all__ = [
     "ABLATION_MODES",
@@ -41,6 +42,7 @@ __all__ = [
     "HeadScaling",
     "ProgressFn",
     "ScoreConfig",
+    "assign_heads",
     "exact_head_scores",
     "gradient_head_scores",
     "head_scores",

@@ -64,10 +64,6 @@ class ScoreConfig:
         if int(self.r_max) < 1:
             raise ValueError(f"r_max={self.r_max!r} must be a positive integer (default 1)")
 
-    @property
-    def needs_logits(self) -> bool:
-        return self.score == "kl"
-
 
 def last_prompt_index(batch: dict) -> Tensor:
     """``[B]`` index of each row's last prompt token.

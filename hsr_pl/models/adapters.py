@@ -24,8 +24,6 @@ __all__ = [
     "supported_families",
 ]
 
-ATTENTION_KEYS = ("q", "k", "v", "o")
-
 
 class UnsupportedModelError(ValueError):
     """Raised for an architecture that no registered adapter understands."""
@@ -164,6 +162,10 @@ class ModelAdapter:
     # Layout of those modules' outputs when already split per head: False -> [..., seq, H, d_h]
     # (or flat [..., seq, H*d_h]); True -> [batch, H, seq, d_h] (Gemma3's norms).
     states_head_major: ClassVar[bool] = False
+    # True when the decoder builds every layer's keyword arguments (masks, rotary embeddings) from
+    # the batch before its layer loop, so sequential pruning may record them without computing any
+    # layer. A decoder that derives them from an earlier layer's output must say False.
+    layer_arguments_from_batch: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -306,20 +308,3 @@ class ModelAdapter:
                 if self.name_of(module) == name:
                     return i, short
         raise KeyError(f"{name!r} is not a decoder-layer linear of this model")
-
-    def describe(self) -> dict:
-        """A JSON-able summary: family, decoder path, per-layer geometry."""
-        geos = {i: self.geometry(i) for i in self.layer_indices()}
-        first = next(iter(geos.values()))
-        return {
-            "family": self.family,
-            "model_type": self.model.config.model_type,
-            "decoder": self.name_of(self.decoder()) or "<root>",
-            "num_layers": self.num_layers,
-            "self_attention_layers": self.layer_indices(),
-            "other_layers": self.other_layer_indices(),
-            "num_heads": first.num_heads,
-            "num_kv_heads": first.num_kv_heads,
-            "head_dim": first.head_dim,
-            "group_size": first.group_size,
-        }

@@ -5,15 +5,19 @@ transformers config class, with a word-level tokenizer made by the ``tokenizers`
 image processor constructed from defaults (PIL backend: no torchvision). ``save_tiny`` writes a
 folder that ``from_pretrained`` reloads, so the same loading path serves tiny and real checkpoints.
 
-Every builder has the signature ``builder(gqa=False, *, words=..., hidden=64, layers=2, heads=4,
-seed=0) -> (model, processor)``: ``gqa=True`` halves the key/value heads. Text-only families
-return their tokenizer as the processor.
+Every family is one row of :data:`TINY_SPECS` (its transformers classes and what differs from
+the shared recipe) and is built by one builder; ``TINY_BUILDERS[family]`` / ``build_tiny_<family>``
+/ :func:`build_tiny` call it as ``builder(gqa=False, *, words=..., hidden=64, layers=2, heads=4,
+seed=0, **family options) -> (model, processor)``: ``gqa=True`` halves the key/value heads.
+Text-only families return their tokenizer as the processor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +28,8 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TEXT_ONLY_FAMILIES",
     "TINY_BUILDERS",
+    "TINY_SPECS",
+    "TinySpec",
     "bpe_tokenizer",
     "build_tiny",
     "chat_template",
@@ -177,430 +183,6 @@ def _clip_image_processor(image_size: int):
     )
 
 
-# ----------------------------------------------------------------------------------- LLaVA
-def build_tiny_llava(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    image_size: int = 16,
-    patch_size: int = 8,
-    seed: int = 0,
-):
-    """A tiny ``LlavaForConditionalGeneration`` (LLaMA text, CLIP vision) and its processor."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    tokenizer = word_tokenizer(words)
-    text = LlamaConfig(**_text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer))
-    config = LlavaConfig(
-        text_config=text,
-        vision_config=_clip_vision(image_size, patch_size),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        tie_word_embeddings=False,
-    )
-    model = _seeded(LlavaForConditionalGeneration, config, seed)
-    processor = LlavaProcessor(
-        image_processor=_clip_image_processor(image_size),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    return model, processor
-
-
-def build_tiny_llava_next(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    image_size: int = 16,
-    patch_size: int = 8,
-    seed: int = 0,
-):
-    """A tiny ``LlavaNextForConditionalGeneration`` (any-res tiling over a 1x1 / 1x2 / 2x1 grid)."""
-    from transformers import (
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextProcessor,
-    )
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-
-    pinpoints = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
-    tokenizer = word_tokenizer(words)
-    text = LlamaConfig(**_text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer))
-    config = LlavaNextConfig(
-        text_config=text,
-        vision_config=_clip_vision(image_size, patch_size),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
-        # any-res packing reshapes each tile's features into its patch grid, so the CLS token
-        # must be dropped ("default"), as in real LLaVA-NeXT checkpoints.
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=pinpoints,
-        tie_word_embeddings=False,
-    )
-    model = _seeded(LlavaNextForConditionalGeneration, config, seed)
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    return model, processor
-
-
-# ---------------------------------------------------------------------------------- Qwen-VL
-_QWEN_VISION_TOKENS = {
-    "vision_start_token": "<|vision_start|>",
-    "vision_end_token": "<|vision_end|>",
-    "video_token": "<|video_pad|>",
-}
-
-
-def _build_tiny_qwen_vl(version: str, gqa: bool, words, hidden, layers, heads, seed, patch_size=8):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from .processors import Qwen2_5_VLImageOnlyProcessor, Qwen2VLImageOnlyProcessor
-
-    template = chat_template("<|vision_start|><image><|vision_end|>")
-    tokenizer = word_tokenizer(words, named_special=_QWEN_VISION_TOKENS, template=template)
-    text = _text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer)
-    head_dim = hidden // heads
-    # M-RoPE splits the head_dim/2 rotary frequencies over (time, height, width).
-    third = head_dim // 2 // 3
-    text["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": 10000.0,
-        "mrope_section": [head_dim // 2 - 2 * third, third, third],
-    }
-    ids = dict(
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
-    if version == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config
-        from transformers import Qwen2VLForConditionalGeneration as Model
-
-        vision = dict(
-            depth=1,
-            embed_dim=32,
-            hidden_size=hidden,
-            mlp_ratio=2,
-            num_heads=2,
-            patch_size=patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
-        processor_cls = Qwen2VLImageOnlyProcessor
-    else:
-        from transformers import Qwen2_5_VLConfig as Config
-        from transformers import Qwen2_5_VLForConditionalGeneration as Model
-
-        vision = dict(
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=hidden,
-            num_heads=2,
-            patch_size=patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=4 * patch_size,
-            fullatt_block_indexes=[0],
-        )
-        processor_cls = Qwen2_5_VLImageOnlyProcessor
-    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
-    model = _seeded(Model, config, seed)
-    # 32x32 images -> a 4x4 patch grid -> 2x2 = 4 merged image tokens.
-    image_processor = Qwen2VLImageProcessorPil(
-        size={"shortest_edge": (4 * patch_size) ** 2, "longest_edge": (4 * patch_size) ** 2},
-        patch_size=patch_size,
-        merge_size=2,
-        temporal_patch_size=2,
-    )
-    return model, processor_cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
-
-
-def build_tiny_qwen2_vl(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny ``Qwen2VLForConditionalGeneration`` (M-RoPE text, 1-layer ViT) and an image-only processor."""
-    return _build_tiny_qwen_vl("qwen2_vl", gqa, words, hidden, layers, heads, seed)
-
-
-def build_tiny_qwen2_5_vl(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny ``Qwen2_5_VLForConditionalGeneration`` and an image-only processor."""
-    return _build_tiny_qwen_vl("qwen2_5_vl", gqa, words, hidden, layers, heads, seed)
-
-
-# ----------------------------------------------------------------------------------- Gemma3
-def build_tiny_gemma3(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    image_size: int = 32,
-    patch_size: int = 8,
-    mm_tokens_per_image: int = 4,
-    seed: int = 0,
-):
-    """A tiny ``Gemma3ForConditionalGeneration`` (q_norm/k_norm, sliding + full layers, SigLIP)."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, SiglipVisionConfig
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image>"}
-    template = chat_template("<start_of_image>")
-    tokenizer = word_tokenizer(words, named_special=named, template=template)
-    text = _text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer)
-    head_dim = hidden // heads
-    text.update(
-        head_dim=head_dim,
-        query_pre_attn_scalar=head_dim,
-        sliding_window=8,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
-    )
-    config = Gemma3Config(
-        text_config=text,
-        vision_config=SiglipVisionConfig(**_small_vision(image_size=image_size, patch_size=patch_size)),
-        mm_tokens_per_image=mm_tokens_per_image,
-        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
-        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        tie_word_embeddings=False,
-    )
-    model = _seeded(Gemma3ForConditionalGeneration, config, seed)
-    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
-    processor = Gemma3Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        chat_template=template,
-        image_seq_length=mm_tokens_per_image,
-    )
-    return model, processor
-
-
-# ------------------------------------------------------------------------- Idefics3 / SmolVLM
-_IDEFICS_TOKENS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
-
-
-def _build_tiny_idefics(
-    kind: str,
-    gqa: bool,
-    words,
-    hidden,
-    layers,
-    heads,
-    seed,
-    image_size: int = 32,
-    patch_size: int = 8,
-    scale_factor: int = 2,
-):
-    from transformers import LlamaConfig
-
-    tokenizer = word_tokenizer(words, extra_special=_IDEFICS_TOKENS)
-    text = LlamaConfig(**_text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer))
-    vision = _small_vision(image_size=image_size, patch_size=patch_size)
-    image_seq_len = (image_size // patch_size) ** 2 // scale_factor**2
-    image_kwargs = dict(
-        do_image_splitting=False,
-        size={"longest_edge": image_size},
-        max_image_size={"longest_edge": image_size},
-    )
-    if kind == "idefics3":
-        from transformers import Idefics3Config as Config
-        from transformers import Idefics3ForConditionalGeneration as Model
-        from transformers import Idefics3Processor as Processor
-        from transformers.models.idefics3.image_processing_pil_idefics3 import (
-            Idefics3ImageProcessorPil as Images,
-        )
-    else:
-        from transformers import SmolVLMConfig as Config
-        from transformers import SmolVLMForConditionalGeneration as Model
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import (
-            SmolVLMImageProcessorPil as Images,
-        )
-
-        from .processors import SmolVLMImageOnlyProcessor as Processor
-    config = Config(
-        text_config=text,
-        vision_config=vision,
-        scale_factor=scale_factor,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        tie_word_embeddings=False,
-    )
-    model = _seeded(Model, config, seed)
-    processor = Processor(
-        image_processor=Images(**image_kwargs),
-        tokenizer=tokenizer,
-        image_seq_len=image_seq_len,
-        chat_template=CHAT_TEMPLATE,
-    )
-    return model, processor
-
-
-def build_tiny_idefics3(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny ``Idefics3ForConditionalGeneration`` (LLaMA text, pixel-shuffle connector)."""
-    return _build_tiny_idefics("idefics3", gqa, words, hidden, layers, heads, seed)
-
-
-def build_tiny_smolvlm(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny ``SmolVLMForConditionalGeneration`` and an image-only processor."""
-    return _build_tiny_idefics("smolvlm", gqa, words, hidden, layers, heads, seed)
-
-
-# ----------------------------------------------------------------------------------- Mllama
-def build_tiny_mllama(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 3,
-    heads: int = 4,
-    cross_attention_layers: Iterable[int] = (1,),
-    image_size: int = 16,
-    patch_size: int = 8,
-    seed: int = 0,
-):
-    """A tiny ``MllamaForConditionalGeneration``: self-attention layers 0 and 2, cross-attention 1."""
-    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-    template = chat_template("<|image|>")
-    tokenizer = word_tokenizer(
-        words,
-        named_special={"image_token": "<|image|>"},
-        extra_special=("<|python_tag|>",),
-        template=template,
-    )
-    text = _text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer)
-    text["cross_attention_layers"] = list(cross_attention_layers)
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_global_layers=1,
-        attention_heads=2,
-        image_size=image_size,
-        patch_size=patch_size,
-        max_num_tiles=1,
-        supported_aspect_ratios=[[1, 1]],
-        intermediate_layers_indices=[0],
-        vision_output_dim=64,
-    )
-    config = MllamaConfig(
-        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<|image|>")
-    )
-    model = _seeded(MllamaForConditionalGeneration, config, seed)
-    image_processor = MllamaImageProcessorPil(
-        size={"height": image_size, "width": image_size}, max_image_tiles=1
-    )
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
-    return model, processor
-
-
-# ---------------------------------------------------------------------------------- InternVL
-_INTERNVL_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
-
-
-def build_tiny_internvl(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    image_size: int = 32,
-    patch_size: int = 8,
-    seed: int = 0,
-):
-    """A tiny ``InternVLForConditionalGeneration`` (Qwen2 text, InternViT) and an image-only processor."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    from .processors import InternVLImageOnlyProcessor
-
-    template = chat_template("<IMG_CONTEXT>")
-    tokenizer = word_tokenizer(words, named_special=_INTERNVL_TOKENS, template=template)
-    text = Qwen2Config(**_text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer))
-    vision = _small_vision(image_size=[image_size, image_size], patch_size=[patch_size, patch_size])
-    image_seq_length = (image_size // patch_size) ** 2 // 4  # downsample_ratio 0.5 in each direction
-    config = InternVLConfig(
-        text_config=text,
-        vision_config=vision,
-        downsample_ratio=0.5,
-        image_seq_length=image_seq_length,
-        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
-        tie_word_embeddings=False,
-    )
-    model = _seeded(InternVLForConditionalGeneration, config, seed)
-    image_processor = GotOcr2ImageProcessorPil(
-        size={"height": image_size, "width": image_size}, max_patches=1
-    )
-    processor = InternVLImageOnlyProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        image_seq_length=image_seq_length,
-        chat_template=template,
-    )
-    return model, processor
-
-
-# ---------------------------------------------------------------------------------- text-only
 def bpe_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
     """A ``Qwen2Tokenizer`` (byte-level BPE) whose merges spell every word of ``words`` whole.
 
@@ -646,74 +228,371 @@ def bpe_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
     return tokenizer
 
 
-def _build_tiny_causal(kind: str, gqa: bool, words, hidden, layers, heads, seed):
+# ------------------------------------------------------------------------------- processors
+# One function per processor family: the processors genuinely differ. Each gets the tokenizer,
+# its chat template and the family's options (image_size, patch_size, ...).
+def _llava_processor(tokenizer, template: str, o: Mapping):
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=_clip_image_processor(o["image_size"]),
+        tokenizer=tokenizer,
+        patch_size=o["patch_size"],
+        vision_feature_select_strategy="full",
+        chat_template=template,
+        num_additional_image_tokens=1,
+    )
+
+
+def _pinpoints(o: Mapping) -> list[list[int]]:
+    size = o["image_size"]
+    return [[size, size], [size, 2 * size], [2 * size, size]]
+
+
+def _llava_next_processor(tokenizer, template: str, o: Mapping):
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    size = o["image_size"]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=_pinpoints(o)
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=o["patch_size"],
+        vision_feature_select_strategy="default",
+        chat_template=template,
+        num_additional_image_tokens=1,
+    )
+
+
+def _qwen_vl_processor(processor_name: str):
+    def build(tokenizer, template: str, o: Mapping):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from . import processors
+
+        # 32x32 images -> a 4x4 patch grid -> 2x2 = 4 merged image tokens.
+        side = (4 * o["patch_size"]) ** 2
+        image_processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": side, "longest_edge": side}, patch_size=o["patch_size"], merge_size=2,
+            temporal_patch_size=2,
+        )
+        cls = getattr(processors, processor_name)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+    return build
+
+
+def _gemma3_processor(tokenizer, template: str, o: Mapping):
+    from transformers import Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    image_processor = Gemma3ImageProcessorPil(size={"height": o["image_size"], "width": o["image_size"]})
+    return Gemma3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+        image_seq_length=o["mm_tokens_per_image"],
+    )
+
+
+def _idefics_processor(smolvlm: bool):
+    def build(tokenizer, template: str, o: Mapping):
+        if smolvlm:
+            from transformers.models.smolvlm.image_processing_pil_smolvlm import (
+                SmolVLMImageProcessorPil as Images,
+            )
+
+            from .processors import SmolVLMImageOnlyProcessor as Processor
+        else:
+            from transformers import Idefics3Processor as Processor
+            from transformers.models.idefics3.image_processing_pil_idefics3 import (
+                Idefics3ImageProcessorPil as Images,
+            )
+        size = o["image_size"]
+        images = Images(do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size})
+        image_seq_len = (size // o["patch_size"]) ** 2 // o["scale_factor"] ** 2
+        return Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=template)
+
+    return build
+
+
+def _mllama_processor(tokenizer, template: str, o: Mapping):
+    from transformers import MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    images = MllamaImageProcessorPil(size={"height": o["image_size"], "width": o["image_size"]}, max_image_tiles=1)
+    return MllamaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=template)
+
+
+def _internvl_seq_length(o: Mapping) -> int:
+    return (o["image_size"] // o["patch_size"]) ** 2 // 4  # downsample_ratio 0.5 in each direction
+
+
+def _internvl_processor(tokenizer, template: str, o: Mapping):
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from .processors import InternVLImageOnlyProcessor
+
+    images = GotOcr2ImageProcessorPil(size={"height": o["image_size"], "width": o["image_size"]}, max_patches=1)
+    return InternVLImageOnlyProcessor(
+        image_processor=images, tokenizer=tokenizer, image_seq_length=_internvl_seq_length(o), chat_template=template
+    )
+
+
+# ---------------------------------------------------------------------- text and vision parts
+def _mrope(text: dict, o: Mapping) -> None:
+    """M-RoPE splits the head_dim/2 rotary frequencies over (time, height, width)."""
+    head_dim = o["hidden"] // o["heads"]
+    third = head_dim // 2 // 3
+    text["rope_parameters"] = {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 2 - 2 * third, third, third],
+    }
+
+
+def _gemma3_text(text: dict, o: Mapping) -> None:
+    head_dim = o["hidden"] // o["heads"]
+    layers = text["num_hidden_layers"]
+    text.update(
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=8,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+    )
+
+
+def _qwen2_vl_vision(o: Mapping) -> dict:
+    return dict(depth=1, embed_dim=32, hidden_size=o["hidden"], mlp_ratio=2, num_heads=2, patch_size=o["patch_size"],
+                spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _qwen2_5_vl_vision(o: Mapping) -> dict:
+    return dict(depth=1, hidden_size=32, intermediate_size=64, out_hidden_size=o["hidden"], num_heads=2,
+                patch_size=o["patch_size"], spatial_merge_size=2, temporal_patch_size=2,
+                window_size=4 * o["patch_size"], fullatt_block_indexes=[0])
+
+
+def _mllama_vision(o: Mapping) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+                image_size=o["image_size"], patch_size=o["patch_size"], max_num_tiles=1,
+                supported_aspect_ratios=[[1, 1]], intermediate_layers_indices=[0], vision_output_dim=64)
+
+
+def _siglip(o: Mapping):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**_small_vision(image_size=o["image_size"], patch_size=o["patch_size"]))
+
+
+def _ids(tok, **names: str) -> dict[str, int]:
+    """``{config key: id of token}`` for the config's special-token ids."""
+    return {key: tok.convert_tokens_to_ids(token) for key, token in names.items()}
+
+
+_QWEN_VISION_TOKENS = {
+    "vision_start_token": "<|vision_start|>",
+    "vision_end_token": "<|vision_end|>",
+    "video_token": "<|video_pad|>",
+}
+_QWEN_IDS = dict(image_token_id="<image>", video_token_id="<|video_pad|>", vision_start_token_id="<|vision_start|>",
+                 vision_end_token_id="<|vision_end|>")
+_GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image>"}
+_IDEFICS_TOKENS = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>")
+_INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+# ------------------------------------------------------------------------------- spec table
+@dataclass(frozen=True)
+class TinySpec:
+    """One tiny family: the transformers classes and what differs from the shared recipe.
+
+    The shared recipe: a word-level tokenizer over ``words`` (:func:`word_tokenizer`), the text
+    config of :func:`_text_kwargs` (MLP 2 x hidden, ``gqa`` halves the key/value heads), the
+    model initialised under ``torch.manual_seed(seed)``. Callables receive ``o``, the family's
+    options merged with ``hidden`` and ``heads``.
+    """
+
+    model: str  # transformers model class
+    config: str  # transformers (top-level) config class
+    text_config: str | None = None  # text config class; None: passed to ``config`` as a dict
+    layers: int = 2  # default depth
+    options: Mapping[str, Any] = field(default_factory=dict)  # family keyword arguments -> defaults
+    image_placeholder: str = "<image>"  # what the chat template writes per image
+    named_special: Mapping[str, str] | None = None  # word_tokenizer(named_special=...)
+    extra_special: tuple[str, ...] = ()  # word_tokenizer(extra_special=...)
+    bpe: bool = False  # a byte-level BPE Qwen2Tokenizer instead (see bpe_tokenizer)
+    text: Callable[[dict, Mapping], None] | None = None  # edits the text kwargs in place
+    vision: Callable[[Mapping], Any] | None = None  # vision config (kwargs or object); None: text-only
+    extra: Callable[[Any, Mapping], dict] = lambda tok, o: {}  # more config kwargs (token ids, ...)
+    untied: bool = True  # pass tie_word_embeddings=False to the top-level config
+    processor: Callable[[Any, str, Mapping], Any] | None = None  # (tokenizer, template, o) -> processor
+
+    @property
+    def text_only(self) -> bool:
+        return self.vision is None
+
+
+_IMAGE16 = {"image_size": 16, "patch_size": 8}
+TINY_SPECS: dict[str, TinySpec] = {
+    "llava": TinySpec(
+        "LlavaForConditionalGeneration", "LlavaConfig", "LlamaConfig", options=_IMAGE16,
+        vision=lambda o: _clip_vision(o["image_size"], o["patch_size"]),
+        extra=lambda tok, o: dict(image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full"),
+        processor=_llava_processor,
+    ),
+    "llava_next": TinySpec(
+        "LlavaNextForConditionalGeneration", "LlavaNextConfig", "LlamaConfig", options=_IMAGE16,
+        vision=lambda o: _clip_vision(o["image_size"], o["patch_size"]),
+        # any-res packing reshapes each tile's features into its patch grid, so the CLS token
+        # must be dropped ("default"), as in real LLaVA-NeXT checkpoints.
+        extra=lambda tok, o: dict(image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="default", image_grid_pinpoints=_pinpoints(o)),
+        processor=_llava_next_processor,
+    ),
+    "qwen2_vl": TinySpec(
+        "Qwen2VLForConditionalGeneration", "Qwen2VLConfig", options={"patch_size": 8},
+        image_placeholder="<|vision_start|><image><|vision_end|>", named_special=_QWEN_VISION_TOKENS,
+        text=_mrope, vision=_qwen2_vl_vision, extra=lambda tok, o: _ids(tok, **_QWEN_IDS),
+        processor=_qwen_vl_processor("Qwen2VLImageOnlyProcessor"),
+    ),
+    "qwen2_5_vl": TinySpec(
+        "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", options={"patch_size": 8},
+        image_placeholder="<|vision_start|><image><|vision_end|>", named_special=_QWEN_VISION_TOKENS,
+        text=_mrope, vision=_qwen2_5_vl_vision, extra=lambda tok, o: _ids(tok, **_QWEN_IDS),
+        processor=_qwen_vl_processor("Qwen2_5_VLImageOnlyProcessor"),
+    ),
+    "gemma3": TinySpec(
+        "Gemma3ForConditionalGeneration", "Gemma3Config",
+        options={"image_size": 32, "patch_size": 8, "mm_tokens_per_image": 4},
+        image_placeholder="<start_of_image>", named_special=_GEMMA3_TOKENS, text=_gemma3_text, vision=_siglip,
+        extra=lambda tok, o: dict(
+            mm_tokens_per_image=o["mm_tokens_per_image"],
+            **_ids(tok, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                   image_token_index="<image>"),
+        ),
+        processor=_gemma3_processor,
+    ),
+    "idefics3": TinySpec(
+        "Idefics3ForConditionalGeneration", "Idefics3Config", "LlamaConfig",
+        options={"image_size": 32, "patch_size": 8, "scale_factor": 2}, extra_special=_IDEFICS_TOKENS,
+        vision=lambda o: _small_vision(image_size=o["image_size"], patch_size=o["patch_size"]),
+        extra=lambda tok, o: dict(scale_factor=o["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>")),
+        processor=_idefics_processor(smolvlm=False),
+    ),
+    "smolvlm": TinySpec(
+        "SmolVLMForConditionalGeneration", "SmolVLMConfig", "LlamaConfig",
+        options={"image_size": 32, "patch_size": 8, "scale_factor": 2}, extra_special=_IDEFICS_TOKENS,
+        vision=lambda o: _small_vision(image_size=o["image_size"], patch_size=o["patch_size"]),
+        extra=lambda tok, o: dict(scale_factor=o["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>")),
+        processor=_idefics_processor(smolvlm=True),
+    ),
+    # self-attention layers 0 and 2, cross-attention layer 1
+    "mllama": TinySpec(
+        "MllamaForConditionalGeneration", "MllamaConfig", layers=3,
+        options={"cross_attention_layers": (1,), **_IMAGE16},
+        image_placeholder="<|image|>", named_special={"image_token": "<|image|>"}, extra_special=("<|python_tag|>",),
+        text=lambda text, o: text.update(cross_attention_layers=list(o["cross_attention_layers"])),
+        vision=_mllama_vision, extra=lambda tok, o: _ids(tok, image_token_index="<|image|>"), untied=False,
+        processor=_mllama_processor,
+    ),
+    "internvl": TinySpec(
+        "InternVLForConditionalGeneration", "InternVLConfig", "Qwen2Config", options={"image_size": 32, "patch_size": 8},
+        image_placeholder="<IMG_CONTEXT>", named_special=_INTERNVL_TOKENS,
+        vision=lambda o: _small_vision(
+            image_size=[o["image_size"], o["image_size"]], patch_size=[o["patch_size"], o["patch_size"]]
+        ),
+        extra=lambda tok, o: dict(downsample_ratio=0.5, image_seq_length=_internvl_seq_length(o),
+                                  **_ids(tok, image_token_id="<IMG_CONTEXT>")),
+        processor=_internvl_processor,
+    ),
+    "llama": TinySpec("LlamaForCausalLM", "LlamaConfig"),
+    "mistral": TinySpec("MistralForCausalLM", "MistralConfig"),
+    "qwen2": TinySpec("Qwen2ForCausalLM", "Qwen2Config", bpe=True),  # q/k/v biases
+}
+
+
+def _build(
+    family: str,
+    gqa: bool = False,
+    *,
+    words: Iterable[str] = DEFAULT_WORDS,
+    hidden: int = 64,
+    layers: int | None = None,
+    heads: int = 4,
+    seed: int = 0,
+    **options: Any,
+) -> tuple[nn.Module, Any]:
+    """The one builder behind every ``build_tiny_<family>``: ``(model, processor)``."""
     import transformers
 
-    config_cls, model_cls = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM"),
-        "mistral": ("MistralConfig", "MistralForCausalLM"),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    }[kind]
-    tokenizer = bpe_tokenizer(words) if kind == "qwen2" else word_tokenizer(words)
-    config = getattr(transformers, config_cls)(
-        **_text_kwargs(len(tokenizer), gqa, hidden, layers, heads, tokenizer)
+    spec = TINY_SPECS[family]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise TypeError(
+            f"build_tiny_{family}() got unexpected keyword arguments {unknown}; it takes words, hidden, layers, "
+            f"heads, seed{''.join(', ' + k for k in spec.options)}"
+        )
+    o = {**spec.options, **options, "hidden": hidden, "heads": heads}
+    template = chat_template(spec.image_placeholder)
+    if spec.bpe:
+        tokenizer = bpe_tokenizer(words)
+    elif spec.text_only:
+        tokenizer = word_tokenizer(words)
+    else:
+        tokenizer = word_tokenizer(
+            words, extra_special=spec.extra_special, named_special=spec.named_special, template=template
+        )
+    text = _text_kwargs(len(tokenizer), gqa, hidden, spec.layers if layers is None else layers, heads, tokenizer)
+    if spec.text is not None:
+        spec.text(text, o)
+    config_cls, model_cls = getattr(transformers, spec.config), getattr(transformers, spec.model)
+    if spec.text_only:
+        return _seeded(model_cls, config_cls(**text), seed), tokenizer
+    text_config = getattr(transformers, spec.text_config)(**text) if spec.text_config else text
+    config = config_cls(
+        text_config=text_config,
+        vision_config=spec.vision(o),
+        **spec.extra(tokenizer, o),
+        **({"tie_word_embeddings": False} if spec.untied else {}),
     )
-    return _seeded(getattr(transformers, model_cls), config, seed), tokenizer
+    model = _seeded(model_cls, config, seed)
+    return model, spec.processor(tokenizer, template, o)
 
 
-def build_tiny_llama(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny text-only ``LlamaForCausalLM`` and its tokenizer (used as the processor)."""
-    return _build_tiny_causal("llama", gqa, words, hidden, layers, heads, seed)
+def _named_builder(family: str) -> Callable[..., tuple[nn.Module, Any]]:
+    spec = TINY_SPECS[family]
+
+    def build(gqa: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
+        return _build(family, gqa, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"build_tiny_{family}"
+    extra = "".join(f", {k}={v!r}" for k, v in spec.options.items())
+    build.__doc__ = (
+        f"A tiny ``{spec.model}`` and its {'tokenizer' if spec.text_only else 'processor'}: ``build_tiny_{family}("
+        f"gqa=False, *, words=DEFAULT_WORDS, hidden=64, layers={spec.layers}, heads=4, seed=0{extra})``."
+    )
+    return build
 
 
-def build_tiny_mistral(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny text-only ``MistralForCausalLM`` and its tokenizer."""
-    return _build_tiny_causal("mistral", gqa, words, hidden, layers, heads, seed)
-
-
-def build_tiny_qwen2(
-    gqa: bool = False,
-    *,
-    words: Iterable[str] = DEFAULT_WORDS,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    seed: int = 0,
-):
-    """A tiny text-only ``Qwen2ForCausalLM`` (q/k/v biases) and its tokenizer."""
-    return _build_tiny_causal("qwen2", gqa, words, hidden, layers, heads, seed)
-
-
-TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, object]]] = {
-    "llava": build_tiny_llava,
-    "llava_next": build_tiny_llava_next,
-    "qwen2_vl": build_tiny_qwen2_vl,
-    "qwen2_5_vl": build_tiny_qwen2_5_vl,
-    "gemma3": build_tiny_gemma3,
-    "idefics3": build_tiny_idefics3,
-    "smolvlm": build_tiny_smolvlm,
-    "mllama": build_tiny_mllama,
-    "internvl": build_tiny_internvl,
-    "llama": build_tiny_llama,
-    "mistral": build_tiny_mistral,
-    "qwen2": build_tiny_qwen2,
-}
+TINY_BUILDERS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {family: _named_builder(family) for family in TINY_SPECS}
+build_tiny_llava = TINY_BUILDERS["llava"]
+build_tiny_llava_next = TINY_BUILDERS["llava_next"]
+build_tiny_qwen2_vl = TINY_BUILDERS["qwen2_vl"]
+build_tiny_qwen2_5_vl = TINY_BUILDERS["qwen2_5_vl"]
+build_tiny_gemma3 = TINY_BUILDERS["gemma3"]
+build_tiny_idefics3 = TINY_BUILDERS["idefics3"]
+build_tiny_smolvlm = TINY_BUILDERS["smolvlm"]
+build_tiny_mllama = TINY_BUILDERS["mllama"]
+build_tiny_internvl = TINY_BUILDERS["internvl"]
+build_tiny_llama = TINY_BUILDERS["llama"]
+build_tiny_mistral = TINY_BUILDERS["mistral"]
+build_tiny_qwen2 = TINY_BUILDERS["qwen2"]
 
 
 def build_tiny(family: str, gqa: bool = False, **kwargs):

@@ -167,12 +167,18 @@ def _check_finite_weights(model: nn.Module) -> None:
 
 @torch.no_grad()
 def prune_linear(
-    linear: nn.Linear, config: PruningConfig, stat: RowStats | HessianStats | Tensor | None = None
+    linear: nn.Linear,
+    config: PruningConfig,
+    stat: RowStats | HessianStats | Tensor | None = None,
+    *,
+    consume: bool = False,
 ) -> tuple[Tensor, float | None]:
     """Prune one linear in place from its statistic; return its mask (device of the weight).
 
     ``stat`` is a :class:`RowStats` (wanda), :class:`HessianStats` (sparsegpt), a summed SNIP score
     tensor (snip) or None (magnitude). The second value is SparseGPT's damping (else None).
+    ``consume=True``: the statistic is not needed afterwards, so SparseGPT may use its Hessian as
+    workspace (no copies of it, as in the reference).
     """
     weight = linear.weight
     if config.method == "wanda":
@@ -188,7 +194,8 @@ def prune_linear(
         weight.data[mask] = 0
         return mask, None
     result = sparsegpt_prune(
-        weight.data, stat.H, config.sparsity, config.nm, blocksize=config.blocksize, percdamp=config.percdamp
+        weight.data, stat.H, config.sparsity, config.nm, blocksize=config.blocksize, percdamp=config.percdamp,
+        overwrite_hessian=consume,
     )
     weight.data.copy_(result.weight)
     return result.mask, result.percdamp
@@ -255,11 +262,13 @@ def _by_layer(adapter, chosen: Mapping[str, nn.Linear]) -> dict[int, dict[str, n
 
 
 def _prune_layer(
-    linears: Mapping[str, nn.Linear], stats: Mapping, config: PruningConfig, keep: set[str], result: PruningResult
+    linears: Mapping[str, nn.Linear], stats: dict, config: PruningConfig, keep: set[str], result: PruningResult
 ) -> None:
+    """Prune ``linears`` one by one; each statistic leaves ``stats`` (and memory) once it is used,
+    as the reference frees each linear's Hessian right after pruning it."""
     for name, lin in linears.items():
         _record(result, name, lin, keep)
-        mask, damp = prune_linear(lin, config, stats.get(name) if stats else None)
+        mask, damp = prune_linear(lin, config, stats.pop(name, None) if stats else None, consume=True)
         result.masks[name] = mask.detach().to("cpu")
         if damp is not None:
             result.percdamp[name] = damp
@@ -293,8 +302,12 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
     layers = adapter.all_layers()
     groups = _by_layer(adapter, chosen)
     last = max(groups)
-    # Every layer's own arguments (Gemma3 & co. give sliding and full layers different masks).
-    inputs = capture_layer_inputs(model, list(layers)[: last + 1], batches, config.tokens)
+    # Every layer's own arguments (Gemma3 & co. give sliding and full layers different masks),
+    # recorded without computing the layers where the decoder builds them from the batch.
+    inputs = capture_layer_inputs(
+        model, list(layers)[: last + 1], batches, config.tokens,
+        run_layers=not adapter.layer_arguments_from_batch,
+    )
     tokens = sum(int(i.mask.sum()) for i in inputs if i.mask is not None)
     if not inputs or tokens == 0:
         raise CalibrationError(
@@ -310,13 +323,13 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
             if linears:
                 collector = StatsCollector(linears, _STAT_KIND[config.method], selection)
                 with collector:
-                    run_layer(layer, index, inputs, selection)
+                    run_layer(layer, index, inputs, selection, outputs="none")
                 stats = collector.finalize(reduce)
                 _prune_layer(linears, stats, config, keep, result)
                 del collector, stats
                 result.layers.append(index)
             if index < last:
-                inputs = run_layer(layer, index, inputs)
+                run_layer(layer, index, inputs, outputs="replace")
         except Exception as exc:
             raise _wrap(exc, result.layers) from exc
         if on_layer is not None:
@@ -384,4 +397,3 @@ def _prune_snip(model, adapter, batches, chosen, config, keep, on_layer, reduce)
         if not bool(torch.isfinite(score).all()):
             raise CalibrationError(f"{name}: SNIP scores hold NaN/inf; run the model in float32 for calibration")
     return _prune_groups(adapter, chosen, scores, config, keep, PruningResult(tokens=tokens), on_layer)
-

@@ -4,17 +4,26 @@ The reference pruners run the decoder layer by layer: the calibration inputs of 
 captured once, and each layer's outputs become the next layer's inputs. The keyword arguments
 (attention_mask, position_embeddings, position_ids, cache_position, ...) are *not* the same for
 every layer in all families: Gemma3, and Qwen2/2.5-VL with mixed ``layer_types``, give sliding-
-window layers another mask and other rotary embeddings than full-attention layers. So one dense
-forward per batch records what *each* decoder layer receives, and layer l is replayed with layer
-l's own arguments. The decoder builds those once per forward and hands the same tensor objects to
-every layer of a kind, so keeping references costs a few masks per batch, not one per layer. Only
-one layer's hidden states are alive at any time, kept on that layer's device.
+window layers another mask and other rotary embeddings than full-attention layers. So the capture
+records what *each* decoder layer receives, and layer l is replayed with layer l's own arguments.
+
+The decoders build those arguments before their layer loop, from the batch alone; a layer's
+output only changes the next layer's hidden states. So the capture swaps every listed layer's
+``forward`` for a stub that records its arguments and hands its input straight on: one pass
+through the embeddings (and the vision tower), no decoder layer computed, the same cost as the
+references' Catcher at layer 0. An adapter whose decoder derives a layer's arguments from an
+earlier layer's output sets ``layer_arguments_from_batch = False``; its capture then runs the
+dense layers (``run_layers=True``, also the tests' reference). The decoder hands the same tensor
+objects to every layer of a kind, so keeping references costs a few masks per batch, not one per
+layer. Only one layer's hidden states are alive at any time, kept on that layer's device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -95,52 +104,94 @@ def _split_call(index: int, args: tuple, kwargs: dict) -> tuple[Tensor, dict[str
     return hidden, kw
 
 
+_ABSENT = object()
+
+
+@contextmanager
+def _stubbed(layers: Sequence[nn.Module], record: Callable[[int, tuple, dict], Tensor]) -> Iterator[None]:
+    """Replace each layer's ``forward`` by ``record(index, args, kwargs)`` (its return value is the
+    layer's output); the previous instance attribute (e.g. an accelerate hook's) comes back after."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for index, layer in enumerate(layers):
+            saved.append((layer, layer.__dict__.get("forward", _ABSENT)))
+            layer.forward = partial(_forward_stub, record, index)
+        yield
+    finally:
+        for layer, previous in saved:
+            if previous is _ABSENT:
+                del layer.forward
+            else:
+                layer.forward = previous
+
+
+def _forward_stub(record: Callable[[int, tuple, dict], Tensor], index: int, *args: Any, **kwargs: Any) -> Tensor:
+    return record(index, args, kwargs)
+
+
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: Sequence[nn.Module], batches: Iterable[Mapping[str, Tensor]], tokens: str
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    batches: Iterable[Mapping[str, Tensor]],
+    tokens: str,
+    *,
+    run_layers: bool = False,
 ) -> list[LayerInput]:
-    """Run each batch through the dense ``model`` and record what every layer in ``layers`` gets.
+    """Run each batch into the dense ``model`` and record what every layer in ``layers`` gets.
 
     ``layers`` are decoder layers 0..n-1 in call order. Per batch this keeps layer 0's hidden
     states (moved to layer 0's device) and each layer's keyword arguments by reference (on the
     device the decoder made them; :func:`run_layer` moves them). The forward stops at the entry of
-    the last listed layer, so the rest of the model never runs.
+    the last listed layer, so the rest of the model never runs. With ``run_layers=False`` (the
+    default) no listed layer is computed either: each passes its input on unchanged, which is
+    exact for decoders that build every layer's arguments from the batch (see the module doc);
+    ``run_layers=True`` computes layers 0..n-2 densely instead.
     """
     if not layers:
         raise CalibrationError("no decoder layers to capture inputs for")
     device = model.get_input_embeddings().weight.device
     captured: list[LayerInput] = []
-    current: dict[int, tuple[Tensor, dict[str, Any]]] = {}
+    current: dict[int, tuple[Tensor | None, dict[str, Any]]] = {}
     last = len(layers) - 1
+
+    def record(index: int, args: tuple, kwargs: dict) -> Tensor:
+        hidden, kw = _split_call(index, args, kwargs)
+        current[index] = (hidden if index == 0 else None, kw)
+        if index == last:
+            raise _Captured
+        return hidden
 
     def make(index: int):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden, kw = _split_call(index, args, kwargs)
-            current[index] = (hidden if index == 0 else None, kw)
-            if index == last:
-                raise _Captured
+            record(index, args, kwargs)
 
         return pre_hook
 
-    handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = []
     try:
-        for batch in batches:
-            mask = token_mask(batch, tokens)
-            current.clear()
-            try:
-                model(**model_inputs(batch, device))
-            except _Captured:
-                pass
-            missing = [i for i in range(len(layers)) if i not in current]
-            if missing:
-                raise CalibrationError(
-                    f"the forward pass never reached decoder layers {missing[:5]}; sequential pruning needs every "
-                    "layer called once in order (use mode='oneshot' for decoders that skip layers)"
-                )
-            dev = layer_device(layers[0])
-            hidden = current[0][0].to(dev)
-            kwargs = [current[i][1] for i in range(len(layers))]
-            captured.append(LayerInput(hidden, kwargs, mask.to(dev)))
+        with ExitStack() as stack:
+            if run_layers:
+                handles = [layer.register_forward_pre_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
+            else:
+                stack.enter_context(_stubbed(layers, record))
+            for batch in batches:
+                mask = token_mask(batch, tokens)
+                current.clear()
+                try:
+                    model(**model_inputs(batch, device))
+                except _Captured:
+                    pass
+                missing = [i for i in range(len(layers)) if i not in current]
+                if missing:
+                    raise CalibrationError(
+                        f"the forward pass never reached decoder layers {missing[:5]}; sequential pruning needs "
+                        "every layer called once in order (use mode='oneshot' for decoders that skip layers)"
+                    )
+                dev = layer_device(layers[0])
+                hidden = current[0][0].to(dev)
+                kwargs = [current[i][1] for i in range(len(layers))]
+                captured.append(LayerInput(hidden, kwargs, mask.to(dev)))
     finally:
         for handle in handles:
             handle.remove()
@@ -150,15 +201,26 @@ def capture_layer_inputs(
 
 @torch.no_grad()
 def run_layer(
-    layer: nn.Module, index: int, inputs: list[LayerInput], selection: TokenSelection | None = None
+    layer: nn.Module,
+    index: int,
+    inputs: list[LayerInput],
+    selection: TokenSelection | None = None,
+    *,
+    outputs: str = "new",
 ) -> list[LayerInput]:
     """Feed every input through decoder layer ``index`` with that layer's own recorded kwargs.
 
-    The outputs are layer ``index + 1``'s inputs.
+    The outputs are layer ``index + 1``'s inputs. ``outputs`` says what becomes of them:
+    ``"new"`` returns them in a new list; ``"replace"`` writes each into ``inputs`` in place of
+    the input it came from (returned too), so only one batch's hidden states are alive twice;
+    ``"none"`` drops them (a statistics pass, whose hooks are all it needs). The references keep
+    two full ``[samples, seq, hidden]`` buffers instead.
     """
+    if outputs not in ("new", "replace", "none"):
+        raise ValueError(f"outputs={outputs!r}: use 'new', 'replace' or 'none'")
     dev = layer_device(layer)
-    outputs: list[LayerInput] = []
-    for inp in inputs:
+    results: list[LayerInput] = inputs if outputs == "replace" else []
+    for position, inp in enumerate(inputs):
         if index >= len(inp.kwargs):
             raise CalibrationError(
                 f"no recorded arguments for decoder layer {index} (captured {len(inp.kwargs)} layers)"
@@ -169,7 +231,11 @@ def run_layer(
         out = layer(inp.hidden.to(dev), **kwargs)
         if isinstance(out, tuple):
             out = out[0]
-        outputs.append(LayerInput(out, inp.kwargs, inp.mask))
+        if outputs == "replace":
+            results[position] = LayerInput(out, inp.kwargs, inp.mask)
+        elif outputs == "new":
+            results.append(LayerInput(out, inp.kwargs, inp.mask))
+        del out
     if selection is not None:
         selection.set(None)
-    return outputs
+    return results

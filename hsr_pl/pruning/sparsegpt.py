@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .errors import CalibrationError
 from .masks import UNSTRUCTURED
+from .stats import all_finite
 
 __all__ = ["SparseGPTResult", "inverse_hessian_factor", "sparsegpt_prune"]
 
@@ -33,26 +34,44 @@ class SparseGPTResult:
     percdamp: float
 
 
-def inverse_hessian_factor(hessian: Tensor, percdamp: float = 0.01, max_damp_retries: int = 6) -> tuple[Tensor, float]:
+def inverse_hessian_factor(
+    hessian: Tensor, percdamp: float = 0.01, max_damp_retries: int = 6, *, overwrite: bool = False
+) -> tuple[Tensor, float]:
     """Upper Cholesky factor U of (H + damp I)^-1, with damp = percdamp * mean(diag H).
 
     ``hessian`` must already have its dead diagonal entries set to 1. If a Cholesky fails the
     damping grows tenfold and we retry; after ``max_damp_retries`` retries a CalibrationError says
     what to do.
+
+    Memory is the reference's: two ``[in, in]`` matrices. The damped H is factored into L, then
+    H's storage receives (H + damp I)^-1 and, in place, U, so U is a view of that storage (in the
+    reference's column-major layout). ``overwrite=False`` works on a copy and leaves ``hessian``
+    alone; ``overwrite=True`` consumes it, as the reference consumes its Hessian. A retry after the
+    first Cholesky failed starts from the exact undamped H (damping only touched the diagonal,
+    which is kept); after the second one failed, H's storage is gone: it comes back from
+    ``hessian`` (copy) or, when consumed, as L L^T with the exact diagonal (rounding-level error,
+    on a path where the reference crashes).
     """
     cols = hessian.shape[0]
-    diag = torch.arange(cols, device=hessian.device)
-    mean_diag = torch.mean(torch.diag(hessian))
+    work = hessian if overwrite else hessian.clone()
+    column_major = work.mT  # H is symmetric: the same values in the layout LAPACK writes
+    diagonal = work.diagonal()
+    undamped = diagonal.clone()
+    mean_diag = torch.mean(undamped)
+    info = torch.zeros((), dtype=torch.int32, device=work.device)
     pd = percdamp
-    for _ in range(max_damp_retries + 1):
-        damped = hessian.clone()
-        damped[diag, diag] += pd * mean_diag
-        low, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(low)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper, pd
+    for attempt in range(max_damp_retries + 1):
+        if attempt:
+            diagonal.copy_(undamped)
+        diagonal += pd * mean_diag
+        low, failed = torch.linalg.cholesky_ex(work)
+        if int(failed) == 0:
+            torch.cholesky_inverse(low, out=column_major)
+            _, failed = torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
+            if int(failed) == 0 and all_finite(column_major):
+                return column_major, pd
+            work.copy_(low @ low.mT if overwrite else hessian)
+        del low
         pd *= 10.0
     raise CalibrationError(
         f"the Hessian ({cols}x{cols}) is not positive definite even with damping {pd / 10:g} x mean(diag H); "
@@ -71,11 +90,16 @@ def sparsegpt_prune(
     percdamp: float = 0.01,
     max_damp_retries: int = 6,
     compute_dtype: torch.dtype = torch.float32,
+    overwrite_hessian: bool = False,
 ) -> SparseGPTResult:
     """Prune ``weight`` ``[out, in]`` given the calibration Hessian ``[in, in]``.
 
     The reference computes in float32 (``compute_dtype``); float64 exists so tests can compare
-    against a float64 loop re-implementation exactly. Returns new tensors; inputs are untouched.
+    against a float64 loop re-implementation exactly. Returns new tensors; ``weight`` is
+    untouched, and so is ``hessian`` unless ``overwrite_hessian=True``: then (in
+    ``compute_dtype``) it is the workspace, as the reference consumes its own Hessian, which
+    saves two ``[in, in]`` copies per linear. Masks and weights are the same either way, except
+    after a failed *second* Cholesky (see :func:`inverse_hessian_factor`).
     """
     prunen, prunem = nm
     if prunen == 0 and sparsity is None:
@@ -83,15 +107,16 @@ def sparsegpt_prune(
     if prunen and weight.shape[1] % prunem:
         raise ValueError(f"in_features={weight.shape[1]} is not divisible by M={prunem}")
     W = weight.detach().clone().to(compute_dtype)
-    H = hessian.detach().clone().to(compute_dtype)
     rows, cols = W.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match in_features={cols}")
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features={cols}")
+    in_place = overwrite_hessian and hessian.dtype == compute_dtype
+    H = hessian.detach() if in_place else hessian.detach().to(compute_dtype, copy=True)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv, used = inverse_hessian_factor(H, percdamp, max_damp_retries)
+    Hinv, used = inverse_hessian_factor(H, percdamp, max_damp_retries, overwrite=in_place)
     del H
 
     mask = torch.zeros_like(W, dtype=torch.bool)
@@ -114,8 +139,7 @@ def sparsegpt_prune(
             if prunen != 0 and i % prunem == 0:
                 tmp = W1[:, i : (i + prunem)] ** 2 / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
+            q = torch.where(mask1[:, i], 0.0, w)  # = clone, then zero the pruned rows (one kernel)
             Q1[:, i] = q
             err1 = (w - q) / d
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))

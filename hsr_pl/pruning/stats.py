@@ -59,14 +59,26 @@ def token_mask(batch: Mapping[str, Tensor], tokens: str = "response") -> Tensor:
     return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Every entry finite, without ``isfinite``'s temporaries (an ``abs`` copy and bool masks:
+    12 MiB for a 1376² Hessian, the largest allocation of a SparseGPT layer). A NaN/inf entry
+    makes the sum non-finite, so a finite sum settles it in one reduction; only a non-finite sum
+    (also reached by overflow) needs the entry-wise check."""
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 class TokenSelection:
     """The current batch's token mask, shared by every hook; the runner sets it per batch."""
 
     def __init__(self) -> None:
         self.mask: Tensor | None = None
+        self._every = False
 
     def set(self, mask: Tensor | None) -> None:
         self.mask = mask
+        # Decided once per batch, not per hook call: a mask that keeps every token selects by
+        # reshaping (a view, as the reference reads its inputs) instead of copying every row.
+        self._every = mask is not None and bool(mask.all())
 
     def select(self, x: Tensor) -> tuple[Tensor, int]:
         """``x [B, T, d]`` -> ``(selected rows [n, d], number of samples B)``."""
@@ -75,20 +87,23 @@ class TokenSelection:
         samples = x.shape[0]
         if self.mask is None:
             return x.reshape(-1, x.shape[-1]), samples
-        mask = self.mask.to(x.device)
-        if tuple(mask.shape) != tuple(x.shape[:-1]):
+        if tuple(self.mask.shape) != tuple(x.shape[:-1]):
             raise CalibrationError(
-                f"token mask of shape {tuple(mask.shape)} does not match the linear's input "
+                f"token mask of shape {tuple(self.mask.shape)} does not match the linear's input "
                 f"{tuple(x.shape[:-1])}: the batch's labels/attention_mask must align with the decoder sequence"
             )
-        return x[mask], samples
+        if self._every:
+            return x.reshape(-1, x.shape[-1]), samples
+        return x[self.mask.to(x.device)], samples
 
 
 class _RunningStats:
     """The reference's running-average bookkeeping, shared by Wanda's and SparseGPT's statistic.
 
     ``add`` rescales the old statistic by n/(n+m) before adding the m new samples' term, in the
-    reference's order of operations, so the results stay bit-identical to it.
+    reference's order of operations, so the results stay bit-identical to it. The term depends on
+    the input rows and on n only, so linears fed the very same input tensor (q/k/v, gate/up) can
+    share one computation of it (``shared``, see :class:`StatsCollector`).
     """
 
     def __init__(self) -> None:
@@ -98,18 +113,28 @@ class _RunningStats:
     def _statistic(self) -> Tensor:
         raise NotImplementedError
 
-    def _accumulate(self, inp: Tensor) -> None:
-        """Add the new term from the transposed inputs ``[d, n]`` (``self.nsamples`` already updated)."""
+    def _term(self, inp: Tensor) -> Tensor:
+        """The new term from the transposed inputs ``[d, n]`` (``self.nsamples`` already updated)."""
         raise NotImplementedError
 
-    def add(self, rows: Tensor, samples: int) -> None:
-        """Add the selected input rows ``[n, d]`` of ``samples`` calibration samples."""
+    def add(self, rows: Tensor, samples: int, shared: dict | None = None) -> None:
+        """Add the selected input rows ``[n, d]`` of ``samples`` calibration samples.
+
+        ``shared``: a dict the caller keeps per input tensor; terms computed for a running count
+        are stored in it and reused by statistics of the same kind at the same count.
+        """
         if rows.shape[0] == 0:
             return
         self._statistic().mul_(self.nsamples / (self.nsamples + samples))
         self.nsamples += samples
         self.ntokens += rows.shape[0]
-        self._accumulate(rows.t())
+        key = (type(self), self.nsamples)
+        term = None if shared is None else shared.get(key)
+        if term is None:
+            term = self._term(rows.t())
+            if shared is not None:
+                shared[key] = term
+        self._statistic().add_(term)
 
 
 class RowStats(_RunningStats):
@@ -122,8 +147,8 @@ class RowStats(_RunningStats):
     def _statistic(self) -> Tensor:
         return self.scaler_row
 
-    def _accumulate(self, inp: Tensor) -> None:
-        self.scaler_row += torch.norm(inp.type(torch.float32), p=2, dim=1) ** 2 / self.nsamples
+    def _term(self, inp: Tensor) -> Tensor:
+        return torch.norm(inp.type(torch.float32), p=2, dim=1) ** 2 / self.nsamples
 
     def tensors(self) -> dict[str, Tensor]:
         return {"scaler_row": self.scaler_row}
@@ -139,9 +164,9 @@ class HessianStats(_RunningStats):
     def _statistic(self) -> Tensor:
         return self.H
 
-    def _accumulate(self, inp: Tensor) -> None:
+    def _term(self, inp: Tensor) -> Tensor:
         inp = math.sqrt(2 / self.nsamples) * inp.float()
-        self.H += inp.matmul(inp.t())
+        return inp.matmul(inp.t())
 
     def tensors(self) -> dict[str, Tensor]:
         return {"H": self.H}
@@ -165,11 +190,16 @@ class StatsCollector:
             name: STAT_KINDS[kind](lin.in_features, device=lin.weight.device) for name, lin in self.linears.items()
         }
         self._handles: list = []
+        self._input: Tensor | None = None  # the last input seen, and the terms computed from it
+        self._terms: dict = {}
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            rows, samples = self.selection.select(args[0].detach())
-            self.stats[name].add(rows, samples)
+            x = args[0]
+            if self._input is not x:  # q/k/v (gate/up) get the very same tensor: compute its term once
+                self._input, self._terms = x, {}
+            rows, samples = self.selection.select(x.detach())
+            self.stats[name].add(rows, samples, self._terms)
 
         return hook
 
@@ -181,6 +211,7 @@ class StatsCollector:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._input, self._terms = None, {}
 
     def finalize(self, reduce: Reduce | None = None) -> dict[str, RowStats | HessianStats]:
         """Apply ``reduce`` (e.g. a DDP all_reduce) to every statistic, then check it is usable."""
@@ -200,7 +231,7 @@ class StatsCollector:
                     "needs response labels (labels != -100), otherwise pass more/longer samples or tokens='all'"
                 )
             for key, tensor in stat.tensors().items():
-                if not bool(torch.isfinite(tensor).all()):
+                if not all_finite(tensor):
                     raise CalibrationError(
                         f"{name}: the inputs reaching this linear hold NaN/inf (statistic {key}); the weights are "
                         "finite (checked before pruning), so the calibration inputs are (NaN pixel values?) or the "
