@@ -1,4 +1,4 @@
-"""``SafetyHeadAttribution``: score every attention head's safety role (SPEC §2, Ships), once.
+"""``SafetyHeadAttribution``: score every attention head's safety role (Ships), once.
 
 Thin orchestration around :func:`hsr_pl.attribution.head_scores` (the maths lives there):
 
@@ -104,7 +104,7 @@ class SafetyHeadAttribution(HSRCallback):
             ``{"estimator": "fisher"}`` (gradient).
         calibration: the data module's calibration split (``safety``: harmful image + instruction;
             several may be joined with ``+``).
-        num_samples: calibration prompts (SPEC: 128).
+        num_samples: calibration prompts (the scripts: 128).
         batch_size: calibration batch size (the scripts: 1).
         top_h: how many top heads to select (scripts: 10 for LLaVA-NeXT-Vicuna-7B); 0 means
             "score only": every head is scored and written, none is selected.
@@ -172,7 +172,7 @@ class SafetyHeadAttribution(HSRCallback):
                 "Ships uses 'safety'"
             )
         self.calibration = calibration
-        self.num_samples = _positive_int(num_samples, "num_samples", "calibration prompts; SPEC: 128")
+        self.num_samples = _positive_int(num_samples, "num_samples", "calibration prompts; the scripts use 128")
         self.batch_size = _positive_int(batch_size, "batch_size", "1 reproduces the released scripts")
         if isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0:
             raise ValueError(f"top_h={top_h!r} must be an integer ≥ 0 (scripts: 10 for LLaVA-NeXT-7B, 4 for LLaMA3-8B)")

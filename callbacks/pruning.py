@@ -131,9 +131,9 @@ class Pruning(MaskHolder):
         mask_structure: ``"0:0"`` unstructured, or ``"N:M"`` (e.g. ``"2:4"``).
         mode: ``sequential`` (default for wanda/sparsegpt, as the references) or ``oneshot``.
             Mllama (cross-attention layers in the decoder) supports only ``oneshot``.
-        tokens: ``response`` (SPEC default: answer tokens feed the statistics) or ``all``.
+        tokens: ``response`` (default: answer tokens feed the statistics) or ``all``.
         calibration: the data module's calibration split (``utility`` | ``safety`` | ``over_refusal``).
-        num_samples: calibration samples (SPEC: 128); None: the data module's default.
+        num_samples: calibration samples (the paper: 128); None: the data module's default.
         batch_size: calibration batch size. Keep 1 for statistics bit-identical to the references.
         targets: regexes (``re.search``) over the qualified names of the model's ``nn.Linear``
             modules; default: every decoder-layer linear of the language model. A regex that
@@ -191,7 +191,7 @@ class Pruning(MaskHolder):
                 "'+'); the references calibrate on 'utility'"
             ) from None
         if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples <= 0):
-            raise PruningConfigError(f"num_samples={num_samples!r} must be a positive integer (SPEC: 128) or None")
+            raise PruningConfigError(f"num_samples={num_samples!r} must be a positive integer (the paper uses 128) or None")
         if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
             raise PruningConfigError(
                 f"batch_size={batch_size!r} must be a positive integer; 1 reproduces the references bit for bit"

@@ -251,7 +251,7 @@ def test_utility_accuracy_exact_and_contains():
 
 def test_safety_restoration_rate():
     assert safety_restoration_rate(0.02, 0.82, 0.05) == pytest.approx((0.82 - 0.05) / (0.82 - 0.02))
-    assert safety_restoration_rate(1.88, 14.47, 11.02) == pytest.approx(0.274, abs=1e-3)  # SPEC §5 row 1
+    assert safety_restoration_rate(1.88, 14.47, 11.02) == pytest.approx(0.274, abs=1e-3)  # the paper's Qwen2.5-VL + Wanda row
     assert safety_restoration_rate(torch.tensor(0.1), 0.5, 0.5) == 0.0
     assert safety_restoration_rate(0.1, 0.5, 0.7) < 0  # realignment made it worse
     assert math.isnan(safety_restoration_rate(0.3, 0.3, 0.1))

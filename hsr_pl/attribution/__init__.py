@@ -1,4 +1,4 @@
-"""Safety-head attribution (SPEC §2, Ships): score every attention head by how much ablating it
+"""Safety-head attribution (Ships): score every attention head by how much ablating it
 moves the model's behaviour on harmful prompts. Pure tensor code; the Lightning callback
 ``hsr_pl.callbacks.SafetyHeadAttribution`` only orchestrates it.
 

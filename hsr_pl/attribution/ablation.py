@@ -6,7 +6,7 @@ layer (``-1`` leaves the row intact). Because the head is chosen per row, severa
 copies of the same prompts can share one batched forward (the exact engine's trick) while the
 naive loop uses the very same hooks with one head for every row.
 
-Modes (SPEC §2):
+Modes (docs/attribution.md):
 
 ``head``  (default) query activations of the head × ε (output of
           ``adapter.query_states_module``, pre-RoPE) and its slice of the o_proj input × ε.

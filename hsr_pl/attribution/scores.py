@@ -1,4 +1,4 @@
-"""Score functions of safety-head attribution (SPEC §2), pure tensor code.
+"""Score functions of safety-head attribution (Ships), pure tensor code.
 
 * :func:`kl_per_position` — KL(p ‖ p_ablated) of next-token distributions, p = intact.
 * :func:`score_positions` — which positions a prompt's KL is averaged over: the last prompt
@@ -132,7 +132,7 @@ def _degrees_arccos(x: Tensor) -> Tensor:
 
 
 def subspace_score(intact: Tensor, ablated: Tensor, r_max: int = 1) -> float:
-    """SPEC §2's generalized Ships score: Σ_{r ≤ r_max} degrees(arccos σ_r(U_rᵀ U'_r)).
+    """The generalized Ships score: Σ_{r ≤ r_max} degrees(arccos σ_r(U_rᵀ U'_r)).
 
     ``intact`` and ``ablated`` are ``[n, d]`` (one row per prompt); U_r, U'_r are their top-r left
     singular vectors, and σ_r(U_rᵀ U'_r) is the r-th (smallest) singular value of that r×r
