@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CalibrationError, DamagedModelError, PartialPruningError, PruningConfigError
+from .gradients import accumulate_gradients
 from .magnitude import magnitude_mask
 from .masks import UNSTRUCTURED, check_sparsity, parse_nm
 from .sequential import capture_layer_inputs, model_inputs, run_layer
@@ -353,47 +354,10 @@ def _prune_oneshot(model, adapter, batches, chosen, config, keep, on_layer, redu
 
 
 def _prune_snip(model, adapter, batches, chosen, config, keep, on_layer, reduce) -> PruningResult:
-    device = model.get_input_embeddings().weight.device
-    scores = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device) for name, lin in chosen.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    target_weights = {id(lin.weight) for lin in chosen.values()}
-    tokens = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in target_weights)
-        with torch.enable_grad():
-            for batch in batches:
-                if "labels" not in batch:
-                    raise CalibrationError(
-                        "snip needs `labels` in every calibration batch (its loss is the response NLL); "
-                        "load the calibration set with with_response=True"
-                    )
-                count = int(token_mask(batch, "response").sum())
-                if count == 0:
-                    continue
-                tokens += count
-                for lin in chosen.values():
-                    lin.weight.grad = None
-                inputs = model_inputs(batch, device)
-                inputs["labels"] = batch["labels"].to(device)
-                loss = model(**inputs).loss
-                if not bool(torch.isfinite(loss)):
-                    raise CalibrationError(f"snip: the calibration loss is {loss.item()}; check the model/inputs")
-                loss.backward()
-                for name, lin in chosen.items():
-                    scores[name] += snip_scores(lin.weight, lin.weight.grad)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for lin in chosen.values():
-            lin.weight.grad = None
+    def snip(linear: nn.Linear, grad: Tensor) -> Tensor:
+        return snip_scores(linear.weight, grad)
+
+    scores, _, tokens = accumulate_gradients(model, batches, chosen, snip, reduce, what="SNIP scores")
     if tokens == 0:
         raise CalibrationError("snip: zero response tokens in the calibration batches; pass batches with labels")
-    for name, score in scores.items():
-        if reduce is not None:
-            reduced = reduce(score)
-            if reduced is not None and reduced is not score:
-                score.copy_(reduced)
-        if not bool(torch.isfinite(score).all()):
-            raise CalibrationError(f"{name}: SNIP scores hold NaN/inf; run the model in float32 for calibration")
     return _prune_groups(adapter, chosen, scores, config, keep, PruningResult(tokens=tokens), on_layer)

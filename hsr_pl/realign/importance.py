@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from hsr_pl.pruning.errors import CalibrationError
+from hsr_pl.pruning.gradients import accumulate_gradients
 from hsr_pl.pruning.sequential import model_inputs
 from hsr_pl.pruning.sparsegpt import inverse_hessian_factor
 from hsr_pl.pruning.stats import StatsCollector, TokenSelection, token_mask
@@ -128,45 +129,11 @@ def loss_gradients(
 ) -> tuple[dict[str, Tensor], int]:
     """``Σ_b transform(W, ∂L_b/∂W)`` per linear (float32, CPU) and the batches used.
 
-    ``L_b`` is the model's response NLL on batch b (labels != -100). Only the listed weights get
-    gradients; every ``requires_grad`` flag is put back. ``transform`` defaults to the raw
+    ``L_b`` is the model's response NLL on batch b (labels != -100); see
+    :func:`hsr_pl.pruning.gradients.accumulate_gradients`. ``transform`` defaults to the raw
     gradient; SNIP passes ``|W ⊙ g|``. ``reduce`` (a DDP sum) is applied before returning.
     """
-    device = model.get_input_embeddings().weight.device
-    sums = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device) for name, lin in linears.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    wanted = {id(lin.weight) for lin in linears.values()}
-    used = 0
-    try:
-        for p in model.parameters():
-            p.requires_grad_(id(p) in wanted)
-        with torch.enable_grad():
-            for batch in batches:
-                if "labels" not in batch:
-                    raise CalibrationError("gradients need `labels` in every calibration batch (with_response=True)")
-                if int(token_mask(batch, "response").sum()) == 0:
-                    continue
-                for lin in linears.values():
-                    lin.weight.grad = None
-                inputs = model_inputs(batch, device)
-                inputs["labels"] = batch["labels"].to(device)
-                loss = model(**inputs).loss
-                if not bool(torch.isfinite(loss)):
-                    raise CalibrationError(f"the calibration loss is {loss.item()}; run the model in float32 for calibration")
-                loss.backward()
-                used += 1
-                for name, lin in linears.items():
-                    grad = lin.weight.grad.detach().float()
-                    sums[name] += grad if transform is None else transform(lin, grad)
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for lin in linears.values():
-            lin.weight.grad = None
-    for name, tensor in sums.items():
-        _reduce_in_place(tensor, reduce)
-        if not bool(torch.isfinite(tensor).all()):
-            raise CalibrationError(f"{name}: gradients hold NaN/inf; run the model in float32 for calibration")
+    sums, used, _ = accumulate_gradients(model, batches, linears, transform, reduce, what="gradients")
     return {name: tensor.cpu() for name, tensor in sums.items()}, used
 
 
