@@ -15,7 +15,10 @@ This base class owns that logic so the callbacks only say what they do:
 * ``before_pruning``: a pruner calls :func:`notify_before_pruning` right before its first weight
   change, so a callback that needs the dense model (realignment's importance statistics) can
   measure it even though it comes after the pruner in the list; ``on_stage`` hears when the
-  model is ``pruned`` and ``realigned`` (:func:`notify_stage`), so an evaluation can follow it.
+  model is ``pruned`` and ``realigned`` (:func:`notify_stage`), so an evaluation can follow it;
+* ``preflight``: at the first moment any HSR callback acts, every callback about to act checks
+  what needs the built model (head ranges, which originals are kept) — before any of them starts
+  its expensive work. ``setup`` is too early for that: Lightning builds the model afterwards.
 """
 
 from __future__ import annotations
@@ -85,6 +88,16 @@ def notify_before_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, pr
             callback.before_pruning(trainer, pl_module, pruner)
 
 
+def _preflight(trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
+    """Run ``preflight`` once per moment on every HSR callback that is about to act at it."""
+    key = (id(trainer), moment, str(trainer.state.fn))
+    for callback in trainer.callbacks:
+        if isinstance(callback, HSRCallback) and not callback.done and moment in callback.when \
+                and callback._preflight_key != key:
+            callback._preflight_key = key
+            callback.preflight(trainer, pl_module)
+
+
 class HSRCallback(Callback):
     """A step of the HSR flow that acts once, at ``fit_start`` and/or ``validation_start``.
 
@@ -97,6 +110,7 @@ class HSRCallback(Callback):
         self.when = parse_when(when, type(self).__name__, error)
         self._done = False
         self._deferred = False
+        self._preflight_key: tuple | None = None
 
     @property
     def done(self) -> bool:
@@ -118,6 +132,9 @@ class HSRCallback(Callback):
     def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
         """``pruner`` is about to change weights: last chance to measure the model dense."""
 
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The model is built and no HSR callback has worked yet: refuse what cannot succeed."""
+
     def on_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, source: Callback) -> None:
         """The model just reached ``stage``: ``pruned`` (after the pruner) or ``realigned``."""
 
@@ -130,6 +147,7 @@ class HSRCallback(Callback):
 
     # ---------------------------------------------------------------------------- hooks
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
+        _preflight(trainer, pl_module, moment)
         if self._done:
             self.on_restored(trainer, pl_module)
             return

@@ -145,7 +145,7 @@ def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict
             "structure": None if state.structure is None else f"{state.structure[0]}:{state.structure[1]}",
         },
         "heads": [{"layer": l_, "head": h, "score": scores.get(f"{l_}-{h}")} for l_, h in heads],
-        "rule": {k: settings.get(k) for k in ("p", "q", "max_p", "top_h", "selection", "importance")},
+        "rule": {**{k: settings.get(k) for k in ("p", "q", "max_p", "selection", "importance")}, "top_h": len(heads)},
         "budget": {"setting": settings.get("budget"), "count": report.get("budget"), "order": settings.get("order"),
                    "rounds": report.get("rounds"), "scope": settings.get("scope"),
                    "preserve_structure": settings.get("preserve_structure")},

@@ -44,6 +44,7 @@ from hsr_pl.pruning import (
     PruningResult,
     prune_model,
 )
+from hsr_pl.pruning.masks import UNSTRUCTURED
 from hsr_pl.state import get_state
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
@@ -208,6 +209,16 @@ class Pruning(MaskHolder):
     def changes_kept_weights(self) -> bool:
         """SparseGPT also updates the weights it keeps (so their dense values must be copied first)."""
         return self.config.method == "sparsegpt"
+
+    @property
+    def planned_structure(self) -> tuple[int, int] | None:
+        """The N:M structure the masks will have (None: unstructured); known before pruning."""
+        return None if self.config.nm == UNSTRUCTURED else tuple(self.config.nm)
+
+    @property
+    def importance(self) -> str:
+        """The score realignment's ``importance: auto`` uses: the pruning method's own."""
+        return self.config.method
 
     @property
     def target_sparsity(self) -> float:

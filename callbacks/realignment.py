@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,10 @@ from hsr_pl.realign import (
     dense_pass,
     realign_model,
 )
+from hsr_pl.realign.runner import attention_linears
 from hsr_pl.state import get_state, parse_head_key
 
-from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device
+from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device, layer_progress
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
 from .base import WHEN, HSRCallback, notify_stage
@@ -97,7 +99,9 @@ class SafetyRealignment(HSRCallback):
         top_h: how many of the best-scored heads to use; None takes SafetyHeadAttribution's own
             top-h (or all of ``heads``).
         p, q, max_p, importance, selection, order, budget, rounds, scope, preserve_structure,
-            utility_weight: see :class:`hsr_pl.realign.RealignConfig` (``p: auto`` = 1 − sparsity).
+            utility_weight: see :class:`hsr_pl.realign.RealignConfig` (``p: auto`` = 1 − sparsity;
+            ``importance: auto`` = the pruning method's own score, Wanda's for a checkpoint pruned
+            elsewhere).
         utility_calibration / safety_calibration: data-module splits for D^u (benign answers)
             and D^s (aligned refusals; ``safety+over_refusal`` joins image- and text-borne ones).
         num_samples: samples per split (the paper: 128); batch_size: calibration batch size.
@@ -115,7 +119,7 @@ class SafetyRealignment(HSRCallback):
         p: float | str = "auto",
         q: float = 0.5,
         max_p: float = 0.7,
-        importance: str = "wanda",
+        importance: str = "auto",
         selection: str = "head",
         order: str = "margin",
         budget: int | float | str | None = None,
@@ -134,8 +138,9 @@ class SafetyRealignment(HSRCallback):
         table: bool = True,
     ) -> None:
         super().__init__(when, error=RealignConfigError)
+        self.importance = importance  # "auto" is resolved in setup, when the pruner is known
         self.config = RealignConfig(
-            p=p, q=q, max_p=max_p, importance=importance, selection=selection, order=order, budget=budget,
+            p=p, q=q, max_p=max_p, importance="wanda" if importance == "auto" else importance, selection=selection, order=order, budget=budget,
             rounds=rounds, scope=scope, preserve_structure=preserve_structure, utility_weight=utility_weight,
         )
         if top_h is not None and (isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0):
@@ -173,7 +178,7 @@ class SafetyRealignment(HSRCallback):
     @override
     def settings(self) -> dict[str, Any]:
         return {
-            **self.config.to_dict(), "top_h": self.top_h, "utility_calibration": self.utility_calibration,
+            **self.config.to_dict(), "importance_setting": self.importance, "top_h": self.top_h, "utility_calibration": self.utility_calibration,
             "safety_calibration": self.safety_calibration, "num_samples": self.num_samples,
             "batch_size": self.batch_size, "heads": None if self.heads is None else [list(h) for h in self.heads],
             "heads_path": None if self.heads_path is None else str(self.heads_path),
@@ -223,7 +228,10 @@ class SafetyRealignment(HSRCallback):
     def _reduce(self, batches, pl_module, split):
         _, world = dist_world()
         _, _, weight = check_counts(batches, "response", pl_module.device, split)
-        return WeightedAllReduce(weight) if world > 1 else None
+        if world == 1:
+            return None
+        # Means (Wanda's norms, SparseGPT's Hessians) combine weighted by samples; SNIP's are sums.
+        return WeightedAllReduce(1.0 if self.config.importance == "snip" else weight)
 
     @override
     def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
@@ -235,7 +243,9 @@ class SafetyRealignment(HSRCallback):
         if heads is not None:
             self._check_heads(heads, adapter)
         head_free = not self.config.needs_heads
-        layers = None if head_free or heads is None else sorted({layer for layer, _ in heads})
+        # A StageEvaluation comparing head-free or random-head baselines needs every layer measured.
+        wide = any(getattr(cb, "needs_all_layers", False) for cb in trainer.callbacks)
+        layers = None if head_free or heads is None or wide else sorted({layer for layer, _ in heads})
         start = time.perf_counter()
         with torch.inference_mode(False), eval_mode(model):
             utility = self._batches(trainer, pl_module, self.utility_calibration)
@@ -260,23 +270,67 @@ class SafetyRealignment(HSRCallback):
         return _with_progress(batches, description)
 
     # ------------------------------------------------------------------------------ run
+    def _pruner(self, trainer: pl.Trainer) -> Callback | None:
+        callbacks = list(trainer.callbacks)
+        before = [cb for cb in callbacks[: callbacks.index(self)] if is_pruner(cb)]
+        return before[-1] if before else None
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The flow's shape is known before any weight is loaded: refuse a wrong one now.
         self._check_order(trainer)
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)
-        if not any(is_pruner(cb) for cb in callbacks[:mine]) and trainer.ckpt_path is None:
+        pruner = self._pruner(trainer)
+        if pruner is None and trainer.ckpt_path is None:
             raise RealignInputError(
                 "SafetyRealignment has no pruner before it in trainer.callbacks: add Pruning (or PrunedCheckpoint for "
                 "a model pruned by another tool) before it"
             )
+        if self.importance == "auto" and pruner is not None:
+            self.config = replace(self.config, importance=str(getattr(pruner, "importance", "wanda")))
+        if self.config.preserve_structure and pruner is not None and hasattr(pruner, "planned_structure") \
+                and pruner.planned_structure is None:
+            raise RealignConfigError(
+                "preserve_structure needs N:M masks, but Pruning is unstructured (mask_structure '0:0'); set "
+                "Pruning's mask_structure (e.g. '2:4') or drop preserve_structure"
+            )
+        if self.output is not None:
+            from hsr_pl.io import check_output_file
+
+            protect = [p for p in (self.heads_path, getattr(pl_module, "model_source", None)) if p]
+            check_output_file(self.output, "SafetyRealignment output", protect=protect)
         scorers = [cb for cb in callbacks[:mine] if hasattr(cb, "top") and hasattr(cb, "scores")]
         if self.config.needs_heads and self.heads is None and self._file_scores is None and not scorers \
                 and trainer.ckpt_path is None:
             raise RealignInputError(
                 "SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning in trainer.callbacks, or give "
                 "heads_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
+            )
+
+    @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Head ranges and kept originals, checked on the built model before any HSR work starts."""
+        model = hf_model(pl_module)
+        adapter = get_adapter(model)
+        heads = self.heads if self.heads is not None else (
+            top_heads(self._file_scores, self.top_h) if self._file_scores is not None else None
+        )
+        if heads is not None:
+            self._check_heads(heads, adapter)
+        pruner = self._pruner(trainer)
+        if pruner is None or not hasattr(pruner, "resolve_targets"):
+            return
+        if self.config.order == "gradient" and self.config.scope == "all":
+            return  # its scope is whatever has kept originals
+        targets, keep = pruner.resolve_targets(model)
+        layers = None if heads is None or not self.config.needs_heads else sorted({layer for layer, _ in heads})
+        lacking = [n for n in attention_linears(adapter, layers) if n in set(targets) - set(keep)]
+        if lacking:
+            raise RealignInputError(
+                f"{type(pruner).__name__} keeps no original values of {len(lacking)} attention projection(s) that "
+                f"realignment may restore (e.g. {lacking[0]!r}); drop its keep_originals (default: q/k/v/o) or make "
+                "the regexes cover them"
             )
 
     def _check_order(self, trainer: pl.Trainer) -> None:
@@ -379,13 +433,10 @@ class SafetyRealignment(HSRCallback):
 
 
 def _with_progress(batches: list, description: str) -> Iterator:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
-        task = bar.add_task(description, total=len(batches))
-        for batch in batches:
+    with layer_progress(True, description) as step:
+        for done, batch in enumerate(batches, 1):
             yield batch
-            bar.advance(task)
+            step(done, len(batches))
 
 
 def _global_count(device: torch.device):

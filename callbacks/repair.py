@@ -73,6 +73,7 @@ class PrunedCheckpoint(MaskHolder):
     """
 
     changes_kept_weights = True  # another tool may have moved kept weights (SparseGPT does)
+    importance = "wanda"  # realignment's ``importance: auto``: the tool's score is unknown; Wanda's is the paper's
 
     def __init__(
         self,
@@ -101,11 +102,15 @@ class PrunedCheckpoint(MaskHolder):
     def settings(self) -> dict[str, Any]:
         return {"path": self.path, "targets": self.targets, "ignore": self.ignore, "keep_originals": self.keep_originals}
 
+    def resolve_targets(self, model: torch.nn.Module) -> tuple[list[str], list[str]]:
+        """``(names compared with the checkpoint, names whose dense values to keep)``."""
+        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
+
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
         model = hf_model(pl_module)
-        targets, keep = resolve_targets(model, self.targets, self.ignore, self.keep_originals)
+        targets, keep = self.resolve_targets(model)
         pruned_model, info = load_like(model, self.path)
         theirs = dict(pruned_model.named_parameters())
         modules = dict(model.named_modules())

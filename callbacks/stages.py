@@ -48,6 +48,7 @@ from hsr_pl.realign import (
 from hsr_pl.realign.runner import attention_linears
 from hsr_pl.state import get_state
 
+from ._calibration import layer_progress
 from ._common import hf_model
 from .base import HSRCallback
 
@@ -120,12 +121,44 @@ class StageEvaluation(HSRCallback):
         self._pruned: dict[str, Any] | None = None
         self._realign = None
         self._safety = None
+        self._utility = None
         self._start = time.perf_counter()
         self.summary: dict[str, Any] = {}
 
     @override
     def settings(self) -> dict[str, Any]:
-        return {"judge": self.judge, "baselines": self.baselines, "curve_budgets": self.curve_budgets, "seed": self.seed}
+        return {
+            "judge": self.judge, "strict_judge": self.strict_judge, "baselines": self.baselines,
+            "curve_budgets": self.curve_budgets, "curve_methods": self.curve_methods, "curve_sets": self.curve_sets,
+            "baseline_sets": self.baseline_sets, "seed": self.seed,
+        }
+
+    @property
+    def needs_all_layers(self) -> bool:
+        """SafetyRealignment measures every layer dense when a baseline may restore outside the heads' layers."""
+        return self.baselines or (bool(self.curve_budgets) and bool({"none", "random_heads"} & set(self.curve_methods)))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before any work: the flow it follows must be there, and where it writes must be writable.
+        from .realignment import SafetyRealignment, is_pruner
+
+        if trainer.world_size > 1:
+            raise RealignConfigError(
+                f"StageEvaluation evaluates on one process, this run has {trainer.world_size}; run it with "
+                "trainer.devices: 1 (the HSR callbacks themselves run under DDP), or drop it"
+            )
+        callbacks = list(trainer.callbacks)
+        if not any(is_pruner(cb) for cb in callbacks) or not any(isinstance(cb, SafetyRealignment) for cb in callbacks):
+            raise RealignConfigError(
+                "StageEvaluation follows a dense -> pruned -> realigned run: put Pruning (or PrunedCheckpoint) and "
+                "SafetyRealignment in trainer.callbacks with it"
+            )
+        from hsr_pl.io import check_output_file
+
+        folder = Path(self.output_dir or trainer.default_root_dir)
+        source = getattr(pl_module, "model_source", None)
+        check_output_file(folder / "summary.json", "StageEvaluation output_dir", protect=[source] if source else [])
 
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,9 +173,20 @@ class StageEvaluation(HSRCallback):
             return loaders
         return [loader for loader, eval_set in zip(loaders, sets) if eval_set.name in only]
 
-    def _evaluate(self, trainer, pl_module, only=None) -> dict:
-        with torch.inference_mode(False):
-            return evaluate(pl_module, self._loaders(trainer, only))
+    def _evaluate(self, trainer, pl_module, label: str, only=None) -> dict:
+        """Evaluate the sets (``only``: these names), with a progress bar over samples on rank 0."""
+        loaders = self._loaders(trainer, only)
+        sizes = [len(loader.dataset) for loader in loaders if hasattr(getattr(loader, "dataset", None), "__len__")]
+        total = sum(sizes) if len(sizes) == len(loaders) else None
+        enabled = trainer.is_global_zero and trainer.progress_bar_callback is not None
+        with torch.inference_mode(False), layer_progress(enabled, f"evaluation: {label}") as step:
+            seen = [0]
+
+            def on_batch(_name: str, replies: int) -> None:
+                seen[0] += replies
+                step(seen[0], total)
+
+            return evaluate(pl_module, loaders, on_batch=on_batch if step is not None else None)
 
     def _judges(self, pl_module) -> list[str]:
         from hsr_pl.judges import make_judge
@@ -161,18 +205,18 @@ class StageEvaluation(HSRCallback):
         self._start = time.perf_counter()
         self._judges(pl_module)
         rank_zero_info("hsr-pl: evaluating the dense model")
-        self.results["dense"] = self._evaluate(trainer, pl_module)
+        self.results["dense"] = self._evaluate(trainer, pl_module, "dense")
 
     @override
     def on_stage(self, trainer, pl_module, stage: str, source: Callback) -> None:
         if stage == "pruned":
             rank_zero_info("hsr-pl: evaluating the pruned model")
-            self.results["pruned"] = self._evaluate(trainer, pl_module)
+            self.results["pruned"] = self._evaluate(trainer, pl_module, "pruned")
             if self.baselines or self.curve_budgets:
                 self._pruned = self._snapshot(pl_module)
         elif stage == "realigned":
             rank_zero_info("hsr-pl: evaluating the realigned model")
-            self.results["realigned"] = self._evaluate(trainer, pl_module)
+            self.results["realigned"] = self._evaluate(trainer, pl_module, "realigned")
             self._realign = source
             if self._pruned is not None:
                 realigned = self._snapshot(pl_module)
@@ -219,7 +263,9 @@ class StageEvaluation(HSRCallback):
                         if lname not in linears or linears[lname][0] not in by_layer:
                             continue
                         layer, role, _ = linears[lname]
-                        free = free & head_slice_mask(role, tuple(free.shape), adapter.geometry(layer), by_layer[layer])
+                        free = free & head_slice_mask(
+                            role, tuple(free.shape), adapter.geometry(layer), by_layer[layer], cfg.selection
+                        )
                     eligible[lname] = free
                 restored = restore_masks(model, state, random_restore_masks(eligible, k, self.seed))
             else:
@@ -228,14 +274,20 @@ class StageEvaluation(HSRCallback):
                 if name == "random_heads":
                     pool = [(layer, h) for layer in adapter.layer_indices() for h in range(adapter.geometry(layer).num_heads)]
                     chosen = random_heads([p for p in pool if p not in heads] or pool, len(heads), self.seed)
-                safety = None
+                safety = utility = None
                 if variant.order == "gradient":
                     if self._safety is None:
                         self._safety = source._batches(trainer, pl_module, source.safety_calibration)
                     safety = self._safety
-                result = realign_model(model, adapter, state, variant, chosen, dense=source.dense, safety_batches=safety)
+                    if variant.utility_weight:
+                        if self._utility is None:
+                            self._utility = source._batches(trainer, pl_module, source.utility_calibration)
+                        utility = self._utility
+                result = realign_model(model, adapter, state, variant, chosen, dense=source.dense, safety_batches=safety,
+                                       utility_batches=utility)
                 restored = result.restored
-        return {"restored_params": restored, "eval": self._evaluate(trainer, pl_module, only)}
+        label = f"{name}" + ("" if budget is None else f" @ {budget} weights")
+        return {"restored_params": restored, "eval": self._evaluate(trainer, pl_module, label, only)}
 
     @staticmethod
     def _config(cfg: RealignConfig, name: str, budget: int | None) -> RealignConfig:

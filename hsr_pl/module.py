@@ -112,7 +112,7 @@ def check_safetensors(file: Path) -> None:
             raise damaged(f"tensor {name!r} ends at byte {offsets[1]} of {data} data bytes")
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (one file or the shards of an index)."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
@@ -168,7 +168,7 @@ def _check_model_dir(path: Path, trust_remote_code: bool) -> str:
             f"{path} has no processor or tokenizer files; save the processor next to the weights "
             "(processor.save_pretrained(path)) or pass processor=<folder>"
         )
-    for file in _weight_files(path):
+    for file in weight_files(path):
         check_safetensors(file)
     return model_type
 

@@ -385,6 +385,19 @@ CASES = [
     case("realign-heads-path-missing", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
                                                       f"init_args: {{heads_path: '{i.root / 'no.json'}', top_h: 2}}}}\n"),
          r"heads_path=.*no.json' does not exist"),
+    case("realign-head-out-of-range", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
+                                                     "init_args: {heads: ['7-0'], num_samples: 4}}\n"),
+         r"head 7-0 does not exist in this model \(2 self-attention layers\); use head scores computed for this model",
+         allowed=("load",)),
+    case("realign-originals-not-kept", lambda i: flow(i, "    - {class_path: hsr_pl.callbacks.Pruning, init_args: "
+                                                      "{num_samples: 4, keep_originals: ['mlp']}}\n" + REALIGN % ""),
+         r"Pruning keeps no original values of 4 attention projection\(s\) .*drop its keep_originals", allowed=("load",)),
+    case("realign-structure-unstructured", lambda i: flow(i, PRUNE + REALIGN % ", preserve_structure: true"),
+         r"preserve_structure needs N:M masks, but Pruning is unstructured .*set Pruning's mask_structure"),
+    case("realign-output-under-file", lambda i: flow(i, PRUNE + REALIGN % f", output: '{i.file('results', 'x') / 'r.json'}'"),
+         r"SafetyRealignment output=.*r.json' lies under .*results', which is a file"),
+    case("stages-without-realignment", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.StageEvaluation}\n"),
+         r"StageEvaluation follows a dense -> pruned -> realigned run: put Pruning .* and SafetyRealignment"),
     case("repair-path-missing", lambda i: flow(i, f"    - {{class_path: hsr_pl.callbacks.PrunedCheckpoint, init_args: "
                                                   f"{{path: '{i.root / 'pruned'}'}}}}\n"),
          r"PrunedCheckpoint\(path=.*pruned'\): no such folder; give the pruned model's folder"),

@@ -33,7 +33,7 @@ from hsr_pl.realign import (
     top_fraction_mask,
 )
 from hsr_pl.realign.importance import sparsegpt_diag
-from hsr_pl.realign.select import group_cap_filter
+from hsr_pl.realign.select import group_cap_filter, margin_keys
 
 
 # ---------------------------------------------------------------------------- references
@@ -483,6 +483,32 @@ def test_preserve_structure_keeps_every_group_exactly_n_m(budget):
         assert bool((nonzero.reshape(rows, cols // m, m).sum(-1) == m - n).all()), view.name
 
 
+@pytest.mark.parametrize("nm", [(2, 4), (3, 4), (1, 4)])
+def test_preserve_structure_without_budget_keeps_the_best_margin_entries_per_group(nm):
+    """With no budget each group keeps its highest-margin candidates; the caps (M − N restorations, as
+    many as kept weights to swap out) only bind when more than half of a group is pruned (3:4)."""
+    n, m = nm
+    views = make_views(17, GEOMETRIES["gqa"], nm=nm)
+    heads = {0: [0, 2], 1: [1]}
+    plain = plan_restoration(views, heads, RealignConfig(p=0.3, max_p=0.9), None)  # the uncapped pools
+    pools = []
+    for view, plan in zip(views, plain):
+        idx = plan.restore.flatten().nonzero().flatten()
+        u = importance_scores(view.dense, view.utility)
+        s = importance_scores(view.dense, view.safety)
+        pools.append(Pool(idx, margin_keys(u, s, idx)))
+    want = greedy_structure(pools, [v.shape for v in views], n, m, [v.restored for v in views], None)
+    cfg = RealignConfig(p=0.3, max_p=0.9, preserve_structure=True)
+    plans = plan_restoration(views, heads, cfg, None, structure=nm)
+    got = {(i, idx) for i, p in enumerate(plans) for idx in as_set(p.restore)}
+    pool = sum(len(p) for p in pools)
+    assert got == want and (0 < len(got) < pool if n > m - n else len(got) == pool)
+    for view, plan in zip(views, plans):
+        nonzero = (~view.pruned & ~plan.swap) | plan.restore
+        rows, cols = view.shape
+        assert bool((nonzero.reshape(rows, cols // m, m).sum(-1) == m - n).all()), view.name
+
+
 def test_preserve_structure_needs_n_m_masks():
     views = make_views(1, GEOMETRIES["mha"])
     with pytest.raises(RealignConfigError, match="needs N:M masks"):
@@ -509,6 +535,28 @@ def test_preserve_structure_needs_n_m_masks():
 def test_bad_settings_fail_with_the_fix(kwargs, match):
     with pytest.raises(RealignConfigError, match=match):
         RealignConfig(**kwargs)
+
+
+def test_p_auto_with_the_exact_count_keeps_exactly_the_kept_weights_in_t_u_p():
+    """A float sparsity can round ``int((1 − s) · numel)`` one below the kept count; the pruner's
+    exact count must not."""
+    numel = 12 * 12
+    off = [k for k in range(1, numel) if int((1 - float(torch.tensor(k / numel))) * numel) != numel - k]
+    assert off, "no rounding case at this size: pick another shape"
+    view = make_views(4, GEOMETRIES["mha"])[0]  # q of layer 0: 12 x 12
+    g = torch.Generator().manual_seed(1)
+    k = off[0] if off[0] >= numel * 0.35 else next(x for x in off if x >= numel * 0.35)
+    pruned = torch.zeros(numel, dtype=torch.bool)
+    pruned[torch.randperm(numel, generator=g)[:k]] = True
+    view.pruned = pruned.reshape(view.shape)
+    view.sparsity = float(view.pruned.float().mean())
+    view.pruned_count = k
+    u, s = importance_scores(view.dense, view.utility), importance_scores(view.dense, view.safety)
+    order = sorted(range(numel), key=lambda i: (-float(u.flatten()[i]), i))
+    top_kept = set(order[: numel - k])
+    want = ((ref_top(s, 0.5) & ref_top(u, 0.7)) - top_kept) & as_set(view.pruned) & ref_slice("q", view.shape, view.geometry, [0, 1, 2, 3], "head")
+    plan = plan_restoration([view], {0: [0, 1, 2, 3]}, RealignConfig(), None)[0]
+    assert as_set(plan.restore) == want and plan.p == (numel - k) / numel
 
 
 def test_p_auto_beyond_max_p_names_the_module():

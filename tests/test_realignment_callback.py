@@ -85,10 +85,11 @@ def reference_scaler_rows(model: nn.Module, names, data) -> dict[str, torch.Tens
     return {n: s / len(data) for n, s in sums.items()}
 
 
-def top_set(scores: torch.Tensor, fraction: float) -> set[int]:
+def top_set(scores: torch.Tensor, fraction: float | None = None, count: int | None = None) -> set[int]:
+    """The ``int(fraction · numel)`` (or ``count``) largest entries; ties to the lower flat index."""
     flat = scores.flatten().tolist()
     order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
-    return set(order[: int(fraction * len(flat))])
+    return set(order[: int(fraction * len(flat)) if count is None else count])
 
 
 def slice_set(role, shape, head_dim, group, heads) -> set[int]:
@@ -124,11 +125,11 @@ def test_restore_set_equals_the_rule_computed_independently(tmp_path, gqa):
         u = w.abs() * u_rows[name].sqrt()
         s = w.abs() * s_rows[name].sqrt()
         pruned = state.pruned[name]
-        p = 1 - float(pruned.float().mean())
+        kept = pruned.numel() - int(pruned.sum())  # p: auto puts exactly the kept count in T^u(p)
         heads = [int(k.split("-")[1]) for k in HEADS if int(k.split("-")[0]) == layer]
         geo = adapter.geometry(layer)
         region = slice_set(role, tuple(w.shape), geo.head_dim, geo.group_size, heads)
-        want = ((top_set(s, 0.5) & top_set(u, 0.7)) - top_set(u, p)) & set(pruned.flatten().nonzero().flatten().tolist()) & region
+        want = ((top_set(s, 0.5) & top_set(u, 0.7)) - top_set(u, count=kept)) & set(pruned.flatten().nonzero().flatten().tolist()) & region
         got = set(state.restored[name].flatten().nonzero().flatten().tolist())
         assert got == want, name
         total += len(got)
@@ -146,16 +147,24 @@ def test_restore_set_equals_the_rule_computed_independently(tmp_path, gqa):
 
 
 def test_restoring_again_changes_nothing(tmp_path):
-    from hsr_pl.realign import RealignConfig, realign_model
+    from hsr_pl.realign import realign_model
+
+    seen = {}
+
+    class Keep(SafetyRealignment):
+        def run(self, trainer, pl_module):
+            seen["dense"] = self.dense
+            super().run(trainer, pl_module)
 
     module = make_module()
-    realign = SafetyRealignment(heads=HEADS, num_samples=8, when="validation_start", table=False)
+    realign = Keep(heads=HEADS, num_samples=8, when="validation_start", table=False)
     run_validate(tmp_path, module, realign)
+    assert realign.report["restored_params"] > 0
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
     restored = {k: v.clone() for k, v in get_state(module).restored.items()}
-    # The dense statistics are freed after the run; a second pass on the same plan is a no-op.
-    again = realign_model(module.model, get_adapter(module.model), get_state(module), RealignConfig(order="gradient", budget=0),
-                          [(0, 1)], safety_batches=batches(module, "safety", 2))
+    # The same rule, heads and dense statistics a second time: nothing left to restore.
+    again = realign_model(module.model, get_adapter(module.model), get_state(module), realign.config,
+                          realign.result.heads, dense=seen["dense"])
     assert again.restored == 0
     assert all(torch.equal(v, before[k]) for k, v in module.model.state_dict().items())
     assert all(torch.equal(get_state(module).restored[k], v) for k, v in restored.items())
@@ -211,7 +220,44 @@ def test_wrong_order_and_missing_inputs_are_named(tmp_path):
         run_validate(tmp_path, module, SafetyRealignment(heads=["5-0"], num_samples=8, when="validation_start"))
 
 
-def test_sparsegpt_scores_use_the_dense_copy(tmp_path):
+def untouched(module: LVLMModule, before: dict) -> bool:
+    return not get_state(module).pruned and all(torch.equal(v, before[k]) for k, v in module.model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["head-range", "structure", "originals", "output"])
+def test_refusals_come_before_any_weight_changes(tmp_path, case):
+    module = make_module()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    pruning, kwargs, error, match = Pruning(num_samples=8, when="validation_start"), {}, RealignInputError, None
+    if case == "head-range":
+        kwargs, match = dict(heads=["0-9"]), "head 0-9 does not exist"
+    elif case == "structure":
+        kwargs, error, match = dict(preserve_structure=True), RealignConfigError, "Pruning is unstructured"
+    elif case == "originals":
+        pruning = Pruning(num_samples=8, keep_originals=[r"\.mlp\."], when="validation_start")
+        match = r"Pruning keeps no original values of 8 attention projection\(s\)"
+    else:
+        (tmp_path / "file").write_text("x")
+        kwargs, error, match = dict(output=str(tmp_path / "file" / "report.json")), ValueError, "file"
+    realign = SafetyRealignment(heads=kwargs.pop("heads", HEADS), num_samples=8, when="validation_start", table=False,
+                                **kwargs)
+    with pytest.raises(error, match=match):
+        run_validate(tmp_path, module, realign, pruning)
+    assert untouched(module, before) and realign.dense is None
+
+
+@pytest.mark.parametrize(("method", "want"), [("magnitude", "magnitude"), ("wanda", "wanda"), ("snip", "snip")])
+def test_importance_auto_is_the_pruning_method(tmp_path, method, want):
+    realign = SafetyRealignment(heads=HEADS, num_samples=8, when="validation_start", table=False)
+    assert realign.settings()["importance_setting"] == "auto"
+    run_validate(tmp_path, make_module(), realign, Pruning(method=method, num_samples=8, when="validation_start"))
+    assert realign.config.importance == want == realign.report["importance"]
+    explicit = SafetyRealignment(heads=HEADS, importance="magnitude", num_samples=8, when="validation_start", table=False)
+    run_validate(tmp_path, make_module(), explicit, Pruning(method=method, num_samples=8, when="validation_start"))
+    assert explicit.config.importance == "magnitude"
+
+
+def test_sparsegpt_scores_use_the_dense_copy(tmp_path, monkeypatch):
     module = make_module()
     dense = copy.deepcopy(module.model)
     seen = {}
@@ -221,10 +267,27 @@ def test_sparsegpt_scores_use_the_dense_copy(tmp_path):
             seen["dense"] = {k: v.clone() for k, v in self.dense.dense.items()}
             super().run(trainer, pl_module)
 
+    import hsr_pl.realign.runner as runner
+
+    planned = {}
+    plan = runner.plan_restoration
+
+    def spy_plan(views, *args, **kwargs):
+        planned.update({v.name: v.dense.clone() for v in views})
+        return plan(views, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "plan_restoration", spy_plan)
     realign = Spy(heads=HEADS, num_samples=8, when="validation_start", table=False)
     run_validate(tmp_path, module, realign, Pruning(method="sparsegpt", num_samples=8, when="validation_start"))
     modules = dict(dense.named_modules())
+    pruned = dict(module.model.named_modules())
     assert seen["dense"] and all(torch.equal(v, modules[k].weight.detach()) for k, v in seen["dense"].items())
+    # The planner scored the dense weights, not SparseGPT's updated kept weights.
+    assert set(planned) == set(seen["dense"])
+    for name, weight in planned.items():
+        assert torch.equal(weight, modules[name].weight.detach().float()), name
+        kept = ~get_state(module).pruned[name]
+        assert not torch.equal(weight[kept], pruned[name].weight.detach().float()[kept]), name
     assert realign.report["restored_params"] > 0
 
 
@@ -426,7 +489,7 @@ def test_export_writes_the_manifest_and_reloads_with_plain_transformers(tmp_path
     assert manifest["pruning"] == {"method": "wanda", "sparsity": 0.5, "structure": None}
     assert [[h["layer"], h["head"]] for h in manifest["heads"]] == [list(p) for p in attribution.top]
     assert all(h["score"] == attribution.scores[f"{h['layer']}-{h['head']}"] for h in manifest["heads"])
-    assert manifest["rule"] == {"p": "auto", "q": 0.5, "max_p": 0.7, "top_h": None, "selection": "head",
+    assert manifest["rule"] == {"p": "auto", "q": 0.5, "max_p": 0.7, "top_h": len(attribution.top), "selection": "head",
                                 "importance": "wanda"}
     assert manifest["budget"]["count"] == 30 and manifest["calibration"]["num_samples"] == 8
     assert manifest["restored"]["ratio_of_language_model_params"] == pytest.approx(30 / manifest["restored"]["lm_params"])

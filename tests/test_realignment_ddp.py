@@ -36,9 +36,10 @@ def make_data() -> VLGuardDataModule:
 
 
 def callbacks(order: str) -> list:
+    """``order``: the realignment order; ``snip`` is the margin order on SNIP's importance (sums, not means)."""
     extra = dict(budget=20, order="gradient") if order == "gradient" else {}
     return [
-        Pruning(method="wanda", num_samples=SAMPLES, when="validation_start"),
+        Pruning(method="snip" if order == "snip" else "wanda", num_samples=SAMPLES, when="validation_start"),
         SafetyRealignment(heads=HEADS, num_samples=SAMPLES, when="validation_start", table=False, **extra),
     ]
 
@@ -66,7 +67,7 @@ def one_process(order: str) -> dict[str, torch.Tensor]:
     return dict(get_state(module).restored)
 
 
-@pytest.mark.parametrize("order", ["margin", "gradient"])
+@pytest.mark.parametrize("order", ["margin", "gradient", "snip"])
 def test_every_rank_restores_the_same_weights_as_one_process(tmp_path, order):
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_fork", logger=False, enable_checkpointing=False,

@@ -273,6 +273,18 @@ def test_refusals_name_the_problem(tmp_path, checkpoints):
         repair(tmp_path, original, text_only)
     with pytest.raises(ValueError, match="no such folder"):
         PrunedCheckpoint(str(tmp_path / "nowhere"))
+    pickled = tmp_path / "pickled"  # a pickle-only pruned checkpoint is never unpickled
+    shutil.copytree(pruned, pickled)
+    for file in pickled.glob("*.safetensors"):
+        file.rename(file.with_suffix(".bin"))
+    with pytest.raises(ValueError, match="holds only pickle weights"):
+        repair(tmp_path, original, pickled)
+    cut = tmp_path / "cut"
+    shutil.copytree(pruned, cut)
+    weights = next(cut.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-64])
+    with pytest.raises(ValueError, match="not a complete safetensors file"):
+        repair(tmp_path, original, cut)
 
 
 def test_modules_pruned_outside_the_targets_are_reported_and_kept(tmp_path, checkpoints):

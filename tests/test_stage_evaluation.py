@@ -105,3 +105,45 @@ def test_bad_settings_and_missing_judge():
     stage = StageEvaluation(judge="coherent-compliance")
     with pytest.raises(RealignConfigError, match="not among the model's judges"):
         stage._judges(make_module())
+
+
+def trainer_for(tmp_path, callbacks) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=callbacks)
+
+
+def test_margin_baselines_outside_the_heads_layers(tmp_path):
+    """Heads in one layer, margin order: the head-free and random-head baselines need the other
+    layer's dense statistics too, which SafetyRealignment then measures."""
+    module = make_module()
+    realign = SafetyRealignment(heads=["0-1"], budget=6, num_samples=8, when="validation_start", table=False)
+    stages = StageEvaluation(baselines=True, baseline_sets=["harmful_image"], output_dir=str(tmp_path))
+    assert stages.needs_all_layers and not StageEvaluation().needs_all_layers
+    callbacks = [Pruning(num_samples=8, when="validation_start"), realign, stages]
+    trainer_for(tmp_path, callbacks).validate(module, datamodule=make_data(module), verbose=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    base = summary["baselines"]
+    assert summary["restored_params"] == 6
+    assert base["none"]["restored_params"] == 6 and base["random_heads"]["restored_params"] == 6
+    assert summary["realignment"]["importance"] == "wanda"
+
+
+def test_setup_refuses_a_flow_it_cannot_follow(tmp_path):
+    module = make_module()
+    with pytest.raises(RealignConfigError, match="put Pruning .* and SafetyRealignment in trainer.callbacks"):
+        trainer_for(tmp_path, [Pruning(num_samples=8, when="validation_start"), StageEvaluation()]).validate(
+            module, datamodule=make_data(module), verbose=False)
+    (tmp_path / "file").write_text("x")
+    callbacks = [Pruning(num_samples=8, when="validation_start"),
+                 SafetyRealignment(heads=["0-1"], num_samples=8, when="validation_start", table=False),
+                 StageEvaluation(output_dir=str(tmp_path / "file" / "run"))]
+    with pytest.raises(ValueError, match="StageEvaluation output_dir"):
+        trainer_for(tmp_path, callbacks).validate(module, datamodule=make_data(module), verbose=False)
+    assert not get_state(module).pruned
+
+    class TwoRanks:
+        world_size = 2
+
+    with pytest.raises(RealignConfigError, match="evaluates on one process, this run has 2"):
+        StageEvaluation().setup(TwoRanks(), module, "validate")

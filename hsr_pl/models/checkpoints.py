@@ -211,10 +211,14 @@ def load_like(original: nn.Module, folder: str | Path) -> tuple[nn.Module, dict]
         raise CheckpointError(f"pruned checkpoint {folder} is not a folder; give the folder save_pretrained wrote")
     config = read_config(folder)
     compare_architectures(original, config)
+    from hsr_pl.module import check_safetensors, weight_files  # late: hsr_pl.module imports this package
+
+    for file in weight_files(folder):  # safetensors only (never unpickle a shared file), intact headers
+        check_safetensors(file)
     fmt = compression_format(config)
     dtype = next(original.parameters()).dtype
     attn = getattr(original.config, "_attn_implementation", None)
-    kwargs = {"dtype": dtype, "output_loading_info": True}
+    kwargs = {"dtype": dtype, "output_loading_info": True, "use_safetensors": True}
     if attn:
         kwargs["attn_implementation"] = attn
     tmp = None

@@ -7,7 +7,9 @@ safety inside the selected heads. Pure tensor code; the Lightning callback
 * :mod:`.importance` — utility / safety importance from dense-model statistics;
 * :mod:`.select` — budgets, the margin and gradient orders, N:M structure swaps;
 * :mod:`.plan` — the per-linear plan; :mod:`.runner` — the model-level driver;
-* :mod:`.pruned_set` — the pruned set of a model pruned by another tool.
+* :mod:`.baselines` — the random baselines; :mod:`.config` — validated settings.
+
+The pruned set of a model pruned by another tool is read by :mod:`hsr_pl.models.checkpoints`.
 
 See docs/realignment.md.
 """

@@ -36,6 +36,8 @@ class LinearView:
         utility / safety: the importance statistics of the dense model (None for gradient order
             without structure preservation).
         sparsity: the pruner's sparsity of this linear (``p: auto`` uses ``1 − sparsity``).
+        pruned_count: the pruner's exact count of pruned entries; with it ``p: auto`` keeps exactly
+            the kept count in ``T^u(p)`` (a float sparsity can round one entry away).
     """
 
     name: str
@@ -48,6 +50,7 @@ class LinearView:
     utility: ImportanceStat | None = None
     safety: ImportanceStat | None = None
     sparsity: float = 0.0
+    pruned_count: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,10 +70,23 @@ class LinearPlan:
     info: dict = field(default_factory=dict)
 
 
-def _p_for(view: LinearView, cfg: RealignConfig) -> float:
-    p = 1.0 - view.sparsity if cfg.p == "auto" else float(cfg.p)
+def _p_for(view: LinearView, cfg: RealignConfig) -> tuple[float, float]:
+    """``(p as reported, p as used)``: for ``auto`` with an exact count, the used value puts
+    exactly the kept count in ``T^u(p)`` (``int(p · numel)`` must not round it down)."""
+    if cfg.p != "auto":
+        p = float(cfg.p)
+        check_fractions(p, cfg.q, cfg.max_p, where=view.name)
+        return p, p
+    numel = view.pruned.numel()
+    if view.pruned_count is None:
+        p = 1.0 - view.sparsity
+        used = p
+    else:
+        kept = numel - view.pruned_count
+        p, used = kept / numel, (kept + 0.5) / numel
     check_fractions(p, cfg.q, cfg.max_p, where=view.name)
-    return p
+    # used ≥ max_p only when int(max_p · numel) is the kept count itself: R is empty either way.
+    return p, used if used < cfg.max_p else p
 
 
 def _scores(view: LinearView) -> tuple[Tensor, Tensor]:
@@ -113,13 +129,13 @@ def build_pools(
                 pool_mask = free & region
                 utility = safety = None
             else:
-                p = _p_for(view, cfg)
+                p, p_used = _p_for(view, cfg)
                 utility, safety = _scores(view)
-                rule = candidate_mask(utility, safety, p, cfg.q, cfg.max_p)
+                rule = candidate_mask(utility, safety, p_used, cfg.q, cfg.max_p)
                 candidates = int((rule & view.pruned & region).sum())
                 pool_mask = rule & free & region
             idx = pool_mask.reshape(-1).nonzero().squeeze(1)
-            if with_keys and cfg.budget is not None and idx.numel():
+            if with_keys and idx.numel():
                 if utility is None:
                     utility, safety = _scores(view)
                 keys = margin_keys(utility, safety, idx)

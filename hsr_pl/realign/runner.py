@@ -214,7 +214,7 @@ def _views(
             dense=weight.float(),
             utility=None if dense is None else dense.utility.get(name),
             safety=None if dense is None else dense.safety.get(name),
-            sparsity=float(pruned0[name].float().mean()),
+            sparsity=float(pruned0[name].float().mean()), pruned_count=int(pruned0[name].sum()),
         ))
     return views
 

@@ -25,7 +25,7 @@ the set a one-by-one greedy pass would choose.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -216,15 +216,3 @@ def structure_swaps(
     rank.scatter_(-1, order, torch.arange(m).expand_as(order).contiguous())
     swap = kept_g & (rank < r.unsqueeze(-1))
     return swap.reshape(rows, cols)
-
-
-def check_nm(pruned: Mapping[str, Tensor], nm: tuple[int, int]) -> None:
-    """Refuse ``preserve_structure`` on masks that are not exactly N:M."""
-    n, m = nm
-    for name, mask in pruned.items():
-        rows, cols = mask.shape
-        if cols % m or bool((mask.reshape(rows, cols // m, m).sum(-1) != n).any()):
-            raise RealignConfigError(
-                f"preserve_structure needs masks that are exactly {n}:{m}; {name} is not; drop preserve_structure "
-                "for unstructured pruning"
-            )
