@@ -90,6 +90,8 @@ def notify_before_pruning(trainer: pl.Trainer, pl_module: pl.LightningModule, pr
 
 def _preflight(trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
     """Run ``preflight`` once per moment on every HSR callback that is about to act at it."""
+    if trainer is None:  # a callback driven by hand, outside a Trainer
+        return
     key = (id(trainer), moment, str(trainer.state.fn))
     for callback in trainer.callbacks:
         if isinstance(callback, HSRCallback) and not callback.done and moment in callback.when \

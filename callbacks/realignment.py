@@ -140,8 +140,8 @@ class SafetyRealignment(HSRCallback):
         super().__init__(when, error=RealignConfigError)
         self.importance = importance  # "auto" is resolved in setup, when the pruner is known
         self.config = RealignConfig(
-            p=p, q=q, max_p=max_p, importance="wanda" if importance == "auto" else importance, selection=selection, order=order, budget=budget,
-            rounds=rounds, scope=scope, preserve_structure=preserve_structure, utility_weight=utility_weight,
+            p=p, q=q, max_p=max_p, importance="wanda" if importance == "auto" else importance, selection=selection,
+            order=order, budget=budget, rounds=rounds, scope=scope, preserve_structure=preserve_structure, utility_weight=utility_weight,
         )
         if top_h is not None and (isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0):
             raise RealignConfigError(f"top_h={top_h!r} must be an integer ≥ 0 or None (use SafetyHeadAttribution's top_h)")
@@ -178,9 +178,10 @@ class SafetyRealignment(HSRCallback):
     @override
     def settings(self) -> dict[str, Any]:
         return {
-            **self.config.to_dict(), "importance_setting": self.importance, "top_h": self.top_h, "utility_calibration": self.utility_calibration,
-            "safety_calibration": self.safety_calibration, "num_samples": self.num_samples,
-            "batch_size": self.batch_size, "heads": None if self.heads is None else [list(h) for h in self.heads],
+            **self.config.to_dict(), "importance_setting": self.importance, "top_h": self.top_h,
+            "utility_calibration": self.utility_calibration, "safety_calibration": self.safety_calibration,
+            "num_samples": self.num_samples, "batch_size": self.batch_size,
+            "heads": None if self.heads is None else [list(h) for h in self.heads],
             "heads_path": None if self.heads_path is None else str(self.heads_path),
         }
 
