@@ -134,7 +134,11 @@ class HSRCallback(Callback):
             self.on_restored(trainer, pl_module)
             return
         if moment in self.when:
-            self.run(trainer, pl_module)
+            from hsr_pl.sharding import fail_fast
+
+            # Multi-rank: a rank that raises makes the others end with its error, not wait forever.
+            with fail_fast(type(self).__name__):
+                self.run(trainer, pl_module)
             self._done = True
         elif moment == "fit_start":
             rank_zero_warn(

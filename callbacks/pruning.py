@@ -44,6 +44,7 @@ from hsr_pl.pruning import (
     PruningResult,
     prune_model,
 )
+from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
@@ -276,6 +277,11 @@ class Pruning(MaskHolder):
             batches = None
             if self.config.needs_data:
                 batches = self.calibration_batches(trainer, pl_module.device)
+                if model_is_sharded(hf_model(pl_module)):
+                    check_lockstep(
+                        len(batches), f"Pruning(method={self.config.method!r})",
+                        f"make num_samples a multiple of world_size × batch_size ({dist_world()[1]} × {self.batch_size})",
+                    )
                 _, _, weight = self._check_counts(batches, pl_module.device)
                 if dist_world()[1] > 1:
                     reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
@@ -302,6 +308,15 @@ class Pruning(MaskHolder):
             logger.log_metrics({"pruning/sparsity": sparsity}, step=trainer.global_step)
 
     # -------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if sharded_strategy(trainer) and self.config.method == "snip":
+            raise ShardingError(
+                "Pruning(method='snip') under ModelParallelStrategy: SNIP needs whole-model weight gradients, which the "
+                "sharded path does not gather; use wanda, sparsegpt or magnitude, or strategy ddp for snip"
+            )
+
     @override
     def settings(self) -> dict[str, Any]:
         cfg = self.config

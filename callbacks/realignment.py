@@ -46,6 +46,7 @@ from hsr_pl.realign import (
     dense_pass,
     realign_model,
 )
+from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, parse_head_key
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device
@@ -222,6 +223,11 @@ class SafetyRealignment(HSRCallback):
 
     def _reduce(self, batches, pl_module, split):
         _, world = dist_world()
+        if model_is_sharded(hf_model(pl_module)):
+            check_lockstep(
+                len(batches), f"SafetyRealignment({split})",
+                f"make num_samples a multiple of world_size × batch_size ({world} × {self.batch_size})",
+            )
         _, _, weight = check_counts(batches, "response", pl_module.device, split)
         return WeightedAllReduce(weight) if world > 1 else None
 
@@ -264,6 +270,12 @@ class SafetyRealignment(HSRCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The flow's shape is known before any weight is loaded: refuse a wrong one now.
         self._check_order(trainer)
+        if sharded_strategy(trainer) and (self.config.order == "gradient" or self.config.importance == "snip"):
+            raise ShardingError(
+                f"SafetyRealignment(order={self.config.order!r}, importance={self.config.importance!r}) under "
+                "ModelParallelStrategy: weight gradients are not gathered on the sharded path; use order 'margin' with "
+                "importance wanda, sparsegpt or magnitude, or strategy ddp"
+            )
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)
         if not any(is_pruner(cb) for cb in callbacks[:mine]) and trainer.ckpt_path is None:

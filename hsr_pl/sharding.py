@@ -1,0 +1,479 @@
+"""Everything hsr-pl knows about FSDP2 (``fully_shard``) sharded models, in one place.
+
+Under Lightning's ``ModelParallelStrategy`` each decoder layer (and the rest of the model) is a
+``fully_shard`` unit over the data-parallel mesh: outside a forward every parameter is a
+``DTensor`` whose local part holds a block of rows (``Shard(0)``, ``torch.chunk`` sizes); inside
+its unit's forward the full parameter is gathered, so forward hooks see plain full tensors.
+
+The algorithms read and write weights through :func:`full_weight` / :func:`write_full`: on an
+unsharded model they hand out ``linear.weight.data`` itself (no copy, exactly as before); on a
+sharded one they gather that one linear's full weight (a collective: every rank calls them in
+the same order) and copy the changed values back into the local rows. So at any time a rank
+holds its shards, one layer's gathered parameters (inside a forward) and one linear's gathered
+weight (outside) — never the full model.
+
+Also here: :func:`shard_model` (the wrapping plan), :func:`load_sharded` (meta-device build,
+then each rank reads only its own rows of every tensor from the safetensors files),
+:func:`iter_full_state` (a full state dict streamed one tensor at a time, for the export),
+:func:`check_lockstep` (ranks must run equally many forwards) and :func:`fail_fast` (a rank that
+raises makes its peers end with that error, not wait in a collective).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "PeerFailedError",
+    "ShardingError",
+    "check_lockstep",
+    "count_non_finite",
+    "fail_fast",
+    "full_tensor",
+    "full_weight",
+    "is_sharded",
+    "iter_full_state",
+    "load_sharded",
+    "local_rows",
+    "meta_parameters",
+    "model_is_sharded",
+    "reshard_all",
+    "shard_model",
+    "sharded_strategy",
+    "describe_sharding",
+    "local_part_of",
+    "write_full",
+]
+
+
+class ShardingError(ValueError):
+    """A setting or input that the sharded (FSDP2) path cannot serve; the message says the fix."""
+
+
+class PeerFailedError(RuntimeError):
+    """Another rank raised first; the message carries its error."""
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return None
+    return DTensor
+
+
+def is_sharded(tensor) -> bool:
+    """True for a ``DTensor`` (a parameter of a ``fully_shard`` unit outside its forward)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def sharded_strategy(trainer) -> bool:
+    """True when ``trainer`` runs Lightning's ``ModelParallelStrategy`` (FSDP2)."""
+    try:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+    except ImportError:  # pragma: no cover - every supported Lightning has it
+        return False
+    return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+
+
+def model_is_sharded(model: nn.Module) -> bool:
+    """True when any parameter of ``model`` is a ``DTensor``."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor as a plain one: gathered (a collective) when sharded, else ``tensor.detach()``."""
+    if is_sharded(tensor):
+        return tensor.detach().full_tensor()
+    return tensor.detach()
+
+
+def full_weight(linear: nn.Module) -> Tensor:
+    """``linear``'s full weight as a plain tensor that may be edited and handed to :func:`write_full`.
+
+    Unsharded: ``linear.weight.data`` itself (edits change the model at once). Sharded: a gathered
+    copy (every rank must call this for the same linear in the same order)."""
+    weight = linear.weight
+    if is_sharded(weight):
+        return weight.detach().full_tensor()
+    return weight.data
+
+
+def local_rows(param: Tensor, full: Tensor) -> Tensor:
+    """The part of ``full`` that this rank holds of the sharded ``param`` (its local shape)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if tuple(full.shape) != tuple(param.shape):
+        raise ShardingError(f"a full tensor of shape {tuple(full.shape)} does not fit parameter {tuple(param.shape)}")
+    # src_data_rank=None: every rank slices its own copy (they are identical), no communication.
+    part = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None).to_local()
+    local = param.to_local()
+    if tuple(part.shape) != tuple(local.shape):
+        raise ShardingError(
+            f"the local shard has shape {tuple(local.shape)} but slicing the full tensor gives {tuple(part.shape)}; "
+            "the parameter is not sharded as fully_shard does (Shard(0), torch.chunk sizes)"
+        )
+    return part
+
+
+@torch.no_grad()
+def write_full(linear_or_param, full: Tensor) -> None:
+    """Store ``full`` (the whole weight) into the module's weight: its local rows when sharded.
+
+    A no-op when ``full`` is the unsharded weight's own ``.data`` (what :func:`full_weight` handed out)."""
+    param = linear_or_param.weight if isinstance(linear_or_param, nn.Module) else linear_or_param
+    if is_sharded(param):
+        param.to_local().copy_(local_rows(param, full))
+        return
+    if full.data_ptr() == param.data.data_ptr() and full.shape == param.shape:
+        return
+    param.data.copy_(full)
+
+
+def local_part_of(param: Tensor, full: Tensor) -> Tensor:
+    """``full`` itself for a plain parameter, its local rows for a sharded one (masks, deltas)."""
+    return local_rows(param, full) if is_sharded(param) else full
+
+
+@torch.no_grad()
+def count_non_finite(param: Tensor) -> int:
+    """NaN/inf entries of ``param`` over all ranks (its local rows summed when sharded; every
+    rank must call it for the same parameters). 0 for non-float tensors."""
+    if not param.is_floating_point():
+        return 0
+    if is_sharded(param):
+        local = param.to_local()
+        bad = torch.tensor([0 if bool(torch.isfinite(local.sum())) else int((~torch.isfinite(local)).sum())],
+                           dtype=torch.int64)
+        dist.all_reduce(bad, group=param.device_mesh.get_group())
+        return int(bad)
+    if bool(torch.isfinite(param.sum())):
+        return 0
+    return int((~torch.isfinite(param)).sum())
+
+
+def reshard_all(model: nn.Module) -> None:
+    """Put every ``fully_shard`` unit of ``model`` back to its sharded state. A forward that
+    stopped with an exception (the sequential capture stops at the last layer's entry) skips the
+    post-forward reshard, leaving gathered parameters behind; edits to those would be lost."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+# ---------------------------------------------------------------------------------- wrapping
+def _units(model: nn.Module, adapter) -> list[nn.Module]:
+    """The ``fully_shard`` units below the root, innermost first: every decoder layer, the vision
+    tower's layers when it has a layer list, and the input/output embeddings when untied."""
+    units: list[nn.Module] = list(adapter.all_layers())
+    vision = None
+    for attr in ("vision_tower", "vision_model", "visual"):
+        for owner in (model, getattr(model, "model", None)):
+            candidate = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(candidate, nn.Module):
+                vision = candidate
+                break
+        if vision is not None:
+            break
+    if vision is not None:
+        layers = [m for m in vision.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        units.extend(layers[0] if layers else [vision])
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is embed.weight
+    if not tied:
+        units.append(embed)
+        if head is not None:
+            units.append(head)
+    return units
+
+
+def shard_model(model: nn.Module, mesh, *, adapter=None, reshard_after_forward: bool = True) -> list[str]:
+    """``fully_shard`` every unit of :func:`_units` and then the root over ``mesh`` (1-D, data
+    parallel); returns the units' names. Works on a meta-device model as well."""
+    from torch.distributed.fsdp import fully_shard
+
+    if adapter is None:
+        from hsr_pl.models import get_adapter
+
+        adapter = get_adapter(model)
+    if mesh.ndim != 1:
+        raise ShardingError(f"shard_model needs the 1-D data-parallel mesh, got {mesh.ndim} dimensions")
+    names = {id(m): n for n, m in model.named_modules()}
+    wrapped = []
+    for unit in _units(model, adapter):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        wrapped.append(names.get(id(unit), "?"))
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------- loading
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Build modules with their parameters on the meta device and their buffers real (rotary
+    frequencies and other computed buffers keep their values; they are never in a checkpoint)."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """``{checkpoint tensor name: file}`` from ``model.safetensors`` or the index of shards."""
+    from safetensors import safe_open
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        with safe_open(str(single), "pt") as handle:
+            return {key: single for key in handle.keys()}
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {str(k): folder / str(v) for k, v in weight_map.items()}
+    raise ShardingError(f"{folder} has no model.safetensors (or index); save the weights with save_pretrained")
+
+
+def _renamings(model: nn.Module) -> list[tuple[str, str]]:
+    """Checkpoint-name -> model-name regex renamings transformers applies for this model type."""
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
+    except ImportError:  # older transformers: names are the model's own
+        return []
+    mapping = get_checkpoint_conversion_mapping(getattr(model.config, "model_type", "")) or []
+    out = []
+    for entry in mapping:
+        if not isinstance(entry, WeightRenaming):
+            raise ShardingError(
+                f"{model.config.model_type}: its checkpoints need weight conversions ({type(entry).__name__}) that the "
+                "sharded loader does not do; load it unsharded (strategy ddp) or re-save it in the model's own layout"
+            )
+        for source, target in zip(entry.source_patterns, entry.target_patterns):
+            out.append((source, target))
+    return out
+
+
+def _model_name(key: str, renamings: list[tuple[str, str]]) -> str:
+    for source, target in renamings:
+        if re.search(source, key):
+            return re.sub(source, target, key, count=1)
+    return key
+
+
+def _shard_bounds(param: Tensor) -> tuple[int, int]:
+    """``[start, end)`` of the rows this rank holds of the ``Shard(0)`` DTensor ``param``."""
+    from torch.distributed.tensor import Shard
+
+    if len(param.placements) != 1 or not isinstance(param.placements[0], Shard) or param.placements[0].dim != 0:
+        raise ShardingError(f"parameter placements {param.placements} are not Shard(0); shard with fully_shard")
+    rows = param.shape[0]
+    world = param.device_mesh.size()
+    rank = param.device_mesh.get_local_rank()
+    size = math.ceil(rows / world) if rows else 0
+    start = min(rows, rank * size)
+    return start, min(rows, start + size)
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, folder: str | Path, device: torch.device | str = "cpu") -> dict[str, int]:
+    """Materialise the meta parameters of the sharded ``model`` on ``device`` and fill them from
+    the checkpoint ``folder``: each rank reads only its own rows of each tensor (``get_slice``).
+
+    Returns ``{"read_bytes": …, "tensors": …}`` for this rank. Every parameter must be in the
+    checkpoint, else a :class:`ShardingError` names the first missing one.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    files = _checkpoint_files(folder)
+    renamings = _renamings(model)
+    by_model_name = {_model_name(k, renamings): (k, f) for k, f in files.items()}
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in by_model_name]
+    if missing:
+        raise ShardingError(
+            f"{folder}: the checkpoint lacks {len(missing)} parameter(s) of the model (e.g. {missing[0]!r}); re-save the "
+            "checkpoint with save_pretrained"
+        )
+    for module in model.modules():
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            buffers = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False) if not b.is_meta}
+            module.to_empty(device=device, recurse=False)
+            for name, value in buffers.items():
+                getattr(module, name).copy_(value)
+    handles: dict[Path, object] = {}
+    read = 0
+    try:
+        for name, param in params.items():
+            key, file = by_model_name[name]
+            if file not in handles:
+                handles[file] = safe_open(str(file), "pt")
+            piece = handles[file].get_slice(key)
+            shape = tuple(piece.get_shape())
+            if shape != tuple(param.shape):
+                raise ShardingError(f"{file.name}: {key} has shape {shape}, the model's {name} {tuple(param.shape)}")
+            if is_sharded(param):
+                start, end = _shard_bounds(param)
+                local = param.to_local()
+                rows = piece[start:end] if end > start else torch.empty(0, *shape[1:])
+                local.copy_(rows.to(local.dtype))
+                read += rows.numel() * rows.element_size()
+            else:
+                value = piece[:]
+                param.data.copy_(value.to(param.dtype))
+                read += value.numel() * value.element_size()
+    finally:
+        handles.clear()
+    return {"read_bytes": int(read), "tensors": len(params)}
+
+
+# ---------------------------------------------------------------------------------- export
+def iter_full_state(model: nn.Module, *, keep: bool = True) -> Iterator[tuple[str, Tensor | None]]:
+    """``(name, full CPU tensor)`` for every parameter and persistent buffer, one at a time.
+
+    Sharded tensors are gathered one by one (every rank must iterate in step); ``keep=False``
+    (the ranks that do not write) yields None instead of the tensor, so they drop it at once."""
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        value = full_tensor(param)
+        yield name, value.to("cpu").contiguous() if keep else None
+        del value
+    for name, buffer in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if leaf in getattr(module, "_non_persistent_buffers_set", ()):
+            continue
+        yield name, full_tensor(buffer).to("cpu").contiguous() if keep else None
+
+
+# ---------------------------------------------------------------------------------- lockstep
+def check_lockstep(count: int, what: str, fix: str) -> None:
+    """Every rank must run ``count`` forwards (a sharded forward is a collective); the same
+    :class:`ShardingError` on every rank when they differ."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    counts = torch.tensor([count, -count], dtype=torch.int64)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    high, low = int(counts[0]), -int(counts[1])
+    if high != low:
+        raise ShardingError(f"{what}: the ranks got {low} to {high} batches, but a sharded model needs equal counts; {fix}")
+
+
+# ---------------------------------------------------------------------------------- fail fast
+_ERROR_KEY = "hsr_pl/first_error"
+_SEEN_KEY = "hsr_pl/error_seen/"
+
+
+def _store():
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:  # no process group, or a store we cannot reach
+        return None
+
+
+def _peer_error(store, timeout: float) -> str | None:
+    """The first error a rank published, waiting up to ``timeout`` s for one to appear."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if store.check([_ERROR_KEY]):
+                return store.get(_ERROR_KEY).decode("utf-8", "replace")
+        except Exception:  # the store's host went away: nothing more to learn
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+@contextmanager
+def fail_fast(what: str, *, linger: float = 10.0, wait_for_peer: float = 2.0) -> Iterator[None]:
+    """Make a multi-rank step end on every rank with the first error, within a bounded time.
+
+    The rank that raises first writes ``"rank <r>: <error>"`` to the process group's store, then
+    waits up to ``linger`` s for every peer to read it (rank 0 hosts the store) and re-raises. A
+    peer stuck in a collective with it gets an error from that collective as soon as the failed
+    rank leaves it (its process exits, or the process group's ``timeout`` passes; keep that short,
+    see docs/sharded.md); it then finds the published error and raises :class:`PeerFailedError`
+    carrying it. Without a process group this is a no-op.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    store = _store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        yield
+    except PeerFailedError:
+        raise
+    except BaseException as exc:
+        if store is None:
+            raise
+        first = _peer_error(store, 0.0)
+        if first is None:
+            first = _peer_error(store, wait_for_peer) if _looks_collective(exc) else None
+        if first is not None and not first.startswith(f"rank {rank}:"):
+            _mark_seen(store, rank)
+            raise PeerFailedError(f"{what} stopped because {first}") from exc
+        message = f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        try:
+            if store.compare_set(_ERROR_KEY, "", message).decode("utf-8", "replace") == message:
+                _wait_seen(store, rank, world, linger)
+        except Exception:  # the store is gone: our own error is all we can raise
+            pass
+        raise
+
+
+def _looks_collective(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "closed", "distbackend"))
+
+
+def _mark_seen(store, rank: int) -> None:
+    try:
+        store.set(f"{_SEEN_KEY}{rank}", "1")
+    except Exception:
+        pass
+
+
+def _wait_seen(store, rank: int, world: int, linger: float) -> None:
+    """Keep the store up (rank 0 hosts it) until every peer has read the error, or ``linger`` s."""
+    deadline = time.monotonic() + linger
+    keys = [f"{_SEEN_KEY}{r}" for r in range(world) if r != rank]
+    while time.monotonic() < deadline:
+        try:
+            if all(store.check([k]) for k in keys):
+                return
+        except Exception:
+            return
+        time.sleep(0.05)
+
+
+def describe_sharding(model: nn.Module) -> Mapping[str, tuple[int, ...]]:
+    """``{name: local shape}`` of every sharded parameter (for tests and reports)."""
+    return {n: tuple(p.to_local().shape) for n, p in model.named_parameters() if is_sharded(p)}
