@@ -235,6 +235,7 @@ class SafetyHeadAttribution(HSRCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before any work: every output path is test-written, and a resume file must parse."""
+        super().setup(trainer, pl_module, stage)
         if sharded_strategy(trainer) and self._precomputed is None and self.engine == "gradient":
             from hsr_pl.sharding import ShardingError
 

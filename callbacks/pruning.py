@@ -299,7 +299,7 @@ class Pruning(MaskHolder):
         rows = sparsity_rows(model, self._state)
         sparsity = sum(r.zeros for r in rows) / max(sum(r.total for r in rows), 1)
         if trainer.is_global_zero:
-            print_sparsity_table(model, self._state)
+            print_sparsity_table(model, self._state, rows=rows)
         rank_zero_info(
             f"hsr-pl: {self.config.method} pruned {len(rows)} linears to {100 * sparsity:.2f} % sparsity "
             f"(target {100 * self.target_sparsity:g} %)"

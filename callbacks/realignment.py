@@ -269,6 +269,7 @@ class SafetyRealignment(HSRCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The flow's shape is known before any weight is loaded: refuse a wrong one now.
+        super().setup(trainer, pl_module, stage)
         self._check_order(trainer)
         if sharded_strategy(trainer) and (self.config.order == "gradient" or self.config.importance == "snip"):
             raise ShardingError(

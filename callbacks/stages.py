@@ -87,6 +87,8 @@ class StageEvaluation(HSRCallback):
         output_dir: where summary.json and the plots go (default ``trainer.default_root_dir``).
     """
 
+    supports_sharding = False  # copies / compares whole weights: no FSDP2 path yet
+
     def __init__(
         self,
         judge: str = "keyword-gcg-nocase",

@@ -380,7 +380,7 @@ class LVLMModule(pl.LightningModule):
             return
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-        from .sharding import meta_parameters
+        from .sharding import checkpoint_name_mapper, meta_parameters
 
         loader = AutoModelForCausalLM if self._model_type in _TEXT_ONLY else AutoModelForImageTextToText
         source = Path(self.model_source).expanduser()
@@ -399,8 +399,9 @@ class LVLMModule(pl.LightningModule):
             ) from exc
         model.eval()
         get_adapter(model)
+        names = checkpoint_name_mapper(model)  # before fully_shard renames the classes
         shard_model(model, dp_mesh)
-        self.load_report = load_sharded(model, source)
+        self.load_report = load_sharded(model, source, names=names)
         check_finite_parameters(model, str(self.model_source))
         self.model = model
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,7 +37,9 @@ __all__ = [
     "PeerFailedError",
     "ShardingError",
     "check_lockstep",
+    "checkpoint_name_mapper",
     "count_non_finite",
+    "count_zeros",
     "fail_fast",
     "full_tensor",
     "full_weight",
@@ -174,23 +176,44 @@ def reshard_all(model: nn.Module) -> None:
             module.reshard()
 
 
+@torch.no_grad()
+def count_zeros(param: Tensor) -> int:
+    """Exact zeros of ``param`` over all ranks (a collective when sharded)."""
+    if not is_sharded(param):
+        return int((param == 0).sum())
+    zeros = torch.tensor([int((param.to_local() == 0).sum())], dtype=torch.int64)
+    dist.all_reduce(zeros, group=param.device_mesh.get_group())
+    return int(zeros)
+
+
 # ---------------------------------------------------------------------------------- wrapping
-def _units(model: nn.Module, adapter) -> list[nn.Module]:
-    """The ``fully_shard`` units below the root, innermost first: every decoder layer, the vision
-    tower's layers when it has a layer list, and the input/output embeddings when untied."""
-    units: list[nn.Module] = list(adapter.all_layers())
-    vision = None
-    for attr in ("vision_tower", "vision_model", "visual"):
+def _find(model: nn.Module, attrs: tuple[str, ...]) -> nn.Module | None:
+    for attr in attrs:
         for owner in (model, getattr(model, "model", None)):
             candidate = getattr(owner, attr, None) if owner is not None else None
             if isinstance(candidate, nn.Module):
-                vision = candidate
-                break
-        if vision is not None:
-            break
+                return candidate
+    return None
+
+
+_VISION = ("vision_tower", "vision_model", "visual")
+_PROJECTOR = ("multi_modal_projector", "mm_projector", "connector")
+
+
+def _units(model: nn.Module, adapter) -> list[nn.Module]:
+    """The ``fully_shard`` units below the root, innermost first: every decoder layer, the vision
+    tower, the projector, and the input/output embeddings when untied. The tower and the
+    projector are units of their own because ``generate`` calls them outside the root's forward
+    (image features are computed up front)."""
+    units: list[nn.Module] = list(adapter.all_layers())
+    vision = _find(model, _VISION)
     if vision is not None:
-        layers = [m for m in vision.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        units.extend(layers[0] if layers else [vision])
+        # One unit for the whole tower: transformers records the tower's hidden states with
+        # hooks keyed on its layer classes, which fully_shard would rename.
+        units.append(vision)
+    projector = _find(model, _PROJECTOR)
+    if projector is not None and any(True for _ in projector.parameters()):
+        units.append(projector)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and head.weight is embed.weight
@@ -213,12 +236,37 @@ def shard_model(model: nn.Module, mesh, *, adapter=None, reshard_after_forward: 
     if mesh.ndim != 1:
         raise ShardingError(f"shard_model needs the 1-D data-parallel mesh, got {mesh.ndim} dimensions")
     names = {id(m): n for n, m in model.named_modules()}
+    recorded = _output_capture_entries(model)
     wrapped = []
     for unit in _units(model, adapter):
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard_after_forward)
         wrapped.append(names.get(id(unit), "?"))
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    _restore_output_capture(recorded)
     return wrapped
+
+
+def _output_capture_entries(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """transformers keys what a (sub)model may record (hidden states, attentions) on its class's
+    name; ``fully_shard`` swaps the class for an ``FSDP<Name>`` subclass, so the entries are
+    noted before and registered for the new classes after (else e.g. LLaVA's vision tower
+    returns no hidden states)."""
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry: nothing to keep
+        return []
+    return [(m, _CAN_RECORD_REGISTRY.get(m)) for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def _restore_output_capture(entries: list[tuple[nn.Module, dict]]) -> None:
+    if not entries:
+        return
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+    for module, entry in entries:
+        if entry and not _CAN_RECORD_REGISTRY.get(module):
+            _CAN_RECORD_REGISTRY[module] = entry
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -255,30 +303,33 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
     raise ShardingError(f"{folder} has no model.safetensors (or index); save the weights with save_pretrained")
 
 
-def _renamings(model: nn.Module) -> list[tuple[str, str]]:
-    """Checkpoint-name -> model-name regex renamings transformers applies for this model type."""
+def checkpoint_name_mapper(model: nn.Module):
+    """``checkpoint key -> model parameter name`` as ``from_pretrained`` renames them (legacy
+    layouts such as LLaVA's ``language_model.model.*``); weight conversions beyond renaming
+    (fused or split tensors) are refused: the sharded loader copies rows, it does not convert.
+    Build it before ``fully_shard`` (which renames the module classes transformers looks up)."""
     try:
-        from transformers.conversion_mapping import WeightRenaming, get_checkpoint_conversion_mapping
-    except ImportError:  # older transformers: names are the model's own
-        return []
-    mapping = get_checkpoint_conversion_mapping(getattr(model.config, "model_type", "")) or []
-    out = []
-    for entry in mapping:
-        if not isinstance(entry, WeightRenaming):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # older transformers: the names are the model's own
+        return lambda key: key
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    names = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", None)
+
+    def mapped(key: str) -> str:
+        renamed, converter = rename_source_key(key, renamings, converters, base_model_prefix=prefix, meta_state_dict=names)
+        if converter is not None:
             raise ShardingError(
-                f"{model.config.model_type}: its checkpoints need weight conversions ({type(entry).__name__}) that the "
-                "sharded loader does not do; load it unsharded (strategy ddp) or re-save it in the model's own layout"
+                f"{getattr(model.config, 'model_type', '?')}: checkpoint tensor {key!r} needs a weight conversion "
+                f"({converter}) that the sharded loader does not do; load it with strategy ddp, or re-save it in the "
+                "model's own layout"
             )
-        for source, target in zip(entry.source_patterns, entry.target_patterns):
-            out.append((source, target))
-    return out
+        return renamed
 
-
-def _model_name(key: str, renamings: list[tuple[str, str]]) -> str:
-    for source, target in renamings:
-        if re.search(source, key):
-            return re.sub(source, target, key, count=1)
-    return key
+    return mapped
 
 
 def _shard_bounds(param: Tensor) -> tuple[int, int]:
@@ -296,19 +347,22 @@ def _shard_bounds(param: Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_sharded(model: nn.Module, folder: str | Path, device: torch.device | str = "cpu") -> dict[str, int]:
+def load_sharded(
+    model: nn.Module, folder: str | Path, device: torch.device | str = "cpu", *, names=None
+) -> dict[str, int]:
     """Materialise the meta parameters of the sharded ``model`` on ``device`` and fill them from
     the checkpoint ``folder``: each rank reads only its own rows of each tensor (``get_slice``).
 
     Returns ``{"read_bytes": …, "tensors": …}`` for this rank. Every parameter must be in the
-    checkpoint, else a :class:`ShardingError` names the first missing one.
+    checkpoint, else a :class:`ShardingError` names the first missing one. ``names``: the
+    :func:`checkpoint_name_mapper` built before sharding.
     """
     from safetensors import safe_open
 
     folder = Path(folder)
     files = _checkpoint_files(folder)
-    renamings = _renamings(model)
-    by_model_name = {_model_name(k, renamings): (k, f) for k, f in files.items()}
+    mapped = names or checkpoint_name_mapper(model)
+    by_model_name = {mapped(k): (k, f) for k, f in files.items()}
     params = dict(model.named_parameters())
     missing = [n for n in params if n not in by_model_name]
     if missing:
@@ -412,41 +466,86 @@ def _peer_error(store, timeout: float) -> str | None:
 
 
 @contextmanager
-def fail_fast(what: str, *, linger: float = 10.0, wait_for_peer: float = 2.0) -> Iterator[None]:
+def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: float = 0.2) -> Iterator[None]:
     """Make a multi-rank step end on every rank with the first error, within a bounded time.
 
-    The rank that raises first writes ``"rank <r>: <error>"`` to the process group's store, then
-    waits up to ``linger`` s for every peer to read it (rank 0 hosts the store) and re-raises. A
-    peer stuck in a collective with it gets an error from that collective as soon as the failed
-    rank leaves it (its process exits, or the process group's ``timeout`` passes; keep that short,
-    see docs/sharded.md); it then finds the published error and raises :class:`PeerFailedError`
-    carrying it. Without a process group this is a no-op.
+    * The rank that raises first writes ``"rank <r>: <error>"`` to the process group's store
+      (first writer wins), keeps the store up until every peer has read it (rank 0 hosts it; at
+      most ``linger`` s) and re-raises.
+    * A peer whose own collective then fails finds that error and raises :class:`PeerFailedError`
+      carrying it.
+    * A peer still blocked in a collective cannot be interrupted from Python (gloo and NCCL wait
+      in C++; aborting a gloo process group does not release the wait): a watchdog thread that
+      sees the error, and sees this rank still inside the step ``grace`` s later, prints
+      ``hsr-pl: error: <what> stopped because rank <r>: <error>`` to stderr and ends the process
+      with status 1.
+
+    So every rank ends within about ``poll + grace`` s of the first error. Without a process
+    group (or with one rank) this is a no-op.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return
     store = _store()
+    if store is None:
+        yield
+        return
     rank, world = dist.get_rank(), dist.get_world_size()
+    inside = threading.Event()
+    inside.set()
+    watchdog = threading.Thread(
+        target=_watch, args=(store, rank, what, inside, grace, poll), name="hsr-pl-fail-fast", daemon=True
+    )
+    watchdog.start()
     try:
         yield
     except PeerFailedError:
+        inside.clear()
         raise
     except BaseException as exc:
-        if store is None:
-            raise
+        inside.clear()
         first = _peer_error(store, 0.0)
-        if first is None:
-            first = _peer_error(store, wait_for_peer) if _looks_collective(exc) else None
+        if first is None and _looks_collective(exc):
+            first = _peer_error(store, grace)
         if first is not None and not first.startswith(f"rank {rank}:"):
             _mark_seen(store, rank)
             raise PeerFailedError(f"{what} stopped because {first}") from exc
-        message = f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        text = str(exc).strip().splitlines()
+        message = f"rank {rank}: {type(exc).__name__}: {text[0] if text else ''}"
         try:
             if store.compare_set(_ERROR_KEY, "", message).decode("utf-8", "replace") == message:
                 _wait_seen(store, rank, world, linger)
         except Exception:  # the store is gone: our own error is all we can raise
             pass
         raise
+    finally:
+        inside.clear()
+
+
+def _watch(store, rank: int, what: str, inside: threading.Event, grace: float, poll: float) -> None:
+    """The watchdog of :func:`fail_fast`: ends this process when a peer failed and this rank
+    stays stuck in the step."""
+    import os
+    import sys
+
+    while inside.is_set():
+        time.sleep(poll)
+        first = _peer_error(store, 0.0) if inside.is_set() else None
+        if first is None or first.startswith(f"rank {rank}:"):
+            continue
+        _mark_seen(store, rank)
+        deadline = time.monotonic() + grace
+        while inside.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not inside.is_set():
+            return  # the step ended on its own (and raises the peer's error itself)
+        sys.stdout.flush()
+        sys.stderr.write(
+            f"hsr-pl: error: {what} stopped because {first} (rank {rank} was waiting for it in a collective "
+            "and exits)\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _looks_collective(exc: BaseException) -> bool:
