@@ -9,7 +9,8 @@ one ordinary process: the reference. Scenarios:
   what it ended with (``result-rank<r>.safetensors``: masks, restore sets, scores) and what the
   probe saw (``probe-rank<r>.json``: local parameter shapes, the shapes the statistics hooks got,
   the peak of the parameter bytes materialised at once);
-* ``fail``: the head scan raises on rank 1 after its first scored layer (``HSR_FAIL_RANK``).
+* ``fail``: the head scan raises on rank ``HSR_FAIL_RANK`` after its first scored layer
+  (``HSR_STRATEGY=ddp``: under DDP instead of FSDP2).
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ def main() -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
-    if world > 1:
+    if world > 1 and os.environ.get("HSR_STRATEGY") == "ddp":  # the DDP head scan's failure case
+        strategy, devices = "ddp", world
+    elif world > 1:
         from datetime import timedelta
 
         from lightning.pytorch.strategies import ModelParallelStrategy
