@@ -284,7 +284,9 @@ class Pruning(MaskHolder):
                     )
                 _, _, weight = self._check_counts(batches, pl_module.device)
                 if dist_world()[1] > 1:
-                    reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
+                    rank, world = dist_world()
+                    ordered = (rank, world) if self.batch_size == 1 else None  # Wanda: bit for bit one process
+                    reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight, ordered=ordered)
             show = trainer.is_global_zero and trainer.progress_bar_callback is not None
             # Everything is checked: callbacks that need the dense model measure it now.
             notify_before_pruning(trainer, pl_module, self)

@@ -229,7 +229,8 @@ class SafetyRealignment(HSRCallback):
                 f"make num_samples a multiple of world_size × batch_size ({world} × {self.batch_size})",
             )
         _, _, weight = check_counts(batches, "response", pl_module.device, split)
-        return WeightedAllReduce(weight) if world > 1 else None
+        ordered = (dist_world()[0], world) if self.batch_size == 1 else None  # Wanda: bit for bit one process
+        return WeightedAllReduce(weight, ordered=ordered) if world > 1 else None
 
     @override
     def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:

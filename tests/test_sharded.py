@@ -157,3 +157,95 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, checkpoint, str
     assert "rank 1: ScanFailure" in outputs[0]  # rank 0 names who failed first
     # bounded: both ranks were gone within 20 s of the raise (the process group's timeout is 120 s)
     assert ended - raised < 20, ended - raised
+
+
+# ------------------------------------------------------------------------ single-process checks
+def _model_parallel_trainer():
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return pl.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda c: c.Pruning(method="snip"), "method='snip'"),
+        (lambda c: c.SafetyRealignment(heads=["0-1"], order="gradient", budget=10), "order='gradient'"),
+        (lambda c: c.SafetyRealignment(heads=["0-1"], importance="snip"), "importance='snip'"),
+        (lambda c: c.SafetyHeadAttribution(engine="gradient"), "engine='gradient'"),
+        (lambda c: c.StageEvaluation(), "StageEvaluation has no sharded"),
+    ],
+)
+def test_what_has_no_sharded_path_is_refused_in_setup(make, words):
+    from hsr_pl import callbacks
+    from hsr_pl.sharding import ShardingError
+
+    trainer = _model_parallel_trainer()
+    callback = make(callbacks)
+    trainer.callbacks.insert(0, callbacks.Pruning(method="wanda"))  # realignment wants a pruner before it
+    trainer.callbacks.append(callback)
+    with pytest.raises(ShardingError) as info:
+        callback.setup(trainer, None, "validate")
+    message = str(info.value)
+    assert words in message and "\n" not in message
+
+
+def test_fsdp2_recipes_parse(tmp_path, capsys):
+    import yaml
+
+    from hsr_pl.cli import run_cli
+    from hsr_pl.models.tiny import build_tiny, save_tiny
+
+    folder = save_tiny(*build_tiny("qwen2_5_vl", gqa=True), tmp_path / "model")
+    config = yaml.safe_load((ROOT / "configs" / "fsdp2_70b.yaml").read_text())
+    config["model"]["init_args"]["model"] = str(folder)
+    config["data"]["init_args"].update(train_path=str(ROOT / "examples" / "tiny_vlguard" / "train.json"), image_root=None)
+    for eval_set in config["data"]["init_args"]["eval_sets"]:
+        eval_set.update(path=str(ROOT / "examples" / "tiny_vlguard" / "train.json"), image_root=None)
+    path = tmp_path / "fsdp2_70b.yaml"
+    path.write_text(yaml.safe_dump(config))
+    for extra in ([], ["--config", str(ROOT / "configs" / "strategies" / "fsdp2_8gpu.yaml")]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(["validate", "--config", str(path), *extra, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        strategy = printed["trainer"]["strategy"]
+        assert strategy["class_path"].endswith("ModelParallelStrategy"), strategy
+        assert strategy["init_args"]["data_parallel_size"] == 8 and strategy["init_args"]["tensor_parallel_size"] == 1
+        assert str(printed["trainer"]["devices"]) == "8"
+
+
+def test_export_shard_size_is_checked():
+    from hsr_pl.callbacks import ExportPretrained
+    from hsr_pl.callbacks.export import ExportError
+
+    assert ExportPretrained("x", max_shard_size="500MiB").max_shard_bytes == 500 * 1024**2
+    assert ExportPretrained("x", max_shard_size="5GB").max_shard_bytes == 5 * 10**9
+    with pytest.raises(ExportError, match="max_shard_size"):
+        ExportPretrained("x", max_shard_size="big")
+
+
+def test_wanda_statistic_replayed_in_global_order_is_bitwise_one_process():
+    """The order-exact reduction's replay: two ranks' raw terms (samples dealt round robin), put
+    back in the global order, give the running mean of one process bit for bit."""
+    from hsr_pl.pruning.stats import RowStats
+
+    torch.manual_seed(0)
+    batches = [torch.randn(int(n), 96, dtype=torch.bfloat16) for n in torch.randint(1, 9, (9,))]
+    one = RowStats(96)
+    for rows in batches:
+        one.add(rows, 1)
+    ranks = [RowStats(96), RowStats(96)]
+    for stat in ranks:
+        stat.record = []
+    for position, rows in enumerate(batches):
+        ranks[position % 2].add(rows, 1, position=position // 2)
+    entries = sorted(
+        (position * 2 + r, samples, raw) for r, stat in enumerate(ranks) for position, samples, raw in stat.record
+    )
+    replayed = RowStats(96)
+    replayed.replay([(samples, raw) for _, samples, raw in entries])
+    assert replayed.nsamples == one.nsamples == len(batches)
+    assert torch.equal(replayed.scaler_row, one.scaler_row)

@@ -262,6 +262,11 @@ def prune_model(
     return _prune_oneshot(model, adapter, batches, chosen, config, keep, on_layer, reduce)
 
 
+def _ordered(reduce: Reduce | None) -> bool:
+    """True when ``reduce`` replays Wanda's terms in the global order (so the hooks keep them)."""
+    return getattr(reduce, "ordered", None) is not None
+
+
 def _by_layer(adapter, chosen: Mapping[str, nn.Linear]) -> dict[int, dict[str, nn.Linear]]:
     out: dict[int, dict[str, nn.Linear]] = {}
     for name, lin in chosen.items():
@@ -331,7 +336,7 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
         try:
             linears = groups.get(index)
             if linears:
-                collector = StatsCollector(linears, _STAT_KIND[config.method], selection)
+                collector = StatsCollector(linears, _STAT_KIND[config.method], selection, record=_ordered(reduce))
                 with collector:
                     run_layer(layer, index, inputs, selection, outputs="none")
                 stats = collector.finalize(reduce)
@@ -351,7 +356,7 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
 def _prune_oneshot(model, adapter, batches, chosen, config, keep, on_layer, reduce) -> PruningResult:
     device = model.get_input_embeddings().weight.device
     selection = TokenSelection()
-    collector = StatsCollector(chosen, _STAT_KIND[config.method], selection)
+    collector = StatsCollector(chosen, _STAT_KIND[config.method], selection, record=_ordered(reduce))
     with collector:
         for batch in batches:
             selection.set(token_mask(batch, config.tokens))
