@@ -111,6 +111,7 @@ def worker(checkpoint: Path, out: Path) -> None:
                 digest.update(name.encode())
                 digest.update(pack_bits(state.pruned[name]).numpy().tobytes())
             memory["masks_bytes_cpu"] = sum(m.numel() for m in state.pruned.values())  # bool, 1 byte each
+            memory["originals_bytes_cpu"] = sum(v.numel() * v.element_size() for v in state.originals.values())
             self.digest = digest.hexdigest()
             for h in probe.handles:
                 h.remove()
@@ -198,7 +199,14 @@ def run(checkpoint: Path, out: Path, world: int) -> list[dict]:
 
 
 def project_70b(measured: dict, shape: dict) -> dict:
-    """Per-rank memory of the sharded flow for a 70B-class model on 8 GPUs, written out."""
+    """Per-rank memory of the sharded flow for a 70B-class model on 8 GPUs, written out.
+
+    Device memory per rank: the shards, plus what the measurement says is gathered at once
+    (``gathered_layers`` full decoder layers, of which the rank holds 1/8 already), plus that
+    layer's statistics and calibration inputs, plus the one linear gathered outside the forward
+    to decide its mask with the mask decision's temporaries (counted from the code). Host memory:
+    HSRState's CPU masks and kept originals, on every rank.
+    """
     h, m, kv, layers, vocab = (LLAMA70B[k] for k in ("hidden", "intermediate", "kv_heads", "layers", "vocab"))
     head_dim = h // LLAMA70B["heads"]
     attn = 2 * h * h + 2 * h * kv * head_dim
@@ -207,23 +215,22 @@ def project_70b(measured: dict, shape: dict) -> dict:
     total = layers * layer + 2 * vocab * h + h
     gpus, bf16 = 8, 2
     largest_linear = h * m  # gate/up/down
-    # measured: how many bytes the tracked parameters exceeded the at-rest shards by during a forward,
-    # relative to one full decoder layer (1.0 = exactly one layer gathered at a time)
-    ratio = measured["gathered_over_layer"]
+    gathered_layers = measured["gathered_layers"]
     sharded = total * bf16 / gpus
-    gathered = ratio * layer * bf16
-    wanda_stats = 7 * 4 * h + 4 * m  # scaler_row per linear, fp32 (q,k,v,o,gate,up: h columns; down: m)
-    sparsegpt_h = 4 * m * m  # the largest Hessian (down_proj), fp32; one layer's Hessians are alive together:
-    sparsegpt_layer = 4 * (6 * h * h + m * m)
-    samples_per_rank = 128 // gpus
-    seq = 2048
-    activations = samples_per_rank * seq * h * bf16  # one layer's inputs for this rank's samples (kept between layers)
-    linear_gather = largest_linear * bf16  # the one linear gathered outside the forward to decide its mask
-    wanda_temporaries = measured["mask_temporaries_over_linear"] * largest_linear * bf16
-    masks_cpu = layers * (attn + mlp)  # HSRState: a CPU bool per pruned decoder-linear weight, on every rank
+    gathered = gathered_layers * layer * bf16 * (1 - 1 / gpus)
+    wanda_stats = 4 * (6 * h + m)  # scaler_row per linear, fp32 (q,k,v,o,gate,up: h columns; down: m)
+    sparsegpt_layer = 4 * (6 * h * h + m * m)  # one fp32 Hessian per linear of the layer, alive together
+    samples_per_rank, seq = 128 // gpus, 2048
+    activations = samples_per_rank * seq * h * bf16  # one layer's inputs for this rank's samples
+    # wanda_mask on the gathered weight: the bf16 weight 2 B, fp32 scores 4 B, sort values 4 B + int64
+    # indices 8 B, bool mask 1 B per element (hsr_pl/pruning/wanda.py, masks.row_mask)
+    mask_decision = 19 * largest_linear
+    per_rank_wanda = sharded + gathered + wanda_stats + activations + mask_decision
+    per_rank_sparsegpt = sharded + gathered + sparsegpt_layer + activations + mask_decision
+    decoder_linears = layers * (attn + mlp)
+    host_masks = decoder_linears * 1  # a CPU bool per pruned weight
+    host_originals = layers * attn * 0.5 * bf16  # the attention projections' pruned values (50 %)
     gib = 1024**3
-    per_rank_wanda = sharded + gathered + wanda_stats + activations + linear_gather + wanda_temporaries
-    per_rank_sparsegpt = sharded + gathered + sparsegpt_layer + activations + linear_gather + wanda_temporaries
     return {
         "model": "Llama-3-70B shape (hidden 8192, MLP 28672, 64 heads / 8 KV heads, 80 layers, vocab 128256)",
         "parameters": total,
@@ -231,22 +238,21 @@ def project_70b(measured: dict, shape: dict) -> dict:
         "gpus": gpus,
         "gib": {
             "sharded_model_per_rank": sharded / gib,
-            "one_gathered_layer": gathered / gib,
+            "gathered_beyond_the_shard": gathered / gib,
             "wanda_statistics_one_layer": wanda_stats / gib,
             "sparsegpt_hessians_one_layer": sparsegpt_layer / gib,
-            "largest_sparsegpt_hessian": sparsegpt_h / gib,
             "calibration_activations_per_rank": activations / gib,
-            "one_linear_gathered_for_its_mask": linear_gather / gib,
-            "mask_decision_temporaries": wanda_temporaries / gib,
-            "per_rank_total_wanda": per_rank_wanda / gib,
-            "per_rank_total_sparsegpt": per_rank_sparsegpt / gib,
+            "mask_decision_largest_linear": mask_decision / gib,
+            "per_rank_device_wanda": per_rank_wanda / gib,
+            "per_rank_device_sparsegpt": per_rank_sparsegpt / gib,
             "unsharded_model_bf16": total * bf16 / gib,
-            "host_ram_masks_per_rank_bool": masks_cpu / gib,
+            "host_masks_per_rank": host_masks / gib,
+            "host_originals_per_rank": host_originals / gib,
         },
         "assumptions": {
             "samples": 128, "samples_per_rank": samples_per_rank, "sequence_length": seq, "dtype": "bfloat16",
-            "measured_gathered_over_layer": ratio,
-            "measured_mask_temporaries_over_linear": measured["mask_temporaries_over_linear"],
+            "measured_gathered_layers": gathered_layers,
+            "mask_decision_bytes_per_weight": 19,
         },
     }
 
@@ -299,14 +305,20 @@ def write_results(results: dict, quick: bool) -> None:
         f"- Parameters at rest per rank, 2 processes: {_mib(d['rest_2'])} MiB = {d['rest_2'] / d['rest_1']:.3f} × "
         "the 1-process model (embeddings and norms are sharded too).",
         f"- Peak tracked parameter bytes, 2 processes: {_mib(d['peak_2'])} MiB = at rest + "
-        f"{_mib(d['peak_2'] - d['rest_2'])} MiB gathered = {d['gathered_over_layer']:.2f} × one full decoder layer "
-        f"(the gathered unit minus its local half, plus the root's norm): one layer at a time.",
+        f"{_mib(d['peak_2'] - d['rest_2'])} MiB = the other half of {d['gathered_layers']:.2f} full decoder layer(s): "
+        "one layer gathered at a time.",
         f"- Peak RSS during pruning above the RSS at its start (the peak is reset there): 1 process "
-        f"{_mib(d['prune_extra_1'])} MiB, 2 processes {_mib(d['prune_extra_2'])} MiB per rank (the largest linear is "
-        f"{_mib(d['largest_linear_bytes'])} MiB in bf16). The 1-process growth, {d['mask_temporaries_over_linear']:.1f} × "
-        "that linear, bounds the mask decision's temporaries (fp32 scores, sort indices) from above: it also holds "
-        "the captured calibration inputs and the statistics; the 2-process figure adds the gathered linear, "
-        "the all-gather buffers and gloo's.",
+        f"{_mib(d['prune_extra_1'])} MiB, 2 processes {_mib(d['prune_extra_2'])} MiB per rank. Of it, "
+        f"{_mib(d['host_state_bytes'])} MiB is HSRState on the CPU (a bool per pruned weight, and the attention "
+        "projections' pruned values), the same on every rank; the rest is the captured calibration inputs, the "
+        "statistics, the mask decision's temporaries, and under 2 processes the gathered linear, the all-gather "
+        "buffers and gloo's (plus allocator caching).",
+        "- So on this CPU machine the per-process **peak RSS is not lower** with 2 ranks "
+        f"({_mib(max(r['memory']['hwm_final'] for r in results['runs'][1:]))} vs "
+        f"{_mib(results['runs'][0]['memory']['hwm_final'])} MiB): the parameters halve, but each rank also pays the "
+        "Python/torch baseline, a full copy of HSRState, and transient gathers that the allocator keeps. What "
+        "sharding bounds is the model memory (the tracked parameter bytes, what a GPU holds), not the host "
+        "process.",
         f"- Wall time, whole job: 1 process {results['wall'][0]:.1f} s, 2 processes {results['wall'][1]:.1f} s "
         "(two processes share 2 cores, the calibration is split 4 + 4, and every layer forward is an all-gather; "
         "on CPU the gain is memory, not speed).",
@@ -318,28 +330,30 @@ def write_results(results: dict, quick: bool) -> None:
         "## Projection: a 70B-class model on 8 GPUs (bf16)",
         "",
         f"{p['model']}: {p['parameters'] / 1e9:.2f} B parameters, {p['layer_parameters'] / 1e6:.1f} M per decoder "
-        "layer. Per rank, from the measured factors above (one gathered layer at a time; the mask of one linear "
-        "decided from its gathered weight) and 128 calibration samples of 2048 tokens (16 per rank):",
+        "layer; 128 calibration samples of 2048 tokens (16 per rank). Device memory per rank, from the measured "
+        f"figure above ({p['assumptions']['measured_gathered_layers']:.2f} decoder layer gathered at a time) and "
+        "what the code allocates:",
         "",
         "| part | GiB per rank |",
         "|---|---|",
         f"| sharded model: {p['parameters'] / 1e9:.2f} B × 2 B / 8 | {g['sharded_model_per_rank']:.2f} |",
-        f"| one gathered decoder layer (measured {p['assumptions']['measured_gathered_over_layer']:.2f} × "
-        f"{p['layer_parameters'] / 1e6:.0f} M × 2 B) | {g['one_gathered_layer']:.2f} |",
-        f"| that layer's Wanda statistics (fp32 per input column) | {g['wanda_statistics_one_layer']:.5f} |",
+        f"| the gathered layer beyond the local eighth: {p['assumptions']['measured_gathered_layers']:.2f} × "
+        f"{p['layer_parameters'] / 1e6:.0f} M × 2 B × 7/8 | {g['gathered_beyond_the_shard']:.2f} |",
+        f"| that layer's Wanda statistics (fp32, one per input column: 6 × 8192 + 28672) | "
+        f"{g['wanda_statistics_one_layer']:.5f} |",
         f"| — or its SparseGPT Hessians (fp32, 6 × 8192² + 28672²) | {g['sparsegpt_hessians_one_layer']:.2f} |",
         f"| one layer's calibration inputs (16 × 2048 × 8192 × 2 B) | {g['calibration_activations_per_rank']:.2f} |",
-        f"| one linear gathered to decide its mask (8192 × 28672 × 2 B) | {g['one_linear_gathered_for_its_mask']:.2f} |",
-        f"| the mask decision's temporaries (upper bound: the measured pruning growth, "
-        f"{p['assumptions']['measured_mask_temporaries_over_linear']:.1f} × that linear) | {g['mask_decision_temporaries']:.2f} |",
-        f"| **total, Wanda** | **{g['per_rank_total_wanda']:.1f}** |",
-        f"| **total, SparseGPT** | **{g['per_rank_total_sparsegpt']:.1f}** |",
+        "| the largest linear gathered to decide its mask, with the decision's temporaries (8192 × 28672 × 19 B: "
+        f"bf16 weight, fp32 scores, sort values + int64 indices, bool mask) | {g['mask_decision_largest_linear']:.2f} |",
+        f"| **total, Wanda** | **{g['per_rank_device_wanda']:.1f}** |",
+        f"| **total, SparseGPT** | **{g['per_rank_device_sparsegpt']:.1f}** |",
         "",
         f"against {g['unsharded_model_bf16']:.0f} GiB for the unsharded bf16 model: it fits an 80 GB GPU per rank. "
-        "Not on the GPU: HSRState keeps every pruned linear's mask as a CPU bool tensor on every rank, "
-        f"{g['host_ram_masks_per_rank_bool']:.0f} GiB of host RAM per rank for all 70 B weights (× 8 ranks per node) — "
-        "prune only what realignment needs, or keep the masks packed (1/8) before running this at 70B; "
-        "see docs/sharded.md.",
+        f"Host RAM per rank, not on the GPU: HSRState's CPU masks, {g['host_masks_per_rank']:.0f} GiB (one byte per "
+        f"pruned weight, all decoder linears), and the attention projections' kept values, "
+        f"{g['host_originals_per_rank']:.0f} GiB — on every rank, so about "
+        f"{8 * (g['host_masks_per_rank'] + g['host_originals_per_rank']):.0f} GiB per 8-GPU node: prune only what is "
+        "needed (`targets`) or pack the masks (1/8) before running this at 70B; see docs/sharded.md.",
     ]
     write_text_atomic(RESULTS / f"{stem}.md", "\n".join(lines) + "\n")
 
@@ -387,10 +401,12 @@ def main() -> None:
         "rest_2": rest_2,
         "peak_2": peak_2,
         "gathered_over_layer": (peak_2 - rest_2) / layer_bytes,
+        # full decoder layers materialised at once: the rank adds (1 - 1/2) of each gathered layer
+        "gathered_layers": (peak_2 - rest_2) / (layer_bytes * (1 - 1 / 2)),
+        "host_state_bytes": one["memory"]["masks_bytes_cpu"] + one["memory"].get("originals_bytes_cpu", 0),
         "prune_extra_1": prune_extra_1,
         "prune_extra_2": prune_extra_2,
         "largest_linear_bytes": largest_linear,
-        "mask_temporaries_over_linear": max(prune_extra_1, 0) / largest_linear,
     }
     results = {
         "shape": shape, "model": model, "samples": SAMPLES, "runs": runs, "wall": walls, "derived": derived,

@@ -260,7 +260,8 @@ class Pruning(MaskHolder):
                 ) from exc
         state = get_state(pl_module)
         for name, mask in result.masks.items():
-            state.record_pruning(name, mask, result.originals.get(name))
+            # pop: HSRState keeps the pruned positions' values; the full dense copy would only double host RAM
+            state.record_pruning(name, mask, result.originals.pop(name, None))
         state.sparsity = self.target_sparsity
         state.method = self.config.method
         state.structure = None if self.config.nm == (0, 0) else tuple(self.config.nm)
