@@ -40,20 +40,20 @@ __all__ = [
     "checkpoint_name_mapper",
     "count_non_finite",
     "count_zeros",
+    "describe_sharding",
     "fail_fast",
     "full_tensor",
     "full_weight",
     "is_sharded",
     "iter_full_state",
     "load_sharded",
+    "local_part_of",
     "local_rows",
     "meta_parameters",
     "model_is_sharded",
     "reshard_all",
     "shard_model",
     "sharded_strategy",
-    "describe_sharding",
-    "local_part_of",
     "write_full",
 ]
 
@@ -273,7 +273,9 @@ def _restore_output_capture(entries: list[tuple[nn.Module, dict]]) -> None:
 @contextmanager
 def meta_parameters() -> Iterator[None]:
     """Build modules with their parameters on the meta device and their buffers real (rotary
-    frequencies and other computed buffers keep their values; they are never in a checkpoint)."""
+    frequencies and other computed buffers keep their constructed values; :func:`load_sharded`
+    overwrites those a checkpoint carries). Each parameter is created on the CPU and moved to
+    meta at registration, before any initialisation runs on it: one parameter at a time."""
     original = nn.Module.register_parameter
 
     def register(self, name, param):
@@ -397,6 +399,16 @@ def load_sharded(
                 value = piece[:]
                 param.data.copy_(value.to(param.dtype))
                 read += value.numel() * value.element_size()
+        for name, buffer in model.named_buffers():  # persistent buffers a checkpoint carries (small, whole)
+            if name in by_model_name and not is_sharded(buffer):
+                key, file = by_model_name[name]
+                if file not in handles:
+                    handles[file] = safe_open(str(file), "pt")
+                value = handles[file].get_tensor(key)
+                if tuple(value.shape) != tuple(buffer.shape):
+                    raise ShardingError(f"{file.name}: {key} has shape {tuple(value.shape)}, the model's {name} "
+                                        f"{tuple(buffer.shape)}")
+                buffer.copy_(value.to(buffer.dtype))
     finally:
         handles.clear()
     return {"read_bytes": int(read), "tensors": len(params)}

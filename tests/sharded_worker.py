@@ -85,6 +85,7 @@ class Probe(Callback):
         self.full = {n: list(p.shape) for n, p in model.named_parameters()}
         self.full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.sharded = any(is_sharded(p) for p in model.parameters())
+        self.load = getattr(pl_module, "load_report", None)  # the sharded loader's bytes read on this rank
 
         def hook(name):
             def run(module, args):
@@ -103,7 +104,7 @@ class Probe(Callback):
         rank = trainer.global_rank
         (self.out / f"probe-rank{rank}.json").write_text(json.dumps({
             "sharded": self.sharded, "local": self.local, "full": self.full, "seen": self.seen,
-            "peak_param_bytes": self.peak, "full_param_bytes": self.full_bytes,
+            "peak_param_bytes": self.peak, "full_param_bytes": self.full_bytes, "load": self.load,
         }))
 
 

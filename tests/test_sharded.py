@@ -141,6 +141,8 @@ def test_fsdp2_flow_equals_one_process(tmp_path, checkpoint, method):
             assert shape == probe["full"][f"{name}.weight"], name
         # at no moment did this rank hold the full model's parameters (sharded + one gathered unit)
         assert probe["peak_param_bytes"] < 0.75 * probe["full_param_bytes"], probe["peak_param_bytes"]
+        # loading read this rank's rows only: about half of the checkpoint's bytes
+        assert probe["load"]["read_bytes"] <= 0.55 * probe["full_param_bytes"], probe["load"]
     single = json.loads((tmp_path / "one" / "probe-rank0.json").read_text())
     assert not single["sharded"] and single["peak_param_bytes"] == single["full_param_bytes"]
 
