@@ -478,6 +478,11 @@ class SafetyHeadAttribution(HSRCallback):
 
         mine = shares[self._rank]
         layers = sorted({layer for layer, _ in mine})
+        ignored = f"; engine_kwargs {sorted(self.engine_kwargs)} do not apply" if self.engine_kwargs else ""
+        rank_zero_info(
+            f"hsr-pl: sharded model: engine={self.engine!r} scores with the naive loop in lockstep over "
+            f"{len(shares)} ranks (the same scores up to float rounding){ignored}"
+        )
         with self._progress(layers, len(adapter.all_layers()), show_progress) as advance, eval_mode(model):
 
             def progress(layer: int, scores: dict[str, float]) -> None:

@@ -97,6 +97,22 @@ def _exported(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in AutoModelForImageTextToText.from_pretrained(folder).state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def gqa_odd_checkpoint(tmp_path_factory) -> Path:
+    """GQA (2 KV heads for 4) and a vocabulary of odd size: the embedding and lm_head rows split
+    unevenly (47 + 46), as ``torch.chunk`` does."""
+    from hsr_pl.models.tiny import DEFAULT_WORDS, build_tiny_llava, save_tiny
+
+    model, processor = build_tiny_llava(True, layers=2, heads=4, words=(*DEFAULT_WORDS, "odd"))
+    assert model.get_input_embeddings().weight.shape[0] % 2 == 1
+    return save_tiny(model, processor, tmp_path_factory.mktemp("sharded-gqa") / "tiny-llava-gqa")
+
+
+@pytest.mark.slow
+def test_fsdp2_flow_equals_one_process_gqa_uneven_rows(tmp_path, gqa_odd_checkpoint):
+    test_fsdp2_flow_equals_one_process(tmp_path, gqa_odd_checkpoint, "wanda")
+
+
 @pytest.mark.parametrize(
     "method", ["wanda", pytest.param("magnitude", marks=pytest.mark.slow), pytest.param("sparsegpt", marks=pytest.mark.slow)]
 )
