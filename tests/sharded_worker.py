@@ -10,7 +10,9 @@ one ordinary process: the reference. Scenarios:
   probe saw (``probe-rank<r>.json``: local parameter shapes, the shapes the statistics hooks got,
   the peak of the parameter bytes materialised at once);
 * ``fail``: the head scan raises on rank ``HSR_FAIL_RANK`` after its first scored layer
-  (``HSR_STRATEGY=ddp``: under DDP instead of FSDP2).
+  (``HSR_STRATEGY=ddp``: under DDP instead of FSDP2);
+* ``fail-export``: the sharded export's writer (rank ``HSR_FAIL_RANK``) raises after its first
+  shard file, while the other rank is still gathering.
 """
 
 from __future__ import annotations
@@ -149,6 +151,19 @@ def main() -> None:
         strategy, devices = "auto", 1
     fail_rank = int(os.environ["HSR_FAIL_RANK"]) if scenario == "fail" else None
     callbacks = [Probe(out), _head_attribution(fail_rank, out)]
+    if scenario == "fail-export":  # the writer raises after its first shard file
+        import safetensors.torch
+
+        original, rank = safetensors.torch.save_file, int(os.environ.get("LOCAL_RANK", "0"))
+
+        def save_file(tensors, filename, metadata=None):
+            original(tensors, filename, metadata=metadata)
+            if rank == int(os.environ["HSR_FAIL_RANK"]):
+                (out / f"raised-rank{rank}.txt").write_text("x")
+                raise OSError(f"deliberate write failure on rank {rank} after {Path(filename).name}")
+
+        safetensors.torch.save_file = save_file
+        callbacks.append(ExportPretrained(str(out / "export"), when="validation_end", max_shard_size=50_000))
     if scenario == "flow":
         callbacks += [
             Pruning(method=method, num_samples=SAMPLES, when="validation_start"),

@@ -163,18 +163,30 @@ def test_fsdp2_flow_equals_one_process(tmp_path, checkpoint, method):
     assert not single["sharded"] and single["peak_param_bytes"] == single["full_param_bytes"]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
-def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, checkpoint, strategy):
-    env = {"HSR_FAIL_RANK": "1", **({"HSR_STRATEGY": "ddp"} if strategy == "ddp" else {})}
-    codes, outputs, _ = launch(["fail", str(checkpoint), str(tmp_path)], 2, timeout=150, **env)
+@pytest.mark.parametrize(
+    "strategy, scenario, failing, words",
+    [
+        ("fsdp2", "fail", 1, "deliberate failure on rank 1"),
+        pytest.param("fsdp2", "fail", 0, "deliberate failure on rank 0", marks=pytest.mark.slow),  # the store's host
+        ("ddp", "fail", 1, "deliberate failure on rank 1"),  # DDP head scan: the peer waits in the final all-gather
+        ("fsdp2", "fail-export", 0, "deliberate write failure on rank 0"),
+    ],
+)
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, checkpoint, strategy, scenario, failing, words):
+    env = {"HSR_FAIL_RANK": str(failing), **({"HSR_STRATEGY": "ddp"} if strategy == "ddp" else {})}
+    codes, outputs, _ = launch([scenario, str(checkpoint), str(tmp_path)], 2, timeout=150, **env)
     ended = time.time()
-    raised = (tmp_path / "raised-rank1.txt").stat().st_mtime
+    raised = (tmp_path / f"raised-rank{failing}.txt").stat().st_mtime
     assert codes[0] != 0 and codes[1] != 0, codes
     for rank, text in enumerate(outputs):
-        assert "deliberate failure on rank 1" in text, f"rank {rank} did not end with rank 1's error:\n{text[-3000:]}"
-    assert "rank 1: ScanFailure" in outputs[0]  # rank 0 names who failed first
+        assert words in text, f"rank {rank} did not end with rank {failing}'s error:\n{text[-3000:]}"
+    other = 1 - failing
+    assert f"rank {failing}: " in outputs[other]  # the peer names who failed first
     # bounded: both ranks were gone within 20 s of the raise (the process group's timeout is 120 s)
     assert ended - raised < 20, ended - raised
+    if scenario == "fail-export":  # the atomic export left nothing behind
+        assert not (tmp_path / "export").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp")]
 
 
 # ------------------------------------------------------------------------ single-process checks
