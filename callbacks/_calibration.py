@@ -47,8 +47,18 @@ class WeightedAllReduce:
     the "zero tokens" check, which a weighted sum keeps correct (positive iff any rank saw a token).
     """
 
-    def __init__(self, weight: float) -> None:
+    def __init__(self, weight: float, *, ordered: tuple[int, int] | None = None) -> None:
         self.weight = float(weight)
+        # (rank, world) when every batch holds one sample dealt round robin (shard()): Wanda's
+        # statistic is then replayed in the global order instead (StatsCollector.finalize), bit
+        # for bit one process over the union. Counts still go through a plain sum.
+        self.ordered = ordered
+
+    def counts(self, tensor: Tensor) -> Tensor:
+        """The sum over ranks (token counts of an order-exact statistic)."""
+        moved = tensor.to(comm_device(tensor.device))
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        return moved.to(tensor.device)
 
     def __call__(self, tensor: Tensor) -> Tensor:
         out = tensor * self.weight

@@ -52,6 +52,7 @@ class MaskHolder(HSRCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._trainer = trainer  # where checkpoints' side files go, and who writes them
 
     def _sync_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -107,6 +107,9 @@ class HSRCallback(Callback):
     :meth:`before_pruning` and :meth:`extra_state` / :meth:`load_extra_state`.
     """
 
+    #: False for steps that have no sharded (FSDP2) path yet: they refuse ModelParallelStrategy in setup.
+    supports_sharding = True
+
     def __init__(self, when: str | list[str] | tuple[str, ...] = WHEN, *, error: type[Exception] = ValueError) -> None:
         super().__init__()
         self.when = parse_when(when, type(self).__name__, error)
@@ -148,13 +151,31 @@ class HSRCallback(Callback):
         """Counterpart of :meth:`extra_state`."""
 
     # ---------------------------------------------------------------------------- hooks
+    def check_strategy(self, trainer: pl.Trainer) -> None:
+        """Refuse ModelParallelStrategy (FSDP2) for a step without a sharded path."""
+        from hsr_pl.sharding import ShardingError, sharded_strategy
+
+        if not self.supports_sharding and sharded_strategy(trainer):
+            raise ShardingError(
+                f"{type(self).__name__} has no sharded (FSDP2) path yet: run it with strategy ddp (or one device), "
+                "or drop it from trainer.callbacks under ModelParallelStrategy"
+            )
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.check_strategy(trainer)
+
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
         _preflight(trainer, pl_module, moment)
         if self._done:
             self.on_restored(trainer, pl_module)
             return
         if moment in self.when:
-            self.run(trainer, pl_module)
+            from hsr_pl.sharding import fail_fast
+
+            # Multi-rank: a rank that raises makes the others end with its error, not wait forever.
+            with fail_fast(type(self).__name__):
+                self.run(trainer, pl_module)
             self._done = True
         elif moment == "fit_start":
             rank_zero_warn(

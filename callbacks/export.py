@@ -42,7 +42,15 @@ from hsr_pl.io import (
 )
 from hsr_pl.state import HSRState, get_state
 
-__all__ = ["MARKER", "ExportError", "ExportPretrained", "check_export_target", "realignment_manifest", "save_pretrained_atomic"]
+__all__ = [
+    "MARKER",
+    "ExportError",
+    "ExportPretrained",
+    "check_export_target",
+    "realignment_manifest",
+    "save_pretrained_atomic",
+    "save_sharded_atomic",
+]
 
 _WHEN = ("fit_end", "validation_end")
 MARKER = "hsr_summary.json"  # every hsr-pl export writes it; its presence proves a folder is ours
@@ -121,6 +129,87 @@ def save_pretrained_atomic(
     return target
 
 
+def _write_streamed(model, folder: Path | None, max_shard_bytes: int) -> dict[str, Any]:
+    """Every tensor of the sharded ``model``, gathered one at a time; with ``folder`` (the writing
+    rank) they go into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own) and ``model.safetensors.index.json``. Every rank
+    must call this (each gather is a collective); only the writer keeps the tensors."""
+    from safetensors.torch import save_file
+
+    from hsr_pl.sharding import iter_full_state
+
+    pending: dict[str, Any] = {}
+    pending_bytes = 0
+    parts: list[list[str]] = []
+    total = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        save_file(pending, str(folder / f"part-{len(parts):05d}.safetensors"), metadata={"format": "pt"})
+        parts.append(list(pending))
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in iter_full_state(model, keep=folder is not None):
+        if folder is None:
+            continue
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        total += size
+    if folder is None:
+        return {}
+    flush()
+    weight_map = {}
+    for i, names in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(folder / f"part-{i:05d}.safetensors", folder / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(folder / "model.safetensors.index.json", index)
+    return index
+
+
+def save_sharded_atomic(
+    model,
+    processor,
+    dirpath: str | os.PathLike,
+    summary: dict | None = None,
+    *,
+    manifest: dict | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
+    writer: bool = True,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """:func:`save_pretrained_atomic` for an FSDP2-sharded model: every rank takes part in the
+    gathers, one tensor at a time (no rank holds the full model), and the ``writer`` rank streams
+    them to CPU into safetensors shards with an index, plus config, processor, summary and
+    manifest, in one atomic rename. Returns the target on every rank."""
+    target = check_export_target(dirpath, overwrite=overwrite, protected=protected)
+    if not writer:
+        _write_streamed(model, None, max_shard_bytes)
+        return target
+    replace_ours = overwrite or (target.is_dir() and _ours(target))
+    with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp:
+        _write_streamed(model, tmp, max_shard_bytes)
+        model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        write_json_atomic(tmp / MARKER, summary or {})
+        if manifest is not None:
+            write_json_atomic(tmp / "realignment.json", manifest)
+        for path in tmp.rglob("*"):
+            os.chmod(path, folder_mode() if path.is_dir() else file_mode())
+    return target
+
+
 def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict[str, Any] | None:
     """``realignment.json``: model, pruning, heads with scores, settings, restored counts, ratios."""
     if not state.realignment:
@@ -164,6 +253,26 @@ def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict
     }
 
 
+_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+
+
+def _parse_size(value: int | str) -> int:
+    """``max_shard_size`` as bytes: an int, or ``"<number><unit>"`` with KB/MB/GB/KiB/MiB/GiB."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                number = float(text[: -len(unit)])
+            except ValueError:
+                break
+            if number > 0:
+                return int(number * _UNITS[unit])
+            break
+    raise ExportError(f"max_shard_size={value!r} is not a size; use e.g. 5GB, 500MiB or a byte count")
+
+
 class ExportPretrained(Callback):
     """Save the wrapped HF model and processor to ``dirpath`` at the end of fit or validate.
 
@@ -171,9 +280,13 @@ class ExportPretrained(Callback):
         dirpath: the output folder: new, empty, or written by an earlier hsr-pl export.
         when: ``fit_end`` (default) or ``validation_end``.
         overwrite: also replace a non-empty folder hsr-pl did not write (never the model's source).
+        max_shard_size: a sharded (FSDP2) model is gathered tensor by tensor and written as
+            safetensors shards of at most this size with an index file (``5GB``, ``500MiB``, bytes).
     """
 
-    def __init__(self, dirpath: str, when: str = "fit_end", overwrite: bool = False) -> None:
+    def __init__(
+        self, dirpath: str, when: str = "fit_end", overwrite: bool = False, max_shard_size: int | str = "5GB"
+    ) -> None:
         super().__init__()
         if not dirpath:
             raise ExportError("dirpath is empty; give the folder to write the checkpoint to")
@@ -184,6 +297,7 @@ class ExportPretrained(Callback):
         self.overwrite = bool(overwrite)
         if Path(self.dirpath).exists() and not Path(self.dirpath).is_dir():
             raise ExportError(f"dirpath={self.dirpath} is a file; give a folder")
+        self.max_shard_bytes = _parse_size(max_shard_size)
         self.path: Path | None = None
 
     def _protected(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
@@ -199,9 +313,12 @@ class ExportPretrained(Callback):
         check_export_target(self.dirpath, overwrite=self.overwrite, protected=self._protected(trainer, pl_module))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
+        from hsr_pl.sharding import fail_fast, model_is_sharded
+
         model = getattr(pl_module, "model", pl_module)
+        sharded = model_is_sharded(model)
+        if not (trainer.is_global_zero or sharded):
+            return
         state = get_state(pl_module)
         summary = {
             "pruning_method": state.method,
@@ -210,6 +327,17 @@ class ExportPretrained(Callback):
             "restored_weights": int(sum(int(m.sum()) for m in state.restored.values())),
             "global_step": int(trainer.global_step),
         }
+        if sharded:  # every rank gathers; rank 0 writes; nobody returns before the folder exists
+            with fail_fast("ExportPretrained"):
+                self.path = save_sharded_atomic(
+                    model, getattr(pl_module, "processor", None), self.dirpath, summary,
+                    manifest=realignment_manifest(pl_module, state), overwrite=self.overwrite,
+                    protected=self._protected(trainer, pl_module), writer=trainer.is_global_zero,
+                    max_shard_bytes=self.max_shard_bytes,
+                )
+                trainer.strategy.barrier()
+            rank_zero_info(f"hsr-pl: saved the sharded model (gathered tensor by tensor) and processor to {self.path}")
+            return
         self.path = save_pretrained_atomic(
             model, getattr(pl_module, "processor", None), self.dirpath, summary,
             manifest=realignment_manifest(pl_module, state), overwrite=self.overwrite,

@@ -55,6 +55,7 @@ from hsr_pl.attribution.sharding import Pair, assign_heads
 from hsr_pl.data.vlguard import SPLITS
 from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
+from hsr_pl.sharding import full_weight, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, head_key, parse_head_key
 
 from ._common import eval_mode, hf_model
@@ -234,6 +235,14 @@ class SafetyHeadAttribution(HSRCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before any work: every output path is test-written, and a resume file must parse."""
+        super().setup(trainer, pl_module, stage)
+        if sharded_strategy(trainer) and self._precomputed is None and self.engine == "gradient":
+            from hsr_pl.sharding import ShardingError
+
+            raise ShardingError(
+                "SafetyHeadAttribution(engine='gradient') under ModelParallelStrategy: the sharded scan runs the naive "
+                "loop in lockstep; use engine='exact' or 'naive' (same scores), or strategy ddp for the gradient engine"
+            )
         if self.output is None:
             return
         from hsr_pl.io import check_output_file
@@ -370,8 +379,9 @@ class SafetyHeadAttribution(HSRCallback):
         zeros = total = 0
         for layer in adapter.layer_indices():
             for proj in adapter.projections(layer).values():
-                zeros += int((proj.weight == 0).sum())
-                total += proj.weight.numel()
+                weight = full_weight(proj)  # gathered one at a time when sharded
+                zeros += int((weight == 0).sum())
+                total += weight.numel()
         fraction = zeros / max(total, 1)
         pruned_by_us = bool(get_state(pl_module).pruned)
         if fraction >= PRUNED_ZERO_FRACTION or pruned_by_us:
@@ -458,6 +468,29 @@ class SafetyHeadAttribution(HSRCallback):
                 adapter=adapter, **self.engine_kwargs,
             )
 
+    def scan_sharded(
+        self, model: nn.Module, batches: Sequence[Mapping[str, Tensor]], shares: Sequence[Sequence[Pair]],
+        adapter: ModelAdapter, show_progress: bool = False,
+    ) -> dict[str, float]:
+        """This rank's share on an FSDP2-sharded model: every rank runs every forward (a sharded
+        forward is a collective) and ablates its own next head (:func:`lockstep_head_scores`)."""
+        from hsr_pl.attribution.naive import lockstep_head_scores
+
+        mine = shares[self._rank]
+        layers = sorted({layer for layer, _ in mine})
+        ignored = f"; engine_kwargs {sorted(self.engine_kwargs)} do not apply" if self.engine_kwargs else ""
+        rank_zero_info(
+            f"hsr-pl: sharded model: engine={self.engine!r} scores with the naive loop in lockstep over "
+            f"{len(shares)} ranks (the same scores up to float rounding){ignored}"
+        )
+        with self._progress(layers, len(adapter.all_layers()), show_progress) as advance, eval_mode(model):
+
+            def progress(layer: int, scores: dict[str, float]) -> None:
+                self.on_layer_scored(layer, scores)
+                advance(layer)
+
+            return lockstep_head_scores(model, batches, self.config, mine, shares, progress=progress, adapter=adapter)
+
     def _gather(self, trainer: pl.Trainer, shares: Sequence[Sequence[Pair]], mine: Mapping[str, float]) -> dict[str, float]:
         """Every rank's scores, through the trainer's strategy: each rank knows every share (the
         split is deterministic), so one float64 tensor per rank (exact for Python floats) says it."""
@@ -496,7 +529,10 @@ class SafetyHeadAttribution(HSRCallback):
                 self._rank, self._world = trainer.global_rank, trainer.world_size
                 shares = assign_heads(remaining, self._world, len(adapter.all_layers()))
                 show = self.progress_bar and trainer.is_global_zero and trainer.progress_bar_callback is not None
-                mine = self.scan(model, batches, shares[self._rank], adapter, show_progress=show)
+                if model_is_sharded(model):
+                    mine = self.scan_sharded(model, batches, shares, adapter, show_progress=show)
+                else:
+                    mine = self.scan(model, batches, shares[self._rank], adapter, show_progress=show)
             scores = {**previous, **self._gather(trainer, shares, mine)}
             missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
             if missing:

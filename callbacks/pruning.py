@@ -45,6 +45,7 @@ from hsr_pl.pruning import (
     prune_model,
 )
 from hsr_pl.pruning.masks import UNSTRUCTURED
+from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
@@ -217,8 +218,10 @@ class Pruning(MaskHolder):
 
     @property
     def importance(self) -> str:
-        """The score realignment's ``importance: auto`` uses: the pruning method's own."""
-        return self.config.method
+        """The score realignment's ``importance: auto`` uses: the pruning method's own, except that
+        magnitude has no data in it (its utility and safety importance would be the same matrix, and
+        the rule would restore nothing), so magnitude pruning is realigned with Wanda's score."""
+        return "wanda" if self.config.method == "magnitude" else self.config.method
 
     @property
     def target_sparsity(self) -> float:
@@ -270,7 +273,8 @@ class Pruning(MaskHolder):
                 ) from exc
         state = get_state(pl_module)
         for name, mask in result.masks.items():
-            state.record_pruning(name, mask, result.originals.get(name))
+            # pop: HSRState keeps the pruned positions' values; the full dense copy would only double host RAM
+            state.record_pruning(name, mask, result.originals.pop(name, None))
         state.sparsity = self.target_sparsity
         state.method = self.config.method
         state.structure = None if self.config.nm == (0, 0) else tuple(self.config.nm)
@@ -287,9 +291,16 @@ class Pruning(MaskHolder):
             batches = None
             if self.config.needs_data:
                 batches = self.calibration_batches(trainer, pl_module.device)
+                if model_is_sharded(hf_model(pl_module)):
+                    check_lockstep(
+                        len(batches), f"Pruning(method={self.config.method!r})",
+                        f"make num_samples a multiple of world_size × batch_size ({dist_world()[1]} × {self.batch_size})",
+                    )
                 _, _, weight = self._check_counts(batches, pl_module.device)
                 if dist_world()[1] > 1:
-                    reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight)
+                    rank, world = dist_world()
+                    ordered = (rank, world) if self.batch_size == 1 else None  # Wanda: bit for bit one process
+                    reduce = WeightedAllReduce(1.0 if self.config.method == "snip" else weight, ordered=ordered)
             show = trainer.is_global_zero and trainer.progress_bar_callback is not None
             # Everything is checked: callbacks that need the dense model measure it now.
             notify_before_pruning(trainer, pl_module, self)
@@ -304,7 +315,7 @@ class Pruning(MaskHolder):
         rows = sparsity_rows(model, self._state)
         sparsity = sum(r.zeros for r in rows) / max(sum(r.total for r in rows), 1)
         if trainer.is_global_zero:
-            print_sparsity_table(model, self._state)
+            print_sparsity_table(model, self._state, rows=rows)
         rank_zero_info(
             f"hsr-pl: {self.config.method} pruned {len(rows)} linears to {100 * sparsity:.2f} % sparsity "
             f"(target {100 * self.target_sparsity:g} %)"
@@ -313,6 +324,15 @@ class Pruning(MaskHolder):
             logger.log_metrics({"pruning/sparsity": sparsity}, step=trainer.global_step)
 
     # -------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if sharded_strategy(trainer) and self.config.method == "snip":
+            raise ShardingError(
+                "Pruning(method='snip') under ModelParallelStrategy: SNIP needs whole-model weight gradients, which the "
+                "sharded path does not gather; use wanda, sparsegpt or magnitude, or strategy ddp for snip"
+            )
+
     @override
     def settings(self) -> dict[str, Any]:
         cfg = self.config

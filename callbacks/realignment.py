@@ -48,6 +48,7 @@ from hsr_pl.realign import (
     realign_model,
 )
 from hsr_pl.realign.runner import attention_linears
+from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, parse_head_key
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device, layer_progress
@@ -228,11 +229,20 @@ class SafetyRealignment(HSRCallback):
 
     def _reduce(self, batches, pl_module, split):
         _, world = dist_world()
+        if model_is_sharded(hf_model(pl_module)):
+            check_lockstep(
+                len(batches), f"SafetyRealignment({split})",
+                f"make num_samples a multiple of world_size × batch_size ({world} × {self.batch_size})",
+            )
         _, _, weight = check_counts(batches, "response", pl_module.device, split)
         if world == 1:
             return None
-        # Means (Wanda's norms, SparseGPT's Hessians) combine weighted by samples; SNIP's are sums.
-        return WeightedAllReduce(1.0 if self.config.importance == "snip" else weight)
+        if self.config.importance == "snip":
+            return WeightedAllReduce(1.0)  # SNIP's scores are sums over samples, not means
+        # Means (Wanda's norms, SparseGPT's Hessians) combine weighted by samples; with one sample per
+        # batch Wanda's is replayed in the global sample order: bit for bit one process.
+        ordered = (dist_world()[0], world) if self.batch_size == 1 else None
+        return WeightedAllReduce(weight, ordered=ordered)
 
     @override
     def before_pruning(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pruner: Callback) -> None:
@@ -279,6 +289,7 @@ class SafetyRealignment(HSRCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # The flow's shape is known before any weight is loaded: refuse a wrong one now.
+        super().setup(trainer, pl_module, stage)
         self._check_order(trainer)
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)
@@ -290,6 +301,12 @@ class SafetyRealignment(HSRCallback):
             )
         if self.importance == "auto" and pruner is not None:
             self.config = replace(self.config, importance=str(getattr(pruner, "importance", "wanda")))
+        if sharded_strategy(trainer) and (self.config.order == "gradient" or self.config.importance == "snip"):
+            raise ShardingError(
+                f"SafetyRealignment(order={self.config.order!r}, importance={self.config.importance!r}) under "
+                "ModelParallelStrategy: weight gradients are not gathered on the sharded path; use order 'margin' with "
+                "importance wanda, sparsegpt or magnitude, or strategy ddp"
+            )
         if self.config.preserve_structure and pruner is not None and hasattr(pruner, "planned_structure") \
                 and pruner.planned_structure is None:
             raise RealignConfigError(

@@ -72,6 +72,8 @@ class PrunedCheckpoint(MaskHolder):
         state_dir: where checkpoints' side files go (as for :class:`hsr_pl.callbacks.Pruning`).
     """
 
+    supports_sharding = False  # copies / compares whole weights: no FSDP2 path yet
+
     changes_kept_weights = True  # another tool may have moved kept weights (SparseGPT does)
     importance = "wanda"  # realignment's ``importance: auto``: the tool's score is unknown; Wanda's is the paper's
 

@@ -88,6 +88,8 @@ class StageEvaluation(HSRCallback):
         output_dir: where summary.json and the plots go (default ``trainer.default_root_dir``).
     """
 
+    supports_sharding = False  # copies / compares whole weights: no FSDP2 path yet
+
     def __init__(
         self,
         judge: str = "keyword-gcg-nocase",
@@ -143,6 +145,7 @@ class StageEvaluation(HSRCallback):
         # Before any work: the flow it follows must be there, and where it writes must be writable.
         from .realignment import SafetyRealignment, is_pruner
 
+        super().setup(trainer, pl_module, stage)  # no sharded path: ModelParallelStrategy is refused
         if trainer.world_size > 1:
             raise RealignConfigError(
                 f"StageEvaluation evaluates on one process, this run has {trainer.world_size}; run it with "

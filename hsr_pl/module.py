@@ -183,10 +183,12 @@ def check_finite_parameters(
 ) -> None:
     """Refuse weights holding NaN/inf, naming the first such parameter (every later step would
     otherwise fail with a misleading message, or prune and score garbage silently)."""
+    from .sharding import count_non_finite
+
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-                bad = int((~torch.isfinite(param)).sum())
+            bad = count_non_finite(param)
+            if bad:
                 raise ModelLoadError(f"{source}: weight {name} holds {bad} NaN/inf value(s); {fix}")
 
 
@@ -314,7 +316,18 @@ class LVLMModule(pl.LightningModule):
             ) from exc
 
     def configure_model(self) -> None:
-        """Load the weights (once). Called by Lightning inside the strategy's init context."""
+        """Load the weights (once). Called by Lightning inside the strategy's init context.
+
+        Under ``ModelParallelStrategy`` (a device mesh is set) the model is sharded with FSDP2
+        instead: a checkpoint folder is built on the meta device, every decoder layer (and the
+        rest) is ``fully_shard``-ed over the data-parallel mesh and each rank reads only its own
+        rows of each tensor (docs/sharded.md); a model that already exists (tiny, organism init,
+        an ``nn.Module``) is sharded in place.
+        """
+        mesh = self.device_mesh
+        if mesh is not None:
+            self._configure_sharded(mesh)
+            return
         if self.model is not None:
             return
         from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
@@ -342,6 +355,53 @@ class LVLMModule(pl.LightningModule):
                 "the files do not match the architecture: re-save the checkpoint with save_pretrained"
             )
         get_adapter(model)  # fail now, not deep inside a callback
+        check_finite_parameters(model, str(self.model_source))
+        self.model = model
+
+    def _data_parallel_mesh(self, mesh):
+        from .sharding import ShardingError
+
+        names = tuple(mesh.mesh_dim_names or ())
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
+            raise ShardingError(
+                f"ModelParallelStrategy(tensor_parallel_size={mesh['tensor_parallel'].size()}): hsr-pl shards with FSDP2 "
+                "only; set tensor_parallel_size=1 and data_parallel_size to the number of GPUs"
+            )
+        return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+    def _configure_sharded(self, mesh) -> None:
+        from .sharding import load_sharded, model_is_sharded, shard_model
+
+        if self.model is not None and model_is_sharded(self.model):
+            return  # configure_model runs again on a second validate/fit: already sharded
+        dp_mesh = self._data_parallel_mesh(mesh)
+        if self.model is not None:
+            shard_model(self.model, dp_mesh)
+            return
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        from .sharding import checkpoint_name_mapper, meta_parameters
+
+        loader = AutoModelForCausalLM if self._model_type in _TEXT_ONLY else AutoModelForImageTextToText
+        source = Path(self.model_source).expanduser()
+        kwargs = dict(dtype=_DTYPES[self.hparams.dtype], trust_remote_code=self.hparams.trust_remote_code)
+        if self.hparams.attn_implementation:
+            kwargs["attn_implementation"] = self.hparams.attn_implementation
+        rank_zero_info(f"hsr-pl: building {self.model_source} on the meta device, sharded over {dp_mesh.size()} ranks")
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=self.hparams.trust_remote_code)
+            with meta_parameters():
+                model = loader.from_config(config, **kwargs)
+        except Exception as exc:  # transformers raises many kinds; all mean "cannot build this"
+            raise ModelLoadError(
+                f"cannot build {self.model_source} from its config.json ({_first_line(exc)}); check the checkpoint's "
+                "config or its dtype/attn_implementation settings"
+            ) from exc
+        model.eval()
+        get_adapter(model)
+        names = checkpoint_name_mapper(model)  # before fully_shard renames the classes
+        shard_model(model, dp_mesh)
+        self.load_report = load_sharded(model, source, names=names)
         check_finite_parameters(model, str(self.model_source))
         self.model = model
 
@@ -400,8 +460,12 @@ class LVLMModule(pl.LightningModule):
         inputs.pop("labels", None)
         width = inputs["input_ids"].shape[1]
         tokenizer = self.tokenizer
+        from .sharding import model_is_sharded
+
+        sharded = {"synced_gpus": True} if model_is_sharded(self.model) else {}
         output = self.model.generate(
             **inputs,
+            **sharded,
             max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,

@@ -124,9 +124,17 @@ class HSRState:
         in the weight's dtype, bit for bit the multiply of before (a pruned negative weight
         becomes -0.0).
         """
+        from .sharding import is_sharded, local_rows
+
         modules = dict(model.named_modules())
         for name in self.pruned:
             weight = modules[name].weight
+            if is_sharded(weight):  # FSDP2: this rank's rows of the keep-mask, on its local shard
+                if only_trainable and not weight.requires_grad:
+                    continue
+                keep = self.keep_mask(name).to(weight.device, weight.dtype)
+                weight.to_local().mul_(local_rows(weight, keep))
+                continue
             if not weight.requires_grad:
                 if not only_trainable:
                     weight.mul_(self.keep_mask(name).to(weight.device, weight.dtype))

@@ -246,7 +246,7 @@ def test_refusals_come_before_any_weight_changes(tmp_path, case):
     assert untouched(module, before) and realign.dense is None
 
 
-@pytest.mark.parametrize(("method", "want"), [("magnitude", "magnitude"), ("wanda", "wanda"), ("snip", "snip")])
+@pytest.mark.parametrize(("method", "want"), [("magnitude", "wanda"), ("wanda", "wanda"), ("snip", "snip")])
 def test_importance_auto_is_the_pruning_method(tmp_path, method, want):
     realign = SafetyRealignment(heads=HEADS, num_samples=8, when="validation_start", table=False)
     assert realign.settings()["importance_setting"] == "auto"

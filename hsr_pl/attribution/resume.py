@@ -64,7 +64,9 @@ def fingerprint(model: nn.Module, adapter, batches: Sequence[Mapping[str, Tensor
             data.update(str(tuple(value.shape)).encode())
             data.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     last = adapter.layer_indices()[-1]
-    weight = adapter.projections(last)["o"].weight.detach().cpu().contiguous()
+    from hsr_pl.sharding import full_tensor
+
+    weight = full_tensor(adapter.projections(last)["o"].weight).cpu().contiguous()
     weights = hashlib.sha256(weight.view(torch.uint8).numpy().tobytes()).hexdigest()
     config = getattr(model, "config", None)
     return {

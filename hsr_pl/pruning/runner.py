@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from hsr_pl.sharding import full_weight, write_full
+
 from .errors import CalibrationError, DamagedModelError, PartialPruningError, PruningConfigError
 from .gradients import accumulate_gradients
 from .magnitude import magnitude_mask
@@ -157,9 +159,11 @@ def _validate(config: PruningConfig, targets: Mapping[str, nn.Linear], keep_orig
 def _check_finite_weights(model: nn.Module) -> None:
     """NaN/inf anywhere in the model would poison every statistic (and magnitude would keep NaN
     weights silently): refuse before any weight changes, naming the parameter."""
+    from hsr_pl.sharding import count_non_finite
+
     for name, param in model.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-            bad = int((~torch.isfinite(param)).sum())
+        bad = count_non_finite(param)
+        if bad:
             raise DamagedModelError(
                 f"weight {name} holds {bad} NaN/inf value(s) before pruning; the model is damaged: reload or "
                 "re-export it (pruning would keep or spread them)"
@@ -173,38 +177,41 @@ def prune_linear(
     stat: RowStats | HessianStats | Tensor | None = None,
     *,
     consume: bool = False,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, float | None]:
     """Prune one linear in place from its statistic; return its mask (device of the weight).
 
     ``stat`` is a :class:`RowStats` (wanda), :class:`HessianStats` (sparsegpt), a summed SNIP score
     tensor (snip) or None (magnitude). The second value is SparseGPT's damping (else None).
     ``consume=True``: the statistic is not needed afterwards, so SparseGPT may use its Hessian as
-    workspace (no copies of it, as in the reference).
+    workspace (no copies of it, as in the reference). ``weight``: the linear's full weight when
+    the caller already holds it (:func:`hsr_pl.sharding.full_weight`); a sharded weight's mask is
+    decided on the full weight, identically on every rank, and written back into the local rows.
     """
-    weight = linear.weight
+    if weight is None:
+        weight = full_weight(linear)
     if config.method == "wanda":
-        mask = wanda_mask(weight.data, stat.scaler_row, config.sparsity, config.nm)
-        weight.data[mask] = 0
-        return mask, None
-    if config.method == "magnitude":
-        mask = magnitude_mask(weight.data, config.sparsity, config.nm, config.granularity)
-        weight.data[mask] = 0
-        return mask, None
-    if config.method == "snip":
+        mask = wanda_mask(weight, stat.scaler_row, config.sparsity, config.nm)
+    elif config.method == "magnitude":
+        mask = magnitude_mask(weight, config.sparsity, config.nm, config.granularity)
+    elif config.method == "snip":
         mask = snip_mask(stat, config.sparsity, config.nm)
-        weight.data[mask] = 0
-        return mask, None
-    result = sparsegpt_prune(
-        weight.data, stat.H, config.sparsity, config.nm, blocksize=config.blocksize, percdamp=config.percdamp,
-        overwrite_hessian=consume,
-    )
-    weight.data.copy_(result.weight)
-    return result.mask, result.percdamp
+    else:
+        result = sparsegpt_prune(
+            weight, stat.H, config.sparsity, config.nm, blocksize=config.blocksize, percdamp=config.percdamp,
+            overwrite_hessian=consume,
+        )
+        weight.copy_(result.weight)
+        write_full(linear, weight)
+        return result.mask, result.percdamp
+    weight[mask] = 0
+    write_full(linear, weight)
+    return mask, None
 
 
-def _record(result: PruningResult, name: str, linear: nn.Linear, keep: set[str]) -> None:
+def _record(result: PruningResult, name: str, weight: Tensor, keep: set[str]) -> None:
     if name in keep:
-        result.originals[name] = linear.weight.detach().to("cpu").clone()
+        result.originals[name] = weight.detach().to("cpu").clone()
 
 
 def _wrap(exc: BaseException, done: list[int]) -> BaseException:
@@ -255,6 +262,11 @@ def prune_model(
     return _prune_oneshot(model, adapter, batches, chosen, config, keep, on_layer, reduce)
 
 
+def _ordered(reduce: Reduce | None) -> bool:
+    """True when ``reduce`` replays Wanda's terms in the global order (so the hooks keep them)."""
+    return getattr(reduce, "ordered", None) is not None
+
+
 def _by_layer(adapter, chosen: Mapping[str, nn.Linear]) -> dict[int, dict[str, nn.Linear]]:
     out: dict[int, dict[str, nn.Linear]] = {}
     for name, lin in chosen.items():
@@ -268,8 +280,10 @@ def _prune_layer(
     """Prune ``linears`` one by one; each statistic leaves ``stats`` (and memory) once it is used,
     as the reference frees each linear's Hessian right after pruning it."""
     for name, lin in linears.items():
-        _record(result, name, lin, keep)
-        mask, damp = prune_linear(lin, config, stats.pop(name, None) if stats else None, consume=True)
+        weight = full_weight(lin)  # gathered once (sharded): for the originals and the mask
+        _record(result, name, weight, keep)
+        mask, damp = prune_linear(lin, config, stats.pop(name, None) if stats else None, consume=True, weight=weight)
+        del weight
         result.masks[name] = mask.detach().to("cpu")
         if damp is not None:
             result.percdamp[name] = damp
@@ -322,7 +336,7 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
         try:
             linears = groups.get(index)
             if linears:
-                collector = StatsCollector(linears, _STAT_KIND[config.method], selection)
+                collector = StatsCollector(linears, _STAT_KIND[config.method], selection, record=_ordered(reduce))
                 with collector:
                     run_layer(layer, index, inputs, selection, outputs="none")
                 stats = collector.finalize(reduce)
@@ -342,7 +356,7 @@ def _prune_sequential(model, adapter, batches, chosen, config, keep, on_layer, r
 def _prune_oneshot(model, adapter, batches, chosen, config, keep, on_layer, reduce) -> PruningResult:
     device = model.get_input_embeddings().weight.device
     selection = TokenSelection()
-    collector = StatsCollector(chosen, _STAT_KIND[config.method], selection)
+    collector = StatsCollector(chosen, _STAT_KIND[config.method], selection, record=_ordered(reduce))
     with collector:
         for batch in batches:
             selection.set(token_mask(batch, config.tokens))

@@ -150,7 +150,10 @@ def capture_layer_inputs(
     """
     if not layers:
         raise CalibrationError("no decoder layers to capture inputs for")
+    from hsr_pl.sharding import model_is_sharded, reshard_all
+
     device = model.get_input_embeddings().weight.device
+    sharded = model_is_sharded(model)
     captured: list[LayerInput] = []
     current: dict[int, tuple[Tensor | None, dict[str, Any]]] = {}
     last = len(layers) - 1
@@ -182,6 +185,9 @@ def capture_layer_inputs(
                     model(**model_inputs(batch, device))
                 except _Captured:
                     pass
+                finally:
+                    if sharded:
+                        reshard_all(model)  # the stopped forward skipped FSDP's post-forward reshard
                 missing = [i for i in range(len(layers)) if i not in current]
                 if missing:
                     raise CalibrationError(

@@ -73,8 +73,10 @@ class TokenSelection:
     def __init__(self) -> None:
         self.mask: Tensor | None = None
         self._every = False
+        self.index = -1  # position of the current batch in this pass (for order-exact reductions)
 
     def set(self, mask: Tensor | None) -> None:
+        self.index = -1 if mask is None else self.index + 1
         self.mask = mask
         # Decided once per batch, not per hook call: a mask that keeps every token selects by
         # reshaping (a view, as the reference reads its inputs) instead of copying every row.
@@ -109,15 +111,21 @@ class _RunningStats:
     def __init__(self) -> None:
         self.nsamples = 0
         self.ntokens = 0
+        # (batch position, samples, raw term) per add, when an order-exact reduction will replay them
+        self.record: list[tuple[int, int, Tensor]] | None = None
 
     def _statistic(self) -> Tensor:
         raise NotImplementedError
+
+    def _raw(self, inp: Tensor) -> Tensor | None:
+        """The term before its division by the running count, for statistics that can be replayed."""
+        return None
 
     def _term(self, inp: Tensor) -> Tensor:
         """The new term from the transposed inputs ``[d, n]`` (``self.nsamples`` already updated)."""
         raise NotImplementedError
 
-    def add(self, rows: Tensor, samples: int, shared: dict | None = None) -> None:
+    def add(self, rows: Tensor, samples: int, shared: dict | None = None, position: int = -1) -> None:
         """Add the selected input rows ``[n, d]`` of ``samples`` calibration samples.
 
         ``shared``: a dict the caller keeps per input tensor; terms computed for a running count
@@ -125,6 +133,14 @@ class _RunningStats:
         """
         if rows.shape[0] == 0:
             return
+        if self.record is not None:
+            key = ("raw", type(self))
+            raw = None if shared is None else shared.get(key)
+            if raw is None:
+                raw = self._raw(rows.t())
+                if shared is not None:
+                    shared[key] = raw
+            self.record.append((position, samples, raw))
         self._statistic().mul_(self.nsamples / (self.nsamples + samples))
         self.nsamples += samples
         self.ntokens += rows.shape[0]
@@ -149,6 +165,19 @@ class RowStats(_RunningStats):
 
     def _term(self, inp: Tensor) -> Tensor:
         return torch.norm(inp.type(torch.float32), p=2, dim=1) ** 2 / self.nsamples
+
+    def _raw(self, inp: Tensor) -> Tensor:
+        return torch.norm(inp.type(torch.float32), p=2, dim=1) ** 2
+
+    def replay(self, entries: list[tuple[int, Tensor]]) -> None:
+        """Rebuild the running mean from ``(samples, raw term)`` in the given order: the very
+        operations :meth:`add` does, so a global order gives a 1-process run's bits."""
+        self.scaler_row.zero_()
+        self.nsamples = 0
+        for samples, raw in entries:
+            self.scaler_row.mul_(self.nsamples / (self.nsamples + samples))
+            self.nsamples += samples
+            self.scaler_row.add_(raw.to(self.scaler_row.device) / self.nsamples)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"scaler_row": self.scaler_row}
@@ -181,7 +210,9 @@ class StatsCollector:
     Use as a context manager: hooks are removed on exit, even after an error.
     """
 
-    def __init__(self, linears: Mapping[str, nn.Linear], kind: str, selection: TokenSelection) -> None:
+    def __init__(
+        self, linears: Mapping[str, nn.Linear], kind: str, selection: TokenSelection, *, record: bool = False
+    ) -> None:
         if kind not in STAT_KINDS:
             raise PruningConfigError(f"statistic kind {kind!r} is unknown; use one of {sorted(STAT_KINDS)}")
         self.linears = dict(linears)
@@ -189,6 +220,9 @@ class StatsCollector:
         self.stats = {
             name: STAT_KINDS[kind](lin.in_features, device=lin.weight.device) for name, lin in self.linears.items()
         }
+        if record:  # an order-exact reduction will replay every rank's terms (see finalize)
+            for stat in self.stats.values():
+                stat.record = []
         self._handles: list = []
         self._input: Tensor | None = None  # the last input seen, and the terms computed from it
         self._terms: dict = {}
@@ -199,7 +233,7 @@ class StatsCollector:
             if self._input is not x:  # q/k/v (gate/up) get the very same tensor: compute its term once
                 self._input, self._terms = x, {}
             rows, samples = self.selection.select(x.detach())
-            self.stats[name].add(rows, samples, self._terms)
+            self.stats[name].add(rows, samples, self._terms, self.selection.index)
 
         return hook
 
@@ -214,16 +248,27 @@ class StatsCollector:
         self._input, self._terms = None, {}
 
     def finalize(self, reduce: Reduce | None = None) -> dict[str, RowStats | HessianStats]:
-        """Apply ``reduce`` (e.g. a DDP all_reduce) to every statistic, then check it is usable."""
+        """Apply ``reduce`` (e.g. a DDP all_reduce) to every statistic, then check it is usable.
+
+        A ``reduce`` with an ``ordered`` attribute (``(rank, world)``, batches of one sample dealt
+        round robin) makes Wanda's statistic order-exact: every rank's raw terms are gathered and
+        the running mean is replayed in the global sample order, bit for bit a 1-process run.
+        """
+        ordered = getattr(reduce, "ordered", None)
         for name, stat in self.stats.items():
-            for tensor in stat.tensors().values():
+            if ordered is not None and stat.record is not None and hasattr(stat, "replay"):
+                _replay_in_global_order(stat, *ordered)
+                reduce_this = None
+            else:
+                reduce_this = reduce
+            for tensor in stat.tensors().values() if reduce_this is not None else ():
                 if reduce is not None:
                     reduced = reduce(tensor)
                     if reduced is not None and reduced is not tensor:
                         tensor.copy_(reduced)
             if reduce is not None:
                 counts = torch.tensor([stat.ntokens], dtype=torch.float64, device=next(iter(stat.tensors().values())).device)
-                counted = reduce(counts)
+                counted = (reduce.counts if reduce_this is None else reduce)(counts)
                 stat.ntokens = int((counted if counted is not None else counts).item())
             if stat.ntokens == 0:
                 raise CalibrationError(
@@ -238,3 +283,35 @@ class StatsCollector:
                         "activations overflow: check the calibration data, or run in float32/bfloat16 instead of float16"
                     )
         return self.stats
+
+
+def _replay_in_global_order(stat: RowStats, rank: int, world: int) -> None:
+    """Gather every rank's ``(batch position, samples, raw term)`` and replay them in the order of
+    one process over the union (batch j of rank r is global batch ``j * world + r``)."""
+    import torch.distributed as dist
+
+    entries = stat.record or []
+    width = stat.scaler_row.numel()
+    count = torch.tensor([len(entries)], dtype=torch.int64)
+    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = max(int(c) for c in counts)
+    raws = torch.zeros(most, width, dtype=torch.float32)
+    meta = torch.full((most, 2), -1, dtype=torch.int64)
+    for i, (position, samples, raw) in enumerate(entries):
+        raws[i] = raw.detach().to("cpu", torch.float32)
+        meta[i, 0], meta[i, 1] = position, samples
+    all_raws = [torch.zeros_like(raws) for _ in range(world)]
+    all_meta = [torch.zeros_like(meta) for _ in range(world)]
+    dist.all_gather(all_raws, raws)
+    dist.all_gather(all_meta, meta)
+    ordered = []
+    for r in range(world):
+        for i in range(int(counts[r])):
+            position, samples = int(all_meta[r][i, 0]), int(all_meta[r][i, 1])
+            if position < 0:
+                raise CalibrationError("an order-exact reduction needs the batch positions (TokenSelection.set per batch)")
+            ordered.append((position * world + r, samples, all_raws[r][i]))
+    ordered.sort(key=lambda e: e[0])
+    stat.replay([(samples, raw) for _, samples, raw in ordered])
+    stat.record = None

@@ -104,7 +104,8 @@ def _reduce_in_place(tensor: Tensor, reduce: Reduce | None) -> None:
 def _activation_stats(model, batches, linears, kind: str, reduce: Reduce | None, percdamp: float):
     device = model.get_input_embeddings().weight.device
     selection = TokenSelection()
-    collector = StatsCollector(linears, "row" if kind == "wanda" else "hessian", selection)
+    record = getattr(reduce, "ordered", None) is not None  # order-exact Wanda statistic (see StatsCollector)
+    collector = StatsCollector(linears, "row" if kind == "wanda" else "hessian", selection, record=record)
     with collector:
         for batch in batches:
             selection.set(token_mask(batch, "response"))

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hsr_pl.models.adapters import ModelAdapter
+from hsr_pl.sharding import full_tensor, full_weight, write_full
 from hsr_pl.state import HSRState, head_key
 
 from .config import RealignConfig
@@ -149,7 +150,7 @@ def round_sizes(budget: int, rounds: int) -> list[int]:
 
 @torch.no_grad()
 def _snapshot(linears: Mapping[str, tuple[int, str, nn.Linear]]) -> dict[str, Tensor]:
-    return {name: lin.weight.detach().to("cpu", copy=True) for name, (_, _, lin) in linears.items()}
+    return {name: full_tensor(lin.weight).to("cpu", copy=True) for name, (_, _, lin) in linears.items()}
 
 
 def _counted(batches: Batches | None, counter: list[int]) -> Iterable[Mapping[str, Tensor]] | None:
@@ -205,8 +206,10 @@ def _views(
     views = []
     for name in names:
         layer, role, lin = linears[name]
-        current = lin.weight.detach()
-        weight = dense.dense.get(name) if dense is not None and name in dense.dense else state.original_weight(name, current)
+        if dense is not None and name in dense.dense:
+            weight = dense.dense[name]
+        else:
+            weight = state.original_weight(name, full_weight(lin))
         views.append(LinearView(
             name=name, layer=layer, role=role, geometry=adapter.geometry(layer),
             pruned=state.pruned[name].clone(),
@@ -221,16 +224,19 @@ def _views(
 
 @torch.no_grad()
 def _apply(state: HSRState, view: LinearView, plan: LinearPlan, linear: nn.Linear, selection: str) -> None:
-    weight = linear.weight
+    changes = plan.restore.any() or (plan.swap is not None and plan.swap.any())
+    weight = full_weight(linear) if changes else None  # sharded: gathered, edited, written back
     if plan.restore.any():
-        values = state.original_weight(view.name, weight.detach())
+        values = state.original_weight(view.name, weight)
         mask = plan.restore.to(weight.device)
-        weight.data[mask] = values.to(weight.device, weight.dtype)[mask]
+        weight[mask] = values.to(weight.device, weight.dtype)[mask]
         previous = state.restored.get(view.name)
         state.restored[view.name] = plan.restore.clone() if previous is None else previous | plan.restore
     if plan.swap is not None and plan.swap.any():
-        state.add_pruned(view.name, plan.swap, weight.detach())
-        weight.data[plan.swap.to(weight.device)] = 0
+        state.add_pruned(view.name, plan.swap, weight)
+        weight[plan.swap.to(weight.device)] = 0
+    if weight is not None:
+        write_full(linear, weight)
     positions = plan.restore.nonzero()
     owners = entry_heads(view.role, positions, view.shape, view.geometry, selection)
     counts: dict[str, int] = {}
@@ -246,13 +252,14 @@ def restore_masks(model: nn.Module, state: HSRState, masks: Mapping[str, Tensor]
     modules = dict(model.named_modules())
     count = 0
     for name, mask in masks.items():
-        weight = modules[name].weight
         mask = mask & state.pruned[name] & ~state.restored.get(name, torch.zeros_like(mask))
         if not mask.any():
             continue
-        values = state.original_weight(name, weight.detach())
-        device_mask = mask.to(weight.device)
-        weight.data[device_mask] = values.to(weight.device, weight.dtype)[device_mask]
+        full = full_weight(modules[name])
+        values = state.original_weight(name, full)
+        device_mask = mask.to(full.device)
+        full[device_mask] = values.to(full.device, full.dtype)[device_mask]
+        write_full(modules[name], full)
         state.restored[name] = mask.clone() if name not in state.restored else state.restored[name] | mask
         count += int(mask.sum())
     return count

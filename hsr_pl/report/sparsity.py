@@ -41,7 +41,10 @@ class SparsityRow:
 
 @torch.no_grad()
 def sparsity_rows(model: nn.Module, state: HSRState) -> list[SparsityRow]:
-    """One row per pruned linear of ``state`` (names qualified inside ``model``)."""
+    """One row per pruned linear of ``state`` (names qualified inside ``model``). On a sharded
+    model the zeros are counted per shard and summed across ranks: every rank must call this."""
+    from hsr_pl.sharding import count_zeros
+
     modules = dict(model.named_modules())
     rows = []
     for name, mask in state.pruned.items():
@@ -55,7 +58,7 @@ def sparsity_rows(model: nn.Module, state: HSRState) -> list[SparsityRow]:
                 total=weight.numel(),
                 pruned=int(mask.sum()),
                 restored=int((restored & mask).sum()) if restored is not None else 0,
-                zeros=int((weight == 0).sum()),
+                zeros=count_zeros(weight),
             )
         )
     return rows
@@ -81,13 +84,15 @@ def _group_by_type(rows: list[SparsityRow]) -> list[SparsityRow]:
 
 
 def sparsity_table(
-    model: nn.Module, state: HSRState, *, group: bool | None = None, title: str | None = None
+    model: nn.Module, state: HSRState, *, group: bool | None = None, title: str | None = None,
+    rows: list[SparsityRow] | None = None,
 ) -> Table:
     """A rich table of per-linear (or per module type, ``group=True``) and total sparsity.
 
     ``group=None`` groups by module type once there are more than :data:`MAX_LINEAR_ROWS` linears.
+    ``rows``: :func:`sparsity_rows` computed already (on every rank, for a sharded model).
     """
-    rows = sparsity_rows(model, state)
+    rows = sparsity_rows(model, state) if rows is None else rows
     if group is None:
         group = len(rows) > MAX_LINEAR_ROWS
     shown = _group_by_type(rows) if group else rows
