@@ -22,6 +22,7 @@ Beside the weights: ``hsr_summary.json`` (what the callbacks did, always) and
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,10 @@ def save_sharded_atomic(
         _write_streamed(model, None, max_shard_bytes)
         return target
     replace_ours = overwrite or (target.is_dir() and _ours(target))
-    with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp:
+    from hsr_pl.sharding import undo_on_abort
+
+    with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp, \
+            undo_on_abort(lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a peer failing mid-gather
         _write_streamed(model, tmp, max_shard_bytes)
         model.config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)

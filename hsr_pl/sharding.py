@@ -148,6 +148,14 @@ def local_part_of(param: Tensor, full: Tensor) -> Tensor:
     return local_rows(param, full) if is_sharded(param) else full
 
 
+def collective_device(group=None) -> torch.device:
+    """Where a collective's tensors must live: the current CUDA device when ``group`` (default:
+    the default group) runs NCCL — which takes CUDA tensors only —, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def count_non_finite(param: Tensor) -> int:
     """NaN/inf entries of ``param`` over all ranks (its local rows summed when sharded; every
@@ -156,10 +164,11 @@ def count_non_finite(param: Tensor) -> int:
         return 0
     if is_sharded(param):
         local = param.to_local()
+        group = param.device_mesh.get_group()
         bad = torch.tensor([0 if bool(torch.isfinite(local.sum())) else int((~torch.isfinite(local)).sum())],
-                           dtype=torch.int64)
-        dist.all_reduce(bad, group=param.device_mesh.get_group())
-        return int(bad)
+                           dtype=torch.int64, device=collective_device(group))
+        dist.all_reduce(bad, group=group)
+        return int(bad.cpu())
     if bool(torch.isfinite(param.sum())):
         return 0
     return int((~torch.isfinite(param)).sum())
@@ -181,9 +190,10 @@ def count_zeros(param: Tensor) -> int:
     """Exact zeros of ``param`` over all ranks (a collective when sharded)."""
     if not is_sharded(param):
         return int((param == 0).sum())
-    zeros = torch.tensor([int((param.to_local() == 0).sum())], dtype=torch.int64)
-    dist.all_reduce(zeros, group=param.device_mesh.get_group())
-    return int(zeros)
+    group = param.device_mesh.get_group()
+    zeros = torch.tensor([int((param.to_local() == 0).sum())], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(zeros, group=group)
+    return int(zeros.cpu())
 
 
 # ---------------------------------------------------------------------------------- wrapping
@@ -442,16 +452,34 @@ def check_lockstep(count: int, what: str, fix: str) -> None:
     :class:`ShardingError` on every rank when they differ."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    counts = torch.tensor([count, -count], dtype=torch.int64)
+    counts = torch.tensor([count, -count], dtype=torch.int64, device=collective_device())
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    counts = counts.cpu()
     high, low = int(counts[0]), -int(counts[1])
     if high != low:
         raise ShardingError(f"{what}: the ranks got {low} to {high} batches, but a sharded model needs equal counts; {fix}")
 
 
 # ---------------------------------------------------------------------------------- fail fast
-_ERROR_KEY = "hsr_pl/first_error"
+_ERROR_KEY = "hsr_pl/first_error/"
 _SEEN_KEY = "hsr_pl/error_seen/"
+# Steps are entered in the same order on every rank, so this count names the same step everywhere:
+# each step's error lives under its own key, and an error caught by a script cannot leak into the
+# next step of the same process group.
+_STEPS = [0]
+# What the watchdog must undo before it ends a stuck process (os._exit skips every finally).
+_ON_ABORT: list = []
+
+
+@contextmanager
+def undo_on_abort(action) -> Iterator[None]:
+    """Run ``action()`` if :func:`fail_fast`'s watchdog ends this process inside the block (a
+    half-written temporary folder, say); normal exits and exceptions leave it to the caller."""
+    _ON_ABORT.append(action)
+    try:
+        yield
+    finally:
+        _ON_ABORT.remove(action)
 
 
 def _store():
@@ -463,13 +491,13 @@ def _store():
         return None
 
 
-def _peer_error(store, timeout: float) -> str | None:
-    """The first error a rank published, waiting up to ``timeout`` s for one to appear."""
+def _peer_error(store, timeout: float, key: str) -> str | None:
+    """The first error a rank published under ``key``, waiting up to ``timeout`` s for one."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if store.check([_ERROR_KEY]):
-                return store.get(_ERROR_KEY).decode("utf-8", "replace")
+            if store.check([key]):
+                return store.get(key).decode("utf-8", "replace")
         except Exception:  # the store's host went away: nothing more to learn
             return None
         if time.monotonic() >= deadline:
@@ -503,10 +531,12 @@ def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: floa
         yield
         return
     rank, world = dist.get_rank(), dist.get_world_size()
+    _STEPS[0] += 1
+    key, seen = f"{_ERROR_KEY}{_STEPS[0]}", f"{_SEEN_KEY}{_STEPS[0]}/"
     inside = threading.Event()
     inside.set()
     watchdog = threading.Thread(
-        target=_watch, args=(store, rank, what, inside, grace, poll), name="hsr-pl-fail-fast", daemon=True
+        target=_watch, args=(store, rank, what, inside, grace, poll, key, seen), name="hsr-pl-fail-fast", daemon=True
     )
     watchdog.start()
     try:
@@ -516,17 +546,19 @@ def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: floa
         raise
     except BaseException as exc:
         inside.clear()
-        first = _peer_error(store, 0.0)
+        first = _peer_error(store, 0.0, key)
         if first is None and _looks_collective(exc):
-            first = _peer_error(store, grace)
+            first = _peer_error(store, grace, key)
         if first is not None and not first.startswith(f"rank {rank}:"):
-            _mark_seen(store, rank)
+            _mark_seen(store, rank, seen)
             raise PeerFailedError(f"{what} stopped because {first}") from exc
         text = str(exc).strip().splitlines()
         message = f"rank {rank}: {type(exc).__name__}: {text[0] if text else ''}"
         try:
-            if store.compare_set(_ERROR_KEY, "", message).decode("utf-8", "replace") == message:
-                _wait_seen(store, rank, world, linger)
+            if store.compare_set(key, "", message).decode("utf-8", "replace") == message:
+                _wait_seen(store, rank, world, linger, seen)
+            else:  # another rank was first: it waits for our word before letting the store go
+                _mark_seen(store, rank, seen)
         except Exception:  # the store is gone: our own error is all we can raise
             pass
         raise
@@ -534,7 +566,9 @@ def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: floa
         inside.clear()
 
 
-def _watch(store, rank: int, what: str, inside: threading.Event, grace: float, poll: float) -> None:
+def _watch(
+    store, rank: int, what: str, inside: threading.Event, grace: float, poll: float, key: str, seen: str
+) -> None:
     """The watchdog of :func:`fail_fast`: ends this process when a peer failed and this rank
     stays stuck in the step."""
     import os
@@ -542,10 +576,10 @@ def _watch(store, rank: int, what: str, inside: threading.Event, grace: float, p
 
     while inside.is_set():
         time.sleep(poll)
-        first = _peer_error(store, 0.0) if inside.is_set() else None
+        first = _peer_error(store, 0.0, key) if inside.is_set() else None
         if first is None or first.startswith(f"rank {rank}:"):
             continue
-        _mark_seen(store, rank)
+        _mark_seen(store, rank, seen)
         deadline = time.monotonic() + grace
         while inside.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -557,6 +591,11 @@ def _watch(store, rank: int, what: str, inside: threading.Event, grace: float, p
             "and exits)\n"
         )
         sys.stderr.flush()
+        for action in reversed(_ON_ABORT):
+            try:
+                action()
+            except Exception:  # best effort: the process ends either way
+                pass
         os._exit(1)
 
 
@@ -565,17 +604,17 @@ def _looks_collective(exc: BaseException) -> bool:
     return any(word in text for word in ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "closed", "distbackend"))
 
 
-def _mark_seen(store, rank: int) -> None:
+def _mark_seen(store, rank: int, seen: str) -> None:
     try:
-        store.set(f"{_SEEN_KEY}{rank}", "1")
+        store.set(f"{seen}{rank}", "1")
     except Exception:
         pass
 
 
-def _wait_seen(store, rank: int, world: int, linger: float) -> None:
+def _wait_seen(store, rank: int, world: int, linger: float, seen: str) -> None:
     """Keep the store up (rank 0 hosts it) until every peer has read the error, or ``linger`` s."""
     deadline = time.monotonic() + linger
-    keys = [f"{_SEEN_KEY}{r}" for r in range(world) if r != rank]
+    keys = [f"{seen}{r}" for r in range(world) if r != rank]
     while time.monotonic() < deadline:
         try:
             if all(store.check([k]) for k in keys):

@@ -12,7 +12,11 @@ one ordinary process: the reference. Scenarios:
 * ``fail``: the head scan raises on rank ``HSR_FAIL_RANK`` after its first scored layer
   (``HSR_STRATEGY=ddp``: under DDP instead of FSDP2);
 * ``fail-export``: the sharded export's writer (rank ``HSR_FAIL_RANK``) raises after its first
-  shard file, while the other rank is still gathering.
+  shard file, while the other rank is still gathering;
+* ``fail-gather``: the export's other rank (``HSR_FAIL_RANK``, not the writer) raises in the
+  middle of the gathers, while the writer waits in one;
+* ``steps`` (no model): two :func:`hsr_pl.sharding.fail_fast` steps in one process group, the
+  first failing on every rank and caught by the script, the second healthy: it must succeed.
 """
 
 from __future__ import annotations
@@ -129,8 +133,35 @@ class Dump(Callback):
         save_file(tensors, str(self.out / f"result-rank{trainer.global_rank}.safetensors"), metadata=meta)
 
 
+def steps(out: Path) -> None:
+    """An error caught by the script must not leak into the next step of the same process group."""
+    import time
+
+    import torch.distributed as dist
+
+    from hsr_pl.sharding import PeerFailedError, fail_fast
+
+    rank = int(os.environ["LOCAL_RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    start = time.monotonic()
+    try:
+        with fail_fast("Step1"):
+            raise ValueError("a bad setting, handled by the script")
+    except (ValueError, PeerFailedError) as exc:
+        print(f"rank {rank} step1 caught {type(exc).__name__} after {time.monotonic() - start:.1f} s", flush=True)
+    dist.barrier()
+    with fail_fast("Step2"):
+        time.sleep(4)  # longer than the watchdog's poll + grace
+        total = torch.ones(1)
+        dist.all_reduce(total)
+    print(f"rank {rank} step2 ok {int(total)}", flush=True)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     scenario, checkpoint, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    if scenario == "steps":
+        return steps(out)
     method = sys.argv[4] if len(sys.argv) > 4 else "wanda"
     out.mkdir(parents=True, exist_ok=True)
     from hsr_pl.callbacks import ExportPretrained, Pruning, SafetyRealignment
@@ -163,6 +194,20 @@ def main() -> None:
                 raise OSError(f"deliberate write failure on rank {rank} after {Path(filename).name}")
 
         safetensors.torch.save_file = save_file
+        callbacks.append(ExportPretrained(str(out / "export"), when="validation_end", max_shard_size=50_000))
+    if scenario == "fail-gather":  # the non-writer raises after a few gathered tensors
+        import hsr_pl.sharding as sharding
+
+        original_iter, rank = sharding.iter_full_state, int(os.environ.get("LOCAL_RANK", "0"))
+
+        def iter_full_state(model, *, keep=True):
+            for i, item in enumerate(original_iter(model, keep=keep)):
+                if rank == int(os.environ["HSR_FAIL_RANK"]) and i == 6:
+                    (out / f"raised-rank{rank}.txt").write_text("x")
+                    raise RuntimeError(f"deliberate gather failure on rank {rank}")
+                yield item
+
+        sharding.iter_full_state = iter_full_state
         callbacks.append(ExportPretrained(str(out / "export"), when="validation_end", max_shard_size=50_000))
     if scenario == "flow":
         callbacks += [

@@ -170,6 +170,7 @@ def test_fsdp2_flow_equals_one_process(tmp_path, checkpoint, method):
         pytest.param("fsdp2", "fail", 0, "deliberate failure on rank 0", marks=pytest.mark.slow),  # the store's host
         ("ddp", "fail", 1, "deliberate failure on rank 1"),  # DDP head scan: the peer waits in the final all-gather
         ("fsdp2", "fail-export", 0, "deliberate write failure on rank 0"),
+        ("fsdp2", "fail-gather", 1, "deliberate gather failure on rank 1"),  # the writer is stuck in a gather
     ],
 )
 def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, checkpoint, strategy, scenario, failing, words):
@@ -184,7 +185,7 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, checkpoint, str
     assert f"rank {failing}: " in outputs[other]  # the peer names who failed first
     # bounded: both ranks were gone within 20 s of the raise (the process group's timeout is 120 s)
     assert ended - raised < 20, ended - raised
-    if scenario == "fail-export":  # the atomic export left nothing behind
+    if scenario.startswith("fail-"):  # the atomic export left nothing behind
         assert not (tmp_path / "export").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export.tmp")]
 
@@ -279,3 +280,45 @@ def test_wanda_statistic_replayed_in_global_order_is_bitwise_one_process():
     replayed.replay([(samples, raw) for _, samples, raw in entries])
     assert replayed.nsamples == one.nsamples == len(batches)
     assert torch.equal(replayed.scaler_row, one.scaler_row)
+
+
+class _Placed(Exception):
+    """Raised by the fake collective once it has seen where a tensor lives."""
+
+
+def test_collectives_put_their_tensors_where_the_backend_wants_them(monkeypatch):
+    """NCCL takes CUDA tensors only. No GPU here: a fake backend device ("meta") and a fake
+    collective that records where each tensor lives show that the counts, lockstep check and
+    Wanda replay build their tensors on :func:`hsr_pl.sharding.collective_device`."""
+    import torch.distributed as dist
+
+    import hsr_pl.sharding as sharding
+    from hsr_pl.pruning.stats import RowStats, _replay_in_global_order
+
+    seen = []
+
+    def collective(tensor_or_list, *args, **kwargs):
+        tensors = tensor_or_list if isinstance(tensor_or_list, list) else [tensor_or_list]
+        seen.extend(t.device.type for t in tensors)
+        raise _Placed
+
+    monkeypatch.setattr(sharding, "collective_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", collective)
+    monkeypatch.setattr(dist, "all_gather", collective)
+    stat = RowStats(4)
+    stat.record = [(0, 1, torch.ones(4))]
+    for call in (lambda: sharding.check_lockstep(3, "x", "y"), lambda: _replay_in_global_order(stat, 0, 2)):
+        with pytest.raises(_Placed):
+            call()
+    assert seen and set(seen) == {"meta"}, seen
+
+
+def test_an_error_caught_by_the_script_does_not_leak_into_the_next_step(tmp_path):
+    codes, outputs, seconds = launch(["steps", str(tmp_path), str(tmp_path)], 2, timeout=90)
+    assert codes == [0, 0], outputs
+    for rank, text in enumerate(outputs):
+        assert f"rank {rank} step2 ok 2" in text, text
+        caught = float(text.split("caught ")[1].split(" after ")[1].split(" s")[0])
+        assert caught < 5, text  # nobody waited out the 10 s linger for a peer that had its own error

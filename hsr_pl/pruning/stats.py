@@ -290,21 +290,28 @@ def _replay_in_global_order(stat: RowStats, rank: int, world: int) -> None:
     one process over the union (batch j of rank r is global batch ``j * world + r``)."""
     import torch.distributed as dist
 
+    from hsr_pl.sharding import collective_device
+
+    device = collective_device()  # NCCL takes CUDA tensors only
     entries = stat.record or []
     width = stat.scaler_row.numel()
-    count = torch.tensor([len(entries)], dtype=torch.int64)
-    counts = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+    count = torch.tensor([len(entries)], dtype=torch.int64, device=device)
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(counts, count)
+    counts = [c.cpu() for c in counts]
     most = max(int(c) for c in counts)
-    raws = torch.zeros(most, width, dtype=torch.float32)
+    raws = torch.zeros(most, width, dtype=torch.float32, device=device)
     meta = torch.full((most, 2), -1, dtype=torch.int64)
     for i, (position, samples, raw) in enumerate(entries):
-        raws[i] = raw.detach().to("cpu", torch.float32)
+        raws[i] = raw.detach().to(device, torch.float32)
         meta[i, 0], meta[i, 1] = position, samples
+    meta = meta.to(device)
     all_raws = [torch.zeros_like(raws) for _ in range(world)]
     all_meta = [torch.zeros_like(meta) for _ in range(world)]
     dist.all_gather(all_raws, raws)
     dist.all_gather(all_meta, meta)
+    all_raws = [t.cpu() for t in all_raws]
+    all_meta = [t.cpu() for t in all_meta]
     ordered = []
     for r in range(world):
         for i in range(int(counts[r])):
