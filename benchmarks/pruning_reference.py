@@ -54,23 +54,10 @@ def _reset_peak() -> None:
 
 
 def build(shape: dict, samples: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The random LLaMA and calibration batches of ``pruning.py`` (same seeds), ``samples`` of them."""
+    from pruning import build as build_model  # the sibling benchmark: one model builder for both
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
-        max_position_embeddings=max(256, shape["seq"]), tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
-    g = torch.Generator().manual_seed(1)
-    batches = [
-        {"input_ids": torch.randint(0, shape["vocab"], (1, shape["seq"]), generator=g),
-         "attention_mask": torch.ones(1, shape["seq"], dtype=torch.long)}
-        for _ in range(samples)
-    ]
-    return model, batches
+    return build_model({**shape, "samples": samples})
 
 
 def run_one(impl: str, method: str, nm: str, samples: int, shape: dict, out: str) -> None:
@@ -110,14 +97,6 @@ def run_one(impl: str, method: str, nm: str, samples: int, shape: dict, out: str
         "masks_sha256": digest.hexdigest(), "weights_sha256": weights.hexdigest(),
         "sparsity": float(sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())),
     }))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -198,6 +177,8 @@ def main() -> None:
         "calibration": f"n sequences x {shape['seq']} random tokens, batch 1, tokens='all'",
     }
     name = f"pruning_reference_{tag}"
+    from pruning import atomic_write
+
     atomic_write(RESULTS / f"{name}.json", json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=2))
     lines = [
         f"# Sequential pruning: hsr-pl vs the reference loops ({tag})",

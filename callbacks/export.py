@@ -100,6 +100,17 @@ def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, 
     return target
 
 
+def _write_companions(tmp: Path, processor, summary: dict | None, manifest: dict | None) -> None:
+    """What sits beside the weights in every export: processor, summary, manifest; user modes."""
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    write_json_atomic(tmp / MARKER, summary or {})
+    if manifest is not None:
+        write_json_atomic(tmp / "realignment.json", manifest)
+    for path in tmp.rglob("*"):
+        os.chmod(path, folder_mode() if path.is_dir() else file_mode())
+
+
 def save_pretrained_atomic(
     model,
     processor,
@@ -120,13 +131,7 @@ def save_pretrained_atomic(
     replace_ours = overwrite or (target.is_dir() and _ours(target))
     with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        write_json_atomic(tmp / MARKER, summary or {})
-        if manifest is not None:
-            write_json_atomic(tmp / "realignment.json", manifest)
-        for path in tmp.rglob("*"):
-            os.chmod(path, folder_mode() if path.is_dir() else file_mode())
+        _write_companions(tmp, processor, summary, manifest)
     return target
 
 
@@ -204,13 +209,7 @@ def save_sharded_atomic(
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        write_json_atomic(tmp / MARKER, summary or {})
-        if manifest is not None:
-            write_json_atomic(tmp / "realignment.json", manifest)
-        for path in tmp.rglob("*"):
-            os.chmod(path, folder_mode() if path.is_dir() else file_mode())
+        _write_companions(tmp, processor, summary, manifest)
     return target
 
 

@@ -438,6 +438,17 @@ class TinySpec:
 
 
 _IMAGE16 = {"image_size": 16, "patch_size": 8}
+def _idefics_spec(prefix: str, smolvlm: bool) -> TinySpec:
+    """Idefics3 and SmolVLM share their layout: a Llama text model, pixel-shuffled patches."""
+    return TinySpec(
+        f"{prefix}ForConditionalGeneration", f"{prefix}Config", "LlamaConfig",
+        options={"image_size": 32, "patch_size": 8, "scale_factor": 2}, extra_special=_IDEFICS_TOKENS,
+        vision=lambda o: _small_vision(image_size=o["image_size"], patch_size=o["patch_size"]),
+        extra=lambda tok, o: dict(scale_factor=o["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>")),
+        processor=_idefics_processor(smolvlm=smolvlm),
+    )
+
+
 TINY_SPECS: dict[str, TinySpec] = {
     "llava": TinySpec(
         "LlavaForConditionalGeneration", "LlavaConfig", "LlamaConfig", options=_IMAGE16,
@@ -478,20 +489,8 @@ TINY_SPECS: dict[str, TinySpec] = {
         ),
         processor=_gemma3_processor,
     ),
-    "idefics3": TinySpec(
-        "Idefics3ForConditionalGeneration", "Idefics3Config", "LlamaConfig",
-        options={"image_size": 32, "patch_size": 8, "scale_factor": 2}, extra_special=_IDEFICS_TOKENS,
-        vision=lambda o: _small_vision(image_size=o["image_size"], patch_size=o["patch_size"]),
-        extra=lambda tok, o: dict(scale_factor=o["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>")),
-        processor=_idefics_processor(smolvlm=False),
-    ),
-    "smolvlm": TinySpec(
-        "SmolVLMForConditionalGeneration", "SmolVLMConfig", "LlamaConfig",
-        options={"image_size": 32, "patch_size": 8, "scale_factor": 2}, extra_special=_IDEFICS_TOKENS,
-        vision=lambda o: _small_vision(image_size=o["image_size"], patch_size=o["patch_size"]),
-        extra=lambda tok, o: dict(scale_factor=o["scale_factor"], image_token_id=tok.convert_tokens_to_ids("<image>")),
-        processor=_idefics_processor(smolvlm=True),
-    ),
+    "idefics3": _idefics_spec("Idefics3", smolvlm=False),
+    "smolvlm": _idefics_spec("SmolVLM", smolvlm=True),
     # self-attention layers 0 and 2, cross-attention layer 1
     "mllama": TinySpec(
         "MllamaForConditionalGeneration", "MllamaConfig", layers=3,
