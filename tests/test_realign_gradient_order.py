@@ -15,7 +15,7 @@ from torch import nn
 from unequal_calibration import write_unequal_set
 
 import hsr_pl.realign.runner as runner
-from hsr_pl.callbacks import Pruning
+from hsr_pl.callbacks import Pruning, SafetyRealignment
 from hsr_pl.data import VLGuardDataModule
 from hsr_pl.models import get_adapter
 from hsr_pl.models.tiny import build_tiny_llava
@@ -100,9 +100,9 @@ def region(adapter, name: str, heads) -> set[int]:
     return out
 
 
-def reference_gains(module, grads, names, heads, skip=frozenset(), utility=None, weight=0.0):
+def reference_gains(module, grads, names, heads, skip=frozenset(), utility=None, weight=0.0, state=None):
     """[(gain, name, flat index)] of every restorable entry: −g·w_orig (− λ·g^u·w_orig), float64."""
-    state = get_state(module)
+    state = state if state is not None else get_state(module)
     adapter = get_adapter(module.model)
     modules = dict(module.model.named_modules())
     out = []
@@ -249,6 +249,37 @@ def test_utility_weight_moves_the_order_as_the_weighted_gain_says(tmp_path, monk
         for name, mask in state.restored.items():
             dense = state.original_weight(name, modules[name].weight.detach())
             assert torch.equal(modules[name].weight.detach()[mask], dense[mask])
+
+
+def test_utility_weight_through_the_callback(tmp_path):
+    """The same through Pruning → SafetyRealignment(utility_weight=2) in one Trainer: the restored
+    set is the top of the utility-weighted float64 gain at the pruned model, not λ = 0's."""
+    path = write_unequal_set(tmp_path)
+    module = make_module()
+    saved = {}
+
+    class Snapshot(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):  # after the pruner, before realignment
+            saved["weights"] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+            saved["state"] = copy.deepcopy(get_state(pl_module))
+
+    realign = SafetyRealignment(heads=["0-1", "1-2"], order="gradient", budget=8, utility_weight=2.0, num_samples=7,
+                                when="validation_start", table=False)
+    pruning = Pruning(method="wanda", sparsity=0.5, num_samples=7, when="validation_start")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         default_root_dir=tmp_path, callbacks=[pruning, Snapshot(), realign])
+    trainer.validate(module, datamodule=make_data(module, path), verbose=False)
+    reference = make_module()
+    reference.model.load_state_dict(saved["weights"])
+    state = saved["state"]
+    names = [n for n in attention_linears(get_adapter(reference.model), [0, 1]) if n in state.pruned]
+    g = reference_gradient(reference.model, batches(reference, path), names)
+    gu = reference_gradient(reference.model, batches(reference, path, split="utility"), names)
+    weighted = top(reference_gains(reference, g, names, HEADS, utility=gu, weight=2.0, state=state), 8)
+    plain = top(reference_gains(reference, g, names, HEADS, state=state), 8)
+    got = {(n, i) for n, m in get_state(module).restored.items() for i in m.flatten().nonzero().flatten().tolist()}
+    assert got == weighted != plain
 
 
 @pytest.mark.parametrize("size", [2, 3])
