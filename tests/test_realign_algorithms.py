@@ -571,3 +571,32 @@ def test_top_fraction_on_every_dtype_path(dtype):
     scores = torch.randint(0, 7, (9, 11), generator=g).to(dtype)  # numpy on float64, kthvalue on halves
     for fraction in (0.2, 0.5, 0.7):
         assert as_set(top_fraction_mask(scores, fraction)) == ref_top(scores.double(), fraction)
+
+
+def test_p_auto_selects_the_kept_count_even_when_max_p_rounds_to_it():
+    """22 entries, 15 kept, max_p = 0.7: ``int(0.7 · 22)`` = 15 = the kept count, so the band
+    ``T^u(max_p) \\ T^u(p)`` is empty and R must be too; ``int((15 / 22) · 22)`` = 14 in floating
+    point, so a fraction-based ``T^u(p)`` misses one kept entry."""
+    numel, kept = 22, 15
+    assert int(0.7 * numel) == kept and int((kept / numel) * numel) == kept - 1  # the rounding case
+    geo = HeadGeometry(num_heads=2, num_kv_heads=2, head_dim=1, hidden_size=11)
+    g = torch.Generator().manual_seed(5)
+    dense = torch.randn(2, 11, generator=g, dtype=torch.float64).float()
+    pruned = torch.zeros(numel, dtype=torch.bool)
+    pruned[torch.randperm(numel, generator=g)[: numel - kept]] = True  # the pruner's own (other) choice
+    u = dense.abs().double().flatten().tolist()
+    # make the kept-th entry by utility one the pruner pruned, so a miss reaches the pool
+    order = sorted(range(numel), key=lambda i: (-u[i], i))
+    if not bool(pruned[order[kept - 1]]):
+        swap_in = order[kept - 1]
+        swap_out = next(i for i in range(numel) if bool(pruned[i]))
+        pruned[swap_in], pruned[swap_out] = True, False
+    view = LinearView(
+        name="l0.q", layer=0, role="q", geometry=geo, pruned=pruned.reshape(2, 11),
+        restored=torch.zeros(2, 11, dtype=torch.bool), dense=dense,
+        utility=ImportanceStat("magnitude"), safety=ImportanceStat("magnitude"),
+        sparsity=float(pruned.float().mean()), pruned_count=numel - kept,
+    )
+    plan = plan_restoration([view], {0: [0, 1]}, RealignConfig(q=1.0, max_p=0.7), None)[0]
+    assert plan.p == kept / numel
+    assert plan.candidates == 0 and not bool(plan.restore.any())

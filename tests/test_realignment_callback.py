@@ -171,19 +171,34 @@ def test_restoring_again_changes_nothing(tmp_path):
 
 
 def test_heads_come_from_head_attribution_before_pruning(tmp_path):
+    """One head (so one of the two layers): every restored entry sits in that head's slices, and
+    the other layer's attention projections stay exactly as the pruner left them."""
     module = make_module()
-    attribution = SafetyHeadAttribution(num_samples=2, top_h=2, when="validation_start", heatmap=False)
+    attribution = SafetyHeadAttribution(num_samples=2, top_h=1, when="validation_start", heatmap=False)
     pruning = Pruning(num_samples=8, when="validation_start")
     realign = SafetyRealignment(num_samples=8, when="validation_start", table=False)
-    trainer = make_trainer(tmp_path, [attribution, pruning, realign])
+    seen = {}
+
+    class Snapshot(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):  # runs after the pruner, before realignment
+            seen.update({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+
+    trainer = make_trainer(tmp_path, [attribution, pruning, Snapshot(), realign])
     trainer.validate(module, datamodule=make_data(module), verbose=False)
-    assert [tuple(h) for h in realign.report["heads"]] == attribution.top
-    assert get_state(module).realignment["restored_params"] == realign.report["restored_params"] > 0
-    # restored entries sit only inside the two heads' slices
+    assert [tuple(h) for h in realign.report["heads"]] == attribution.top and len(attribution.top) == 1
+    state = get_state(module)
+    assert state.realignment["restored_params"] == realign.report["restored_params"] > 0
     adapter = get_adapter(module.model)
-    layers = {layer for layer, _ in attribution.top}
-    for name in get_state(module).restored:
-        assert attention_linears(adapter)[name][0] in layers
+    (layer, head), = attribution.top
+    geo = adapter.geometry(layer)
+    for name, (lin_layer, role, linear) in attention_linears(adapter).items():
+        restored = state.restored.get(name)
+        if lin_layer != layer:
+            assert restored is None or not bool(restored.any()), name
+            assert torch.equal(linear.weight.detach(), seen[f"{name}.weight"]), f"{name}: the other layer changed"
+            continue
+        got = set(restored.flatten().nonzero().flatten().tolist()) if restored is not None else set()
+        assert got <= slice_set(role, tuple(linear.weight.shape), geo.head_dim, geo.group_size, [head]), name
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -397,6 +412,45 @@ def test_preserve_structure_after_2_4_pruning(tmp_path):
             assert bool((groups <= 2).all()), name
             keep = get_state(module).keep_mask(name)
             assert bool((keep.reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_gradient_order_with_preserve_structure_stays_exactly_2_4(tmp_path, rounds):
+    """The gradient order (one round, or three with the gradient recomputed) under
+    preserve_structure: the budget is restored, as many kept weights are swapped out, restored
+    entries carry their dense values and stay non-zero, swapped-out ones are zero, nothing else
+    changes, and every group of 4 holds exactly 2."""
+    module = make_module()
+    dense = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+    realign = SafetyRealignment(heads=HEADS, order="gradient", budget=12, rounds=rounds, preserve_structure=True,
+                                num_samples=8, when="validation_start", table=False)
+    seen = {}
+
+    class Snapshot(pl.Callback):
+        def on_validation_start(self, trainer, pl_module):  # after the pruner, before realignment
+            seen.update({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+            seen["pruned"] = {k: v.clone() for k, v in get_state(pl_module).pruned.items()}
+
+    pruning = Pruning(mask_structure="2:4", num_samples=8, when="validation_start")
+    trainer = make_trainer(tmp_path, [pruning, Snapshot(), realign])
+    trainer.validate(module, datamodule=make_data(module), verbose=False)
+    state = get_state(module)
+    assert realign.report["restored_params"] == 12 == sum(int(m.sum()) for m in state.restored.values())
+    assert realign.report["swapped_out_params"] == 12 and realign.report["rounds"] == ([12] if rounds == 1 else [4, 4, 4])
+    for name, lin in dict(module.model.named_modules()).items():
+        if name not in state.pruned:
+            continue
+        w = lin.weight.detach()
+        assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()), name
+        assert bool((state.keep_mask(name).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+        restored = state.restored.get(name, torch.zeros_like(state.pruned[name]))
+        assert torch.equal(w[restored], dense[f"{name}.weight"][restored]), name
+        assert bool((w[restored] != 0).all()), f"{name}: a restored entry was swapped out again"
+        # swapped out (a later round may restore one again: its gain counts like any pruned entry's)
+        swapped = state.pruned[name] & ~seen["pruned"][name]
+        assert bool((w[swapped & ~restored] == 0).all()), name
+        untouched = ~restored & ~swapped
+        assert torch.equal(w[untouched], seen[f"{name}.weight"][untouched]), name
 
 
 def test_preserve_structure_refuses_unstructured_masks(tmp_path):

@@ -98,6 +98,38 @@ def test_repair_infers_the_pruned_set_and_keeps_the_pruned_weights(tmp_path, che
     assert state.method.startswith("checkpoint:") and state.structure is None
 
 
+def test_sparsegpt_checkpoint_keeps_its_moved_weights_and_restores_the_originals(tmp_path):
+    """SparseGPT also changes kept weights: repair infers the pruned set from the zeros, leaves every
+    entry it does not restore exactly as SparseGPT wrote it, and writes the original checkpoint's
+    values into the restored ones."""
+    model, processor = build_tiny_llava(False, layers=2, heads=4)
+    original = tmp_path / "original"
+    model.save_pretrained(original)
+    processor.save_pretrained(original)
+    sparsegpt = copy.deepcopy(model).eval()
+    prune_model(sparsegpt, calibration(processor), PruningConfig(method="sparsegpt", sparsity=0.5))
+    pruned = tmp_path / "pruned"
+    sparsegpt.save_pretrained(pruned)
+    dense_p = dict(model.named_parameters())
+    pruned_p = dict(sparsegpt.named_parameters())
+    module, (_, realign) = repair(tmp_path, original, pruned)
+    state = get_state(module)
+    moved = 0
+    for name in state.pruned:
+        d, p = dense_p[f"{name}.weight"].detach(), pruned_p[f"{name}.weight"].detach()
+        assert torch.equal(state.pruned[name], (p == 0) & (d != 0)), name
+        moved += int(((p != d) & (p != 0)).sum())
+    assert moved > 0, "SparseGPT moved no kept weight: the test would not tell the two values apart"
+    restored = sum(int(m.sum()) for m in state.restored.values())
+    assert restored > 0 and restored == realign.report["restored_params"]
+    for name, param in module.model.named_parameters():
+        module_name = name.removesuffix(".weight")
+        now, p, d = param.detach(), pruned_p[name].detach(), dense_p[name].detach()
+        mask = state.restored.get(module_name, torch.zeros(now.shape, dtype=torch.bool))
+        assert torch.equal(now[mask], d[mask]), name  # the original checkpoint's values
+        assert torch.equal(now[~mask], p[~mask]), name  # SparseGPT's values, moved ones included
+
+
 def test_repair_equals_pruning_in_process(tmp_path, checkpoints):
     original, pruned, _, _, processor = checkpoints
     repaired, _ = repair(tmp_path, original, pruned)

@@ -1,6 +1,11 @@
 """Summed per-batch gradients of the response NLL for a set of linears — SNIP's score and
 realignment's gradient order both start here.
 
+Two sums: SNIP adds ``|W ⊙ g_b|`` of each batch's mean-NLL gradient (a per-batch score, per sample
+at batch size 1); the gradient order adds ``n_b · g_b`` (``token_weighted``), the gradient of the
+*summed* token NLLs, so that dividing by the global token count gives the gradient of one mean
+over every response token whatever the batching or sharding.
+
 Only the listed weights get gradients; every ``requires_grad`` flag is put back and the ``.grad``
 buffers are cleared afterwards, also after an error.
 """
@@ -28,15 +33,20 @@ def accumulate_gradients(
     transform: Transform | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     *,
+    token_weighted: bool = False,
     what: str = "gradients",
 ) -> tuple[dict[str, Tensor], int, int]:
-    """``(Σ_b transform(W, ∂L_b/∂W) per linear, batches used, response tokens)``.
+    """``(Σ_b transform(W, ∂L_b/∂W) per linear, batches used, loss tokens)``.
 
-    ``L_b`` is the model's response NLL on batch b (labels != -100); batches without a response
-    token are skipped. ``transform`` defaults to the raw gradient (float32); ``reduce`` (a DDP
-    all-reduce) is applied to every sum before the finiteness check. ``what`` names the caller in
-    errors.
+    ``L_b`` is the model's response NLL on batch b: the mean over the ``n_b`` positions whose
+    next-token label is not -100 (HF's shifted loss); batches without such a token are skipped.
+    ``token_weighted`` adds ``n_b · ∂L_b/∂W`` instead (the gradient of the summed token NLLs; no
+    ``transform`` then). The third value is ``Σ_b n_b`` on this rank. ``transform`` defaults to the
+    raw gradient (float32); ``reduce`` (a DDP all-reduce) is applied to every sum before the
+    finiteness check. ``what`` names the caller in errors.
     """
+    if token_weighted and transform is not None:
+        raise ValueError("token_weighted sums raw gradients; pass no transform")
     device = model.get_input_embeddings().weight.device
     sums = {name: torch.zeros(lin.weight.shape, dtype=torch.float32, device=lin.weight.device) for name, lin in linears.items()}
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -52,7 +62,8 @@ def accumulate_gradients(
                         f"{what} need `labels` in every calibration batch (the loss is the response NLL); load the "
                         "calibration set with with_response=True"
                     )
-                count = int(token_mask(batch, "response").sum())
+                # The positions HF's causal-LM loss averages over: labels shifted by one.
+                count = int(token_mask(batch, "response")[..., 1:].sum())
                 if count == 0:
                     continue
                 for lin in linears.values():
@@ -67,7 +78,10 @@ def accumulate_gradients(
                 tokens += count
                 for name, lin in linears.items():
                     grad = lin.weight.grad.detach().float()
-                    sums[name] += grad if transform is None else transform(lin, grad)
+                    if token_weighted:
+                        sums[name] += grad * count
+                    else:
+                        sums[name] += grad if transform is None else transform(lin, grad)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -23,6 +23,7 @@ from .importance import (
     collect_importance,
     importance_scores,
     loss_gradients,
+    refusal_gradients,
 )
 from .plan import LinearPlan, LinearView, build_pools, plan_restoration
 from .rule import candidate_mask, top_fraction_mask
@@ -74,6 +75,7 @@ __all__ = [
     "importance_scores",
     "language_model_parameters",
     "loss_gradients",
+    "refusal_gradients",
     "margin_keys",
     "plan_restoration",
     "random_heads",

@@ -42,6 +42,7 @@ __all__ = [
     "collect_importance",
     "importance_scores",
     "loss_gradients",
+    "refusal_gradients",
     "sparsegpt_diag",
 ]
 
@@ -136,6 +137,29 @@ def loss_gradients(
     """
     sums, used, _ = accumulate_gradients(model, batches, linears, transform, reduce, what="gradients")
     return {name: tensor.cpu() for name, tensor in sums.items()}, used
+
+
+def refusal_gradients(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    linears: Mapping[str, nn.Linear],
+    *,
+    reduce: Reduce | None = None,
+    count: Callable[[int], int] | None = None,
+) -> tuple[dict[str, Tensor], int]:
+    """``∂L/∂W`` per linear (float32, CPU) with ``L`` = Σ token NLLs / total response tokens over
+    every batch (and rank), and that token total.
+
+    One global token-weighted mean, so batch 1, batch 3 or two ranks give one process's gradient
+    (a mean of per-batch means would weight a short refusal's tokens more in a batch of its own).
+    ``reduce`` sums the per-rank sums (DDP); ``count`` sums this rank's token count over ranks.
+    """
+    sums, _, tokens = accumulate_gradients(model, batches, linears, None, reduce, token_weighted=True,
+                                           what="gradients")
+    total = count(tokens) if count is not None else tokens
+    if total == 0:
+        raise CalibrationError("order='gradient': no calibration batch had response tokens (labels != -100)")
+    return {name: tensor.cpu() / total for name, tensor in sums.items()}, total
 
 
 def _snip_transform(linear: nn.Linear, grad: Tensor) -> Tensor:

@@ -70,23 +70,21 @@ class LinearPlan:
     info: dict = field(default_factory=dict)
 
 
-def _p_for(view: LinearView, cfg: RealignConfig) -> tuple[float, float]:
-    """``(p as reported, p as used)``: for ``auto`` with an exact count, the used value puts
-    exactly the kept count in ``T^u(p)`` (``int(p · numel)`` must not round it down)."""
+def _p_for(view: LinearView, cfg: RealignConfig) -> tuple[float, int | None]:
+    """``(p, exact size of T^u(p) or None)``: ``p: auto`` with the pruner's exact count selects
+    exactly the kept count (a count, since ``int(kept / numel · numel)`` can round one away)."""
     if cfg.p != "auto":
         p = float(cfg.p)
         check_fractions(p, cfg.q, cfg.max_p, where=view.name)
-        return p, p
+        return p, None
     numel = view.pruned.numel()
     if view.pruned_count is None:
-        p = 1.0 - view.sparsity
-        used = p
+        p, kept = 1.0 - view.sparsity, None
     else:
         kept = numel - view.pruned_count
-        p, used = kept / numel, (kept + 0.5) / numel
+        p = kept / numel
     check_fractions(p, cfg.q, cfg.max_p, where=view.name)
-    # used ≥ max_p only when int(max_p · numel) is the kept count itself: R is empty either way.
-    return p, used if used < cfg.max_p else p
+    return p, kept
 
 
 def _scores(view: LinearView) -> tuple[Tensor, Tensor]:
@@ -129,9 +127,9 @@ def build_pools(
                 pool_mask = free & region
                 utility = safety = None
             else:
-                p, p_used = _p_for(view, cfg)
+                p, kept = _p_for(view, cfg)
                 utility, safety = _scores(view)
-                rule = candidate_mask(utility, safety, p_used, cfg.q, cfg.max_p)
+                rule = candidate_mask(utility, safety, p, cfg.q, cfg.max_p, kept=kept)
                 candidates = int((rule & view.pruned & region).sum())
                 pool_mask = rule & free & region
             idx = pool_mask.reshape(-1).nonzero().squeeze(1)

@@ -20,7 +20,9 @@ from torch import Tensor
 
 from .errors import RealignConfigError
 
-__all__ = ["candidate_mask", "check_fractions", "top_count", "top_fraction_mask", "top_fraction_masks"]
+__all__ = [
+    "candidate_mask", "check_fractions", "top_count", "top_count_masks", "top_fraction_mask", "top_fraction_masks",
+]
 
 
 def top_count(numel: int, fraction: float) -> int:
@@ -45,10 +47,18 @@ def top_fraction_masks(scores: Tensor, fractions: list[float]) -> list[Tensor]:
     for fraction in fractions:
         if not 0.0 <= fraction <= 1.0:
             raise RealignConfigError(f"fraction={fraction} must lie in [0, 1]")
+    return top_count_masks(scores, [top_count(scores.numel(), f) for f in fractions])
+
+
+def top_count_masks(scores: Tensor, counts: list[int]) -> list[Tensor]:
+    """Bool masks of the ``k`` largest scores for every ``k`` in ``counts`` (ties to the lower flat
+    index), sharing one selection pass; a count is exact where a fraction can round one away."""
     flat = scores.reshape(-1)
+    for k in counts:
+        if not 0 <= k <= flat.numel():
+            raise RealignConfigError(f"count={k} must lie in [0, {flat.numel()}]")
     if bool(torch.isnan(flat).any()):
         raise RealignConfigError("importance scores hold NaN; check the model weights and calibration statistics")
-    counts = [top_count(flat.numel(), f) for f in fractions]
     inner = [k for k in counts if 0 < k < flat.numel()]
     thresholds = dict(zip(inner, _kth_largest(flat.contiguous(), inner))) if inner else {}
     out = []
@@ -89,12 +99,20 @@ def check_fractions(p: float, q: float, max_p: float, where: str = "") -> None:
         )
 
 
-def candidate_mask(utility: Tensor, safety: Tensor, p: float, q: float, max_p: float) -> Tensor:
-    """``R = (T^s(q) ∩ T^u(max_p)) \\ T^u(p)`` for one matrix (bool, the shape of the scores)."""
+def candidate_mask(
+    utility: Tensor, safety: Tensor, p: float, q: float, max_p: float, *, kept: int | None = None
+) -> Tensor:
+    """``R = (T^s(q) ∩ T^u(max_p)) \\ T^u(p)`` for one matrix (bool, the shape of the scores).
+
+    ``kept``: the exact size of ``T^u(p)`` (``p: auto`` passes the pruner's kept count, since
+    ``int(kept / numel · numel)`` can be one less in floating point); default ``int(p · numel)``.
+    """
     if utility.shape != safety.shape:
         raise RealignConfigError(
             f"utility importance {tuple(utility.shape)} and safety importance {tuple(safety.shape)} differ in shape"
         )
     check_fractions(p, q, max_p)
-    band_top, kept = top_fraction_masks(utility, [max_p, p])
-    return top_fraction_mask(safety, q) & band_top & ~kept
+    numel = utility.numel()
+    counts = [top_count(numel, max_p), top_count(numel, p) if kept is None else int(kept)]
+    band_top, kept_mask = top_count_masks(utility, counts)
+    return top_fraction_mask(safety, q) & band_top & ~kept_mask

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from hsr_pl.models.adapters import ModelAdapter
+from hsr_pl.pruning.errors import CalibrationError
 from hsr_pl.sharding import full_tensor, full_weight, write_full
 from hsr_pl.state import HSRState, head_key
 
 from .config import RealignConfig
 from .errors import RealignInputError
-from .importance import ImportanceStat, collect_importance, loss_gradients
+from .importance import ImportanceStat, collect_importance, refusal_gradients
 from .plan import LinearPlan, LinearView, plan_restoration
 from .select import resolve_budget
 from .slices import entry_heads
@@ -265,12 +266,12 @@ def restore_masks(model: nn.Module, state: HSRState, masks: Mapping[str, Tensor]
     return count
 
 
-def _grads(model, batches, linears, reduce, divisor) -> dict[str, Tensor]:
-    sums, used = loss_gradients(model, batches, linears, reduce=reduce)
-    count = divisor(used) if divisor is not None else used
-    if count == 0:
-        raise RealignInputError("order='gradient': no calibration batch had response tokens (labels != -100)")
-    return {name: tensor / count for name, tensor in sums.items()}
+def _grads(model, batches, linears, reduce, count) -> dict[str, Tensor]:
+    try:
+        grads, _ = refusal_gradients(model, batches, linears, reduce=reduce, count=count)
+    except CalibrationError as err:
+        raise RealignInputError(str(err)) from None
+    return grads
 
 
 def realign_model(
@@ -294,8 +295,9 @@ def realign_model(
             ``preserve_structure``).
         safety_batches / utility_batches: calibration batches for the gradient order (the
             refusal loss, and the benign-answer loss when ``utility_weight > 0``).
-        reduce: DDP sum of gradients; ``count_batches`` turns this rank's batch count into the
-            global one.
+        reduce: DDP sum of gradients; ``count_batches`` sums a count of this rank over all ranks
+            (the gradient order divides by the global response-token count: one token-weighted
+            mean, whatever the batching or sharding).
     """
     if not state.pruned:
         raise RealignInputError("the model has no pruning masks: run Pruning (or PrunedCheckpoint) before realignment")
