@@ -176,7 +176,7 @@ class HSRCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer)
-        check_one_pruner(trainer.callbacks)
+        check_one_pruner(getattr(trainer, "callbacks", ()))
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
         _preflight(trainer, pl_module, moment)

@@ -805,3 +805,19 @@ def test_a_full_disk_in_code_not_ours_is_one_line():
     assert message.startswith("a write /runs/x/last.ckpt failed: No space left on device; free space") and hint is None
     wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
     assert explain(wrapped)[0].startswith("a write failed: No space left on device; free space")
+
+
+def test_pruning_with_a_pruned_checkpoint_is_refused_as_two_pruners():
+    """Two mask fillers of different types pass Lightning's duplicate check; ``setup`` refuses them."""
+    from hsr_pl.callbacks import Pruning
+    from hsr_pl.callbacks.base import check_one_pruner
+
+    class PrunedCheckpoint:  # stands in for the real one (which needs a pruned model folder)
+        fills_masks = True
+
+    check_one_pruner([Pruning(num_samples=4), object()])
+    with pytest.raises(ValueError, match=r"holds 2 pruners \(Pruning, PrunedCheckpoint\); the HSR flow prunes once"):
+        check_one_pruner([Pruning(num_samples=4), PrunedCheckpoint()])
+    trainer = type("Trainer", (), {"callbacks": [Pruning(num_samples=4), PrunedCheckpoint()]})()
+    with pytest.raises(ValueError, match=r"holds 2 pruners"):
+        Pruning(num_samples=4).setup(trainer, None, "validate")
