@@ -7,7 +7,7 @@
   An evaluation set names its ``format``: VLGuard JSON (train or test file) or a published
   benchmark layout (FigStep SafeBench, MM-SafetyBench, MMBench TSV, DocVQA JSON; see
   ``hsr_pl.data.benchmarks`` and docs/evaluation.md). Its examples are batched longest prompt
-  first, so that each batch pads little and a too-long prompt fails at the first batch.
+  first, so that each batch pads little (a prompt too long for the model is refused in ``setup``).
 - ``calibration_dataloader(split, …)``: what the callbacks use (pruning statistics, head scores,
   importance scores): a seeded selection of N examples of one split.
 
@@ -167,8 +167,9 @@ class VLGuardDataModule(pl.LightningDataModule):
             root (``image_root``, or the file's folder), so it cannot make hsr-pl read other files.
 
     When the data is loaded (``setup``) every image is verified (empty, damaged, oversized) and
-    every row is measured against the model's ``max_position_embeddings`` (and ``max_length``):
-    the longest one is refused, naming its record, before any calibration or training work.
+    every row is measured against the model's ``max_position_embeddings`` (training and
+    calibration rows also against ``max_length``): the longest one is refused, naming its record,
+    before any calibration or training work.
     """
 
     def __init__(
@@ -323,10 +324,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         with the most text tokens is built exactly, image tokens included. A row that only an
         unusually large image makes too long is still refused, by the collator, at its batch.
         """
-        limit, setting = self.max_positions(), "max_position_embeddings"
-        if self.max_length is not None and (limit is None or self.max_length < limit):
-            limit, setting = self.max_length, "max_length"
-        if limit is None or not self._has_processor():
+        positions = self.max_positions()
+        if (positions is None and self.max_length is None) or not self._has_processor():
             return
         sources: list[tuple[str, list[dict], bool]] = []
         if self.calibration_path is not None:
@@ -336,7 +335,11 @@ class VLGuardDataModule(pl.LightningDataModule):
         for eval_set in self.eval_sets:
             sources.append((eval_set.path, self.eval_rows(eval_set), False))
         for source, rows, with_response in sources:
-            if not rows:
+            # max_length caps what the collator trains and calibrates on (with responses), as before.
+            limit, setting = positions, "max_position_embeddings"
+            if with_response and self.max_length is not None and (limit is None or self.max_length < limit):
+                limit, setting = self.max_length, "max_length"
+            if not rows or limit is None:
                 continue
             collate = VLGuardCollator(self.processor, with_response=with_response)
             lengths = collate.text_lengths(rows)
@@ -344,11 +347,13 @@ class VLGuardDataModule(pl.LightningDataModule):
             exact = collate.row_length(_decoded(rows[longest]))
             if exact > limit:
                 what = "prompt + response" if with_response else "prompt"
-                fix = ("raise max_length" if setting == "max_length" else
-                       "use a model with a longer context")
+                if setting == "max_length":
+                    cap, fix = f"the data module's max_length={limit}", "raise max_length"
+                else:
+                    cap, fix = f"the model's max_position_embeddings={limit}", "use a model with a longer context"
                 raise DataFormatError(
                     f"{source}: record {rows[longest].get('record')} is {exact} tokens long ({what}, image tokens "
-                    f"included), more than the model's {setting}={limit}; shorten or drop the longest records, or {fix}"
+                    f"included), more than {cap}; shorten or drop the longest records, or {fix}"
                 )
 
     def train_dataloader(self) -> DataLoader:
