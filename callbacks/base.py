@@ -35,6 +35,7 @@ from typing_extensions import override
 
 __all__ = [
     "WHEN",
+    "check_one_pruner",
     "HSRCallback",
     "ResumeMismatchError",
     "notify_before_pruning",
@@ -72,6 +73,17 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5
     if len(keys) > limit:
         parts.append(f"… {len(keys) - limit} more")
     return "; ".join(parts)
+
+
+def check_one_pruner(callbacks) -> None:
+    """Refuse two callbacks that fill the pruning masks (Pruning, PrunedCheckpoint): each would
+    overwrite the other's masks."""
+    pruners = [type(cb).__name__ for cb in callbacks if getattr(cb, "fills_masks", False)]
+    if len(pruners) > 1:
+        raise ValueError(
+            f"trainer.callbacks holds {len(pruners)} pruners ({', '.join(pruners)}); the HSR flow prunes once: keep one "
+            "(Pruning's when: [fit_start, validation_start] covers both moments)"
+        )
 
 
 def notify_stage(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, source: Callback) -> None:
@@ -164,6 +176,7 @@ class HSRCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer)
+        check_one_pruner(getattr(trainer, "callbacks", ()))
 
     def _step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
         _preflight(trainer, pl_module, moment)

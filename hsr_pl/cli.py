@@ -70,6 +70,10 @@ class HSRCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer only validates its settings in ``__init__``: what it raises there is a bad input."""
+        from hsr_pl.callbacks.base import check_one_pruner
+
+        # Before Lightning's own refusal of two callbacks of one type ("state_key must be unique").
+        check_one_pruner((self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or [])
         try:
             return super().instantiate_trainer(**kwargs)
         except (ValueError, TypeError) as exc:
@@ -89,11 +93,43 @@ class HSRCLI(LightningCLI):
             what = "is a folder" if path.is_dir() else "does not exist"
             raise UserError(f"ckpt_path={str(ckpt)!r} {what}; give a Lightning checkpoint file (.ckpt) or drop ckpt_path")
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI unpickles ``ckpt_path`` here, in ``__init__``, for its hyperparameters: check
+        the file first, so a pickle a safe load refuses or a damaged file is one line."""
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and Path(str(ckpt)).expanduser().is_file():
+            _check_checkpoint_file(Path(str(ckpt)).expanduser(), str(ckpt))
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         self._check_ckpt_path()
 
     def before_validate(self) -> None:
         self._check_ckpt_path()
+
+
+def _check_checkpoint_file(path: Path, given: str) -> None:
+    """Open ``path`` the way Lightning will (``torch.load``, weights only) before any work: a pickle
+    that a safe load refuses, or a damaged file, is a one-line error now, not a traceback after
+    the model was loaded. Tensors are memory-mapped, not read, so this costs little."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    fix = "give a .ckpt file that Lightning saved (trainer.save_checkpoint / ModelCheckpoint) or drop ckpt_path"
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"it would import {found.group(1)}" if found else _one_line(str(exc))[:160]
+        raise UserError(
+            f"ckpt_path={given!r} holds objects that a safe (weights-only) load refuses ({what}), so it was not "
+            f"unpickled; it is not a Lightning checkpoint, or it is one from an untrusted source: {fix}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise UserError(f"ckpt_path={given!r} is not a readable checkpoint ({_one_line(str(exc))[:160]}); {fix}") from None
 
 
 def run_cli(args: list[str] | None = None) -> HSRCLI:
@@ -222,7 +258,35 @@ def explain(exc: BaseException) -> tuple[str, str | None] | None:
     ours = _project_error(exc)
     if ours is not None:
         return _one_line(str(ours)), None
+    disk = _disk_full(exc)
+    if disk is not None:
+        return disk, None
     return _parser_message(exc)
+
+
+# The reasons as the OS words them, and as Rust's io::ErrorKind (safetensors) names them.
+_DISK_FULL = {"No space left on device": ("No space left on device", "StorageFull"),
+              "Disk quota exceeded": ("Disk quota exceeded", "QuotaExceeded")}
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """A write that the file system refused in code not our own (Lightning, torch, safetensors)."""
+    from .io import DISK_ERRNOS
+
+    for link in _chain(exc):
+        if isinstance(link, OSError) and link.errno in DISK_ERRNOS:
+            target = f" {link.filename}" if link.filename else ""
+            reason = link.strerror or os.strerror(link.errno)
+        else:
+            reason = next((r for r, words in _DISK_FULL.items() if any(w in str(link) for w in words)), "")
+            if not reason:
+                continue
+            target = ""
+        return (
+            f"a write{target} failed: {reason}; free space on that disk (or raise the quota) and rerun, or point the "
+            "output (default_root_dir, dirpath, output) at another location"
+        )
+    return None
 
 
 def _debug_requested(args: Sequence[str]) -> bool:

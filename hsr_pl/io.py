@@ -10,12 +10,17 @@
 * :func:`check_output_file` / :func:`check_output_folder`: the same refusals, and a test write,
   *before* any work, so a bad output path fails in seconds instead of after the run.
 
+A write that the file system refuses (disk full, quota, read-only, file too large) ends as an
+:class:`OutputPathError` naming the file and the fix; the temp file is removed and the earlier
+file (or folder) stays as it was.
+
 Modes follow the umask (files ``0o666 & ~umask``, folders ``0o777 & ~umask``), not the private
 ``0600`` / ``0700`` that ``mkstemp`` / ``mkdtemp`` give.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -34,6 +39,7 @@ __all__ = [
     "atomic_path",
     "check_output_file",
     "check_output_folder",
+    "disk_error",
     "dumps_json",
     "file_mode",
     "folder_mode",
@@ -53,6 +59,20 @@ class OutputPathError(ValueError):
 
 class NonFiniteJSONError(ValueError):
     """A value to be written as JSON holds NaN or inf (JSON has no such numbers)."""
+
+
+# What the file system (not hsr-pl) refuses: the user can fix these by freeing or choosing space.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def disk_error(exc: BaseException, target: PathLike) -> OutputPathError | None:
+    """A one-line error for a write to ``target`` that the file system refused (None: another error)."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    return OutputPathError(
+        f"cannot write {target}: {exc.strerror or os.strerror(exc.errno)} ({errno.errorcode[exc.errno]}); nothing was "
+        "replaced: free space on that disk (or raise the quota) and rerun, or write to another location"
+    )
 
 
 # ------------------------------------------------------------------------------------- modes
@@ -209,8 +229,11 @@ def atomic_path(path: PathLike, suffix: str = ".tmp") -> Iterator[Path]:
         os.chmod(tmp, file_mode())
         _fsync_file(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        refused = disk_error(exc, target)
+        if refused is not None:
+            raise refused from exc
         raise
     _fsync_folder(target.parent)
 
@@ -314,6 +337,9 @@ def atomic_folder(
         write_json_atomic(tmp / OWNER_MARKER, {"owner": owner, "format": "hsr-pl owner marker v1"})
         _fsync_tree(tmp)
         _swap_in(tmp, folder)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        refused = disk_error(exc, folder)
+        if refused is not None:
+            raise refused from exc
         raise

@@ -212,6 +212,62 @@ def foreign_data_dir(i: Inputs) -> list[str]:
     return synthetic(i, folder)
 
 
+def image_path_data(i: Inputs, image: Callable[[Path], str]) -> list[str]:
+    """Record 1 names the image ``image(data folder)`` returns (set up outside the folder)."""
+    outside = i.root / "elsewhere"
+    outside.mkdir()
+    shutil.copy(EXAMPLES / "images" / "001.png", outside / "secret.png")
+    folder = i.root / "data"
+    return train_path(i, i.data_copy(lambda records: records[1].update(image=image(folder))))
+
+
+def symlink_out(folder: Path) -> str:
+    (folder / "images" / "link.png").symlink_to(folder.parent / "elsewhere" / "secret.png")
+    return "images/link.png"
+
+
+def image_file(content: bytes) -> Callable[[Inputs], list[str]]:
+    """Record 0's image file replaced by ``content``."""
+    def build(i: Inputs) -> list[str]:
+        path = i.data_copy()
+        image = json.loads(path.read_text())[0]["image"]
+        (path.parent / image).write_bytes(content)
+        return train_path(i, path)
+    return build
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels in a few bytes (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+NOT_UTF8 = b"\xff\xfe{}"  # a UTF-16 byte-order mark
+LONG_PROMPT = " ".join(["describe"] * 600)  # 600 words: more than tiny LLaVA's 512 positions
+
+
+def long_prompt(records: list) -> None:
+    records[3]["instr-resp"][0]["instruction" if "instruction" in records[3]["instr-resp"][0] else next(
+        k for k in ("safe_instruction", "unsafe_instruction") if k in records[3]["instr-resp"][0])] = LONG_PROMPT
+
+
+def hostile_checkpoint(i: Inputs) -> list[str]:
+    """A torch.save file whose unpickling would create a file in the (watched) input folder."""
+    class Payload:
+        def __reduce__(self):
+            return open, (str(i.root / "PAYLOAD-RAN"), "w")
+
+    path = i.root / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    return tiny(i, TINY, f"--ckpt_path={path}")
+
+
 # ------------------------------------------------------------------------- outputs, resume
 def output_under_file(i: Inputs) -> list[str]:
     blocker = i.file("results", "a file, not a folder")
@@ -244,10 +300,24 @@ def partial(i: Inputs, content: str) -> list[str]:
 
 
 def partial_of_other_settings(i: Inputs) -> list[str]:
-    from hsr_pl.report.heads import PARTIAL_FORMAT
+    from hsr_pl.report.heads import write_partial
 
-    header = {"format": PARTIAL_FORMAT, "settings": {"ablation": "zero"}, "scores": {"0-0": 0.5}}
-    return partial(i, json.dumps(header))
+    argv = partial(i, "")
+    write_partial(i.root / "scan" / "scores.partial.json", {"ablation": "zero"}, {"0-0": 0.5})
+    return argv
+
+
+def tampered_partial(i: Inputs) -> list[str]:
+    """A partial file hsr-pl wrote, with one score edited afterwards (still a finite number)."""
+    from hsr_pl.report.heads import write_partial
+
+    argv = partial(i, "")
+    path = i.root / "scan" / "scores.partial.json"
+    write_partial(path, {"ablation": "head"}, {"0-0": 0.5, "0-1": 0.25})
+    content = json.loads(path.read_text())
+    content["scores"]["0-1"] = 9.0
+    path.write_text(json.dumps(content))
+    return argv
 
 
 def corrupt_partial(i: Inputs) -> list[str]:
@@ -300,6 +370,9 @@ CASES = [
          r"trainer: `Trainer\(devices='0'\)` value is not a valid input using cpu accelerator"),
     case("ckpt-path-missing", lambda i: tiny(i, TINY, f"--ckpt_path={i.root / 'none.ckpt'}"),
          r"ckpt_path='.*none.ckpt' does not exist; give a Lightning checkpoint file"),
+    case("ckpt-path-hostile-pickle", hostile_checkpoint,
+         r"ckpt_path='.*evil.ckpt' holds objects that a safe \(weights-only\) load refuses \(it would import "
+         r"(io|builtins).open\), so it was not unpickled; .*give a .ckpt file that Lightning saved"),
     # model
     case("model-missing", lambda i: with_model(i, i.root / "nope"), r"model path .*nope does not exist; pass a local checkpoint folder"),
     case("model-is-text-file", lambda i: with_model(i, i.file("notes.txt", "hello world")),
@@ -332,6 +405,27 @@ CASES = [
     case("record-image-missing", edited_data(lambda r: r[1].update(image="images/gone.png")),
          r"record 1: image .*gone.png does not exist; check image_root"),
     case("record-without-pairs", edited_data(drop_key("instr-resp")), r"record 0 has no 'instr-resp' field"),
+    case("record-safe-string", edited_data(lambda r: r[0].update(safe="false")),
+         r"train.json: record 0: 'safe' is 'false' \(str\); it must be a JSON boolean, true or false without quotes"),
+    case("record-safe-number", edited_data(lambda r: r[2].update(safe=0)), r"record 2: 'safe' is 0 \(int\); it must be a JSON boolean"),
+    case("record-longer-than-model", lambda i: heads(i, f"--data.init_args.train_path={i.data_copy(long_prompt)}"),
+         r"train.json: record 3 is \d{3} tokens long \(prompt \+ response, image tokens included\), more than the model's "
+         r"max_position_embeddings=512; shorten or drop the longest records"),
+    case("record-longer-than-model-folder", lambda i: with_model(i, i.model, f"--data.init_args.train_path={i.data_copy(long_prompt)}"),
+         r"record 3 is \d{3} tokens long .*max_position_embeddings=512"),
+    case("record-image-parent-path", lambda i: image_path_data(i, lambda folder: "../" * len(folder.parts) + "etc/passwd"),
+         r"record 1: image '(\.\./)+etc/passwd' lies outside image_root .*/data .*set allow_outside_root: true"),
+    case("record-image-absolute-path", lambda i: image_path_data(i, lambda folder: str(folder.parent / "elsewhere" / "secret.png")),
+         r"record 1: image '/.*elsewhere/secret.png' lies outside image_root .*move the image there, or set allow_outside_root"),
+    case("record-image-symlink-out", lambda i: image_path_data(i, symlink_out),
+         r"record 1: image 'images/link.png' lies outside image_root .* \(it resolves to .*elsewhere/secret.png\)"),
+    case("record-image-empty", image_file(b""), r"record 0: image .*\.png is empty \(0 bytes\); replace it"),
+    case("record-image-corrupt", image_file(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4),
+         r"record 0: image .*\.png is not a readable image \(.*\); replace it or drop the record"),
+    case("record-image-bomb", image_file(png_header(10_000, 10_000)),
+         r"record 0: image .*\.png is 10000x10000 = 100000000 pixels, more than 89478485 \(a decompression bomb\?\); downscale it"),
+    case("record-image-bomb-2x", image_file(png_header(20_000, 20_000)),
+         r"record 0: image .*\.png is larger than 89478485 pixels \(a decompression bomb\?\); downscale it"),
     case("data-num-samples-zero", lambda i: tiny(i, TINY, "--data.init_args.num_samples=0"), r"VLGuardDataModule: num_samples=0 must be a positive integer \(calibration samples per split"),
     case("data-batch-size-zero", lambda i: tiny(i, TINY, "--data.init_args.batch_size=0"), r"VLGuardDataModule: batch_size=0 must be a positive integer"),
     case("eval-kind-unknown", lambda i: eval_sets(i, {"kind": "toxic"}),
@@ -363,12 +457,16 @@ CASES = [
          r"scores_path=.*no.json' does not exist"),
     case("heads-scores-path-invalid", lambda i: scores_file(i, '{"0_1": 0.5}'), r"key '0_1' is not '<layer>-<head>'"),
     case("heads-scores-path-nan", lambda i: scores_file(i, '{"0-0": NaN}'), r"score of '0-0' is nan; scores must be finite numbers"),
+    case("heads-scores-path-not-utf8", lambda i: scores_file(i, '{"0-0": 0.5, "note": "caf\xe9"}'.encode("latin-1")),
+         r"released.json is not UTF-8 text \(byte 0xe9 at offset \d+\); give a UTF-8 JSON file"),
     # resume
     case("heads-resume-without-output", lambda i: tiny(i, HEADS, "--trainer.callbacks.init_args.output=null",
                                                        "--trainer.callbacks.init_args.resume=true"),
          r"resume=True needs output=<path.json>"),
     case("heads-partial-corrupt", corrupt_partial, r"partial file .*scores.partial.json is damaged .*delete it to start the scan afresh"),
     case("heads-partial-not-json", lambda i: partial(i, "{half"), r"partial file .* is not valid JSON .*delete it"),
+    case("heads-partial-tampered", tampered_partial,
+         r"partial file .*scores.partial.json was changed after hsr-pl wrote it .*delete it to start the scan afresh"),
     case("heads-partial-other-settings", partial_of_other_settings,
          r"resume refused: .*scores.partial.json was written with different settings \(ablation: 'zero' there vs 'head' now"),
     # realignment, repair and export
@@ -394,6 +492,11 @@ CASES = [
          r"Pruning keeps no original values of 4 attention projection\(s\) .*drop its keep_originals", allowed=("load",)),
     case("realign-structure-unstructured", lambda i: flow(i, PRUNE + REALIGN % ", preserve_structure: true"),
          r"preserve_structure needs N:M masks, but Pruning is unstructured .*set Pruning's mask_structure"),
+    case("realign-heads-path-not-utf8", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
+                                                       f"init_args: {{heads_path: '{i.file('h.json', NOT_UTF8)}', top_h: 2}}}}\n"),
+         r"h.json is not UTF-8 text \(byte 0xff at offset 0\)"),
+    case("two-pruners", lambda i: flow(i, PRUNE + PRUNE),
+         r"trainer.callbacks holds 2 pruners \(Pruning, Pruning\); the HSR flow prunes once: keep one"),
     case("realign-output-under-file", lambda i: flow(i, PRUNE + REALIGN % f", output: '{i.file('results', 'x') / 'r.json'}'"),
          r"SafetyRealignment output=.*r.json' lies under .*results', which is a file"),
     case("stages-without-realignment", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.StageEvaluation}\n"),
@@ -576,3 +679,145 @@ def test_the_installed_script_behaves_the_same(tmp_path, pristine):
         _, err = process.communicate(timeout=300)
         assert process.returncode == 2, err
         assert re.search(bad.message, check_one_line(err)), err
+
+
+# ------------------------------------------------------------- faults beyond the table (issue 21)
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+class ScanKilled(Exception):
+    pass
+
+
+def test_a_partial_scan_file_edited_after_it_was_written_is_refused_before_the_scan(tmp_path, monkeypatch, capsys):
+    """A real scan killed after layer 0, one finite score of its partial file edited: the resume refuses it."""
+    from hsr_pl.callbacks.head_attribution import SafetyHeadAttribution
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("HSR_PL_DEBUG", raising=False)
+    out = tmp_path / "scan" / "scores.json"
+    argv = tiny(Inputs(tmp_path, tmp_path / "out", tmp_path, tmp_path), HEADS, f"--trainer.callbacks.init_args.output={out}")
+    original = SafetyHeadAttribution.on_layer_scored
+
+    def killed(self, layer, scores):
+        original(self, layer, scores)
+        raise ScanKilled("killed after layer 0")  # the scan dies once layer 0's partial file is written
+
+    monkeypatch.setattr(SafetyHeadAttribution, "on_layer_scored", killed)
+    code, err = run_main(argv, capsys)
+    assert code == 1 and "ScanKilled: killed after layer 0" in err
+    monkeypatch.setattr(SafetyHeadAttribution, "on_layer_scored", original)
+    partial = out.with_name("scores.partial.json")
+    content = json.loads(partial.read_text())
+    assert sorted(content["scores"]) == ["0-0", "0-1", "0-2", "0-3"] and not out.exists()
+    content["scores"]["0-2"] = 1000.0  # finite, plausible to the old check
+    partial.write_text(json.dumps(content, indent=2))
+    before = partial.read_bytes()
+
+    expensive = Expensive(monkeypatch)
+    code, err = run_main([*argv, "--trainer.callbacks.init_args.resume=true"], capsys)
+    assert code == 2, err
+    message = check_one_line(err)
+    assert re.search(r"partial file .*scores.partial.json was changed after hsr-pl wrote it .*delete it to start the "
+                     r"scan afresh", message), message
+    assert "scan" not in expensive.reached and "validate" not in expensive.reached, expensive.reached
+    assert partial.read_bytes() == before and not out.exists()
+
+
+FULL_DISK = """
+import errno, io, os, sys
+from pathlib import Path
+
+full = Path(sys.argv[1]).resolve()  # writes to files in this folder fail as on a full disk
+real_open = io.open
+
+
+class FullDisk:
+    def __init__(self, file):
+        self._file = file
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+    opened = real_open(file, mode, *args, **kwargs)
+    if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax") and Path(file).resolve().parent == full:
+        return FullDisk(opened)
+    return opened
+
+
+io.open = open_on_a_full_disk
+import builtins
+builtins.open = open_on_a_full_disk
+
+from hsr_pl.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_write_is_one_line_and_keeps_the_earlier_file(tmp_path):
+    """A real hsr-pl process whose writes into the output folder fail with ENOSPC (injected into
+    ``open().write``): exit 2, one line naming the file, the earlier output intact, no temp file left."""
+    results = tmp_path / "results"
+    results.mkdir()
+    earlier = results / "scores.json"
+    earlier.write_text('{"0-0": 0.5}\n')  # an earlier run's output
+    argv = tiny(Inputs(tmp_path, tmp_path / "out", tmp_path, tmp_path), HEADS, f"--trainer.callbacks.init_args.output={earlier}")
+    env = {**os.environ, "HSR_PL_DEBUG": "", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(results), *argv], cwd=ROOT, env=env, text=True,
+                         capture_output=True, timeout=600)
+    assert run.returncode == 2, run.stderr
+    message = check_one_line(run.stderr)
+    assert re.search(r"cannot write .*results/scores(\.partial)?\.json: No space left on device \(ENOSPC\); nothing was "
+                     r"replaced: free space on that disk .*or write to another location", message), message
+    assert sorted(p.name for p in results.iterdir()) == ["scores.json"]
+    assert earlier.read_text() == '{"0-0": 0.5}\n'
+
+
+def test_a_full_disk_in_code_not_ours_is_one_line():
+    """Lightning, torch or safetensors hitting a full disk: no traceback, the reason and the fix."""
+    import errno
+
+    from hsr_pl.cli import explain
+
+    oserror = OSError(errno.ENOSPC, "No space left on device", "/runs/x/last.ckpt")
+    message, _ = explain(RuntimeError("saving failed").with_traceback(None)) or ("", None)
+    assert message == ""  # an unrelated RuntimeError from elsewhere stays a bug
+    try:
+        raise RuntimeError("saving the checkpoint failed") from oserror
+    except RuntimeError as exc:
+        message, hint = explain(exc)
+    assert message.startswith("a write /runs/x/last.ckpt failed: No space left on device; free space") and hint is None
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    assert explain(wrapped)[0].startswith("a write failed: No space left on device; free space")
+
+
+def test_pruning_with_a_pruned_checkpoint_is_refused_as_two_pruners():
+    """Two mask fillers of different types pass Lightning's duplicate check; ``setup`` refuses them."""
+    from hsr_pl.callbacks import Pruning
+    from hsr_pl.callbacks.base import check_one_pruner
+
+    class PrunedCheckpoint:  # stands in for the real one (which needs a pruned model folder)
+        fills_masks = True
+
+    check_one_pruner([Pruning(num_samples=4), object()])
+    with pytest.raises(ValueError, match=r"holds 2 pruners \(Pruning, PrunedCheckpoint\); the HSR flow prunes once"):
+        check_one_pruner([Pruning(num_samples=4), PrunedCheckpoint()])
+    trainer = type("Trainer", (), {"callbacks": [Pruning(num_samples=4), PrunedCheckpoint()]})()
+    with pytest.raises(ValueError, match=r"holds 2 pruners"):
+        Pruning(num_samples=4).setup(trainer, None, "validate")

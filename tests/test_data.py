@@ -205,3 +205,135 @@ def test_shuffle_seed_makes_training_order_independent_of_other_rng_use(tiny_lla
     # Without it the order follows the global RNG, which other loaders also draw from.
     assert order(0, None) == order(0, None)
     assert order(0, None)[1] != order(3, None)[1]
+
+
+# ------------------------------------------------------- issue 21: safe flags, image paths, lengths
+@pytest.mark.parametrize("value", ["false", "true", 0, 1, None])
+def test_safe_must_be_a_json_boolean(fixture_path, value):
+    records = json.loads(fixture_path.read_text())
+    records[4]["safe"] = value
+    fixture_path.write_text(json.dumps(records))
+    with pytest.raises(DataFormatError, match=r"record 4: 'safe' is .*; it must be a JSON boolean"):
+        load_vlguard(fixture_path)
+
+
+def test_a_false_safe_flag_keeps_its_pairs_in_the_safety_split(fixture_path):
+    records = json.loads(fixture_path.read_text())
+    assert records[2]["safe"] is False
+    by_record = [e for e in load_vlguard(fixture_path) if e["record"] == 2]
+    assert by_record and all(e["split"] == "safety" and e["safe"] is False for e in by_record)
+
+
+def _outside(tmp_path, fixture_path):
+    """Record 1 names an image outside the fixture's folder (absolute), record 2 one via a symlink out."""
+    import shutil
+
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(fixture_path.parent / "images" / "001.png", elsewhere / "secret.png")
+    (fixture_path.parent / "images" / "link.png").symlink_to(elsewhere / "secret.png")
+    records = json.loads(fixture_path.read_text())
+    records[1]["image"] = str(elsewhere / "secret.png")
+    records[2]["image"] = "images/link.png"
+    fixture_path.write_text(json.dumps(records))
+    return elsewhere
+
+
+def test_image_paths_stay_inside_the_root_unless_allowed(tmp_path, fixture_path):
+    elsewhere = _outside(tmp_path, fixture_path)
+    with pytest.raises(DataFormatError, match=r"record 1: image '.*secret.png' lies outside image_root"):
+        load_vlguard(fixture_path)
+    records = json.loads(fixture_path.read_text())
+    records[1]["image"] = "images/001.png"
+    fixture_path.write_text(json.dumps(records))
+    with pytest.raises(DataFormatError, match=r"record 2: image 'images/link.png' lies outside .*it resolves to"):
+        load_vlguard(fixture_path)
+    # Opted in: both are read, as given.
+    allowed = load_vlguard(fixture_path, allow_outside_root=True)
+    assert {e["image"] for e in allowed if e["record"] == 2} == {str(fixture_path.parent / "images" / "link.png")}
+    module = VLGuardDataModule(train_path=str(fixture_path), allow_outside_root=True)
+    assert len(module.examples(str(fixture_path))) == len(allowed)
+    # Inside the root: an absolute path and a symlink that stays inside are fine.
+    (fixture_path.parent / "images" / "inner.png").symlink_to(fixture_path.parent / "images" / "000.png")
+    records[2]["image"] = "images/inner.png"
+    records[3]["image"] = str(fixture_path.parent / "images" / "003.png")
+    fixture_path.write_text(json.dumps(records))
+    assert len(load_vlguard(fixture_path)) == len(allowed)
+    assert elsewhere.is_dir()
+
+
+def test_docvqa_image_paths_are_confined_too(tmp_path):
+    from hsr_pl.data.benchmarks import load_docvqa
+
+    (tmp_path / "val" / "documents").mkdir(parents=True)
+    make_vlguard_fixture(tmp_path / "src", n=1)
+    (tmp_path / "val" / "documents" / "a.png").write_bytes((tmp_path / "src" / "images" / "000.png").read_bytes())
+    record = {"questionId": 1, "question": "what ?", "answers": ["x"], "image": "../src/images/000.png"}
+    path = tmp_path / "val" / "val.json"
+    path.write_text(json.dumps({"data": [record]}))
+    with pytest.raises(DataFormatError, match=r"record 0: image '../src/images/000.png' lies outside image_root"):
+        load_docvqa(path)
+    assert len(load_docvqa(path, allow_outside_root=True)) == 1
+    record["image"] = "documents/a.png"
+    path.write_text(json.dumps({"data": [record]}))
+    assert load_docvqa(path)[0]["image"] == str(tmp_path / "val" / "documents" / "a.png")
+
+
+def test_images_are_verified_when_loaded_and_a_later_damage_is_one_line(fixture_path, tiny_llava):
+    from PIL import Image
+
+    from hsr_pl.data.images import MAX_IMAGE_PIXELS
+
+    assert MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # PIL's own default limit, applied as a refusal
+    image = fixture_path.parent / "images" / "005.png"
+    examples = load_vlguard(fixture_path)
+    image.write_bytes(image.read_bytes()[:40])  # damaged after loading: the collator names it
+    _, processor = tiny_llava
+    row = next(e for e in examples if e["image"] == str(image))
+    with pytest.raises(DataFormatError, match=r"image .*005.png cannot be decoded .*replace it or drop its record"):
+        VLGuardCollator(processor)([row])
+    with pytest.raises(DataFormatError, match=r"record 5: image .*005.png is not a readable image"):
+        load_vlguard(fixture_path)
+
+
+def test_rows_longer_than_the_model_are_refused_in_setup_naming_the_longest(fixture_path, tiny_llava):
+    model, processor = tiny_llava
+    limit = model.config.get_text_config().max_position_embeddings
+    records = json.loads(fixture_path.read_text())
+    records[6]["instr-resp"][0]["safe_instruction"] = " ".join(["shape"] * 300)
+    records[7]["instr-resp"][0]["safe_instruction"] = " ".join(["shape"] * (limit + 20))
+    fixture_path.write_text(json.dumps(records))
+
+    class Module:  # what the data module reads: the built model and its processor
+        def __init__(self):
+            self.model, self.processor = model, processor
+
+    data = VLGuardDataModule(train_path=str(fixture_path))
+    data.trainer = type("T", (), {"lightning_module": Module()})()
+    assert data.max_positions() == limit
+    with pytest.raises(DataFormatError, match=rf"record 7 is \d+ tokens long .*max_position_embeddings={limit}"):
+        data.setup("fit")
+    collator = VLGuardCollator(processor, max_positions=limit)
+    row = next(e for e in data.examples(str(fixture_path)) if e["record"] == 7)
+    exact = collator.row_length(row)
+    assert exact > limit + 20  # the image tokens count too
+    with pytest.raises(ValueError, match=rf"record 7 has {exact} tokens, more than the model's max_position_embeddings"):
+        collator([row])
+    # max_length below the model's limit is checked the same way, before any batch.
+    records[7]["instr-resp"][0]["safe_instruction"] = "shape"
+    fixture_path.write_text(json.dumps(records))
+    capped = VLGuardDataModule(train_path=str(fixture_path), max_length=100)
+    capped.trainer = data.trainer
+    with pytest.raises(DataFormatError, match=r"record 6 is \d+ tokens long .*max_length=100; .*raise max_length"):
+        capped.setup("fit")
+    VLGuardDataModule(train_path=str(fixture_path), max_length=limit).setup("fit")  # no trainer, no processor: skipped
+
+
+def test_position_limit_reads_the_config_file_before_the_weights_are_loaded(tmp_path):
+    from hsr_pl.data.datamodule import position_limit
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava", "text_config": {"max_position_embeddings": 77}}))
+    assert position_limit(type("M", (), {"model": None, "model_source": str(tmp_path)})()) == 77
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 99}))
+    assert position_limit(type("M", (), {"model": None, "model_source": str(tmp_path)})()) == 99
+    assert position_limit(None) is None

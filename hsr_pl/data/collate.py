@@ -33,8 +33,14 @@ def build_messages(instruction: str, response: str | None, with_image: bool) -> 
 def _open_image(path: str):
     from PIL import Image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    from .vlguard import DataFormatError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Loading verified the file; this is a file that changed since, or damage verify cannot see.
+        raise DataFormatError(f"image {path} cannot be decoded ({exc}); replace it or drop its record") from None
 
 
 def _load_image(image):
@@ -55,9 +61,13 @@ class VLGuardCollator:
             response-position head scores); otherwise emit the prompt with the generation prompt.
         max_length: optional cap; rows longer than it are an error (silently cutting a response
             would train on a truncated refusal).
+        max_positions: the model's ``max_position_embeddings``; a longer row is an error too
+            (the data module checks every row when the data is loaded; this is the backstop).
     """
 
-    def __init__(self, processor, with_response: bool = True, max_length: int | None = None) -> None:
+    def __init__(
+        self, processor, with_response: bool = True, max_length: int | None = None, max_positions: int | None = None
+    ) -> None:
         if getattr(processor, "chat_template", None) is None and getattr(
             _tokenizer_of(processor), "chat_template", None
         ) is None:
@@ -68,6 +78,7 @@ class VLGuardCollator:
         self.processor = processor
         self.with_response = with_response
         self.max_length = max_length
+        self.max_positions = max_positions
 
     def _template(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(
@@ -101,7 +112,7 @@ class VLGuardCollator:
         prompts = [self._template(build_messages(e["instruction"], None, bool(images)), True) for e in examples]
         if not self.with_response:
             batch = self._encode(prompts, images)
-            self._check_length(batch)
+            self._check_length(batch, examples)
             return batch
         fulls = [
             self._template(build_messages(e["instruction"], e["response"], bool(images)), False)
@@ -109,7 +120,7 @@ class VLGuardCollator:
         ]
         batch = self._encode(fulls, images)
         prompt_batch = self._encode(prompts, images)
-        self._check_length(batch)
+        self._check_length(batch, examples)
         prompt_lengths = prompt_batch["attention_mask"].sum(dim=1)
         lengths = batch["attention_mask"].sum(dim=1)
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
@@ -135,9 +146,37 @@ class VLGuardCollator:
         batch["labels"] = labels
         return batch
 
-    def _check_length(self, batch: dict) -> None:
-        if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
+    def _check_length(self, batch: dict, examples: Sequence[dict] = ()) -> None:
+        width = batch["input_ids"].shape[1]
+        if self.max_length is not None and width > self.max_length:
             raise ValueError(
-                f"a batch row has {batch['input_ids'].shape[1]} tokens > max_length={self.max_length}; "
+                f"a batch row has {width} tokens > max_length={self.max_length}; "
                 "raise max_length or shorten the data"
             )
+        if self.max_positions is not None and width > self.max_positions:
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            row = max(range(len(lengths)), key=lambda i: lengths[i])
+            record = examples[row].get("record") if examples else None
+            raise ValueError(
+                f"record {record} has {int(lengths[row])} tokens, more than the model's max_position_embeddings="
+                f"{self.max_positions}; shorten or drop the record"
+            )
+
+    # --------------------------------------------------------------------------- lengths
+    def _text(self, example: dict, with_image: bool) -> str:
+        response = example["response"] if self.with_response else None
+        return self._template(build_messages(example["instruction"], response, with_image), not self.with_response)
+
+    def text_lengths(self, examples: Sequence[dict]) -> list[int]:
+        """Tokens of each example's templated text, image placeholders not expanded: a cheap lower
+        bound of its length (no image is read)."""
+        texts = [
+            self._text(e, e.get("image") is not None or e.get("image_b64") is not None) for e in examples
+        ]
+        tokenizer = _tokenizer_of(self.processor)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def row_length(self, example: dict) -> int:
+        """The exact length of ``example`` as a batch of one (image tokens included)."""
+        images = [[_load_image(example["image"])]] if example.get("image") is not None else []
+        return int(self._encode([self._text(example, bool(images))], images)["attention_mask"].sum())

@@ -7,7 +7,7 @@
   An evaluation set names its ``format``: VLGuard JSON (train or test file) or a published
   benchmark layout (FigStep SafeBench, MM-SafetyBench, MMBench TSV, DocVQA JSON; see
   ``hsr_pl.data.benchmarks`` and docs/evaluation.md). Its examples are batched longest prompt
-  first, so that each batch pads little and a too-long prompt fails at the first batch.
+  first, so that each batch pads little (a prompt too long for the model is refused in ``setup``).
 - ``calibration_dataloader(split, …)``: what the callbacks use (pruning statistics, head scores,
   importance scores): a seeded selection of N examples of one split.
 
@@ -31,7 +31,15 @@ from torch.utils.data import DataLoader
 from . import benchmarks
 from .benchmarks.vlguard_test import SUBSETS, select_subset
 from .collate import VLGuardCollator
-from .vlguard import SPLITS, check_num_samples, load_vlguard, pairs_to_dataset, parse_split, select_samples
+from .vlguard import (
+    SPLITS,
+    DataFormatError,
+    check_num_samples,
+    load_vlguard,
+    pairs_to_dataset,
+    parse_split,
+    select_samples,
+)
 
 __all__ = ["EvalSet", "VLGuardDataModule"]
 
@@ -62,6 +70,28 @@ class EvalSet:
     format: Literal["vlguard", "figstep", "mmsafetybench", "mmbench", "docvqa"] = "vlguard"
     options: dict[str, Any] | None = None
     max_new_tokens: int | None = None
+
+
+def position_limit(module: object) -> int | None:
+    """``max_position_embeddings`` of ``module``'s text config: from its built ``model`` or, before
+    the weights are loaded, from ``<model_source>/config.json``; None when neither says."""
+    import json
+
+    config = getattr(getattr(module, "model", None), "config", None)
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        value = getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    else:
+        source = getattr(module, "model_source", None)
+        if source is None:
+            return None
+        try:
+            found = json.loads((Path(str(source)).expanduser() / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # no folder (or the model check already refused it)
+        text = found.get("text_config") if isinstance(found, dict) else None
+        value = (text or {}).get("max_position_embeddings") or (found or {}).get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _decoded(example: dict) -> dict:
@@ -132,6 +162,14 @@ class VLGuardDataModule(pl.LightningDataModule):
             evaluation loaders iterated between epochs changes.
         allow_text_only: accept records without an image (text-only models); otherwise such a
             record is an error, not a silently text-only prompt.
+        allow_outside_root: accept image paths that lead outside the image root (``../``, absolute
+            paths, symlinks out of it); by default a data file may only name images inside its
+            root (``image_root``, or the file's folder), so it cannot make hsr-pl read other files.
+
+    When the data is loaded (``setup``) every image is verified (empty, damaged, oversized) and
+    every row is measured against the model's ``max_position_embeddings`` (training and
+    calibration rows also against ``max_length``): the longest one is refused, naming its record,
+    before any calibration or training work.
     """
 
     def __init__(
@@ -151,6 +189,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         shuffle_seed: int | None = None,
         eval_length_sorted: bool = True,
         allow_text_only: bool = False,
+        allow_outside_root: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -186,6 +225,7 @@ class VLGuardDataModule(pl.LightningDataModule):
         self.shuffle_seed = shuffle_seed
         self.eval_length_sorted = eval_length_sorted
         self.allow_text_only = bool(allow_text_only)
+        self.allow_outside_root = bool(allow_outside_root)
         self._examples: dict[str, list[dict]] = {}
 
     @staticmethod
@@ -223,7 +263,10 @@ class VLGuardDataModule(pl.LightningDataModule):
         """Parsed (and validated) examples of one file, cached."""
         key = f"{path}::{image_root or self.image_root}"
         if key not in self._examples:
-            self._examples[key] = load_vlguard(path, image_root or self.image_root, allow_text_only=self.allow_text_only)
+            self._examples[key] = load_vlguard(
+                path, image_root or self.image_root, allow_text_only=self.allow_text_only,
+                allow_outside_root=self.allow_outside_root,
+            )
         return self._examples[key]
 
     def _loader(self, rows: list[dict], collate, batch_size: int, shuffle: bool) -> DataLoader:
@@ -258,6 +301,60 @@ class VLGuardDataModule(pl.LightningDataModule):
             self.examples(self.train_path)
         for eval_set in self.eval_sets:
             self.eval_examples(eval_set)
+        self.check_lengths(stage)
+
+    # ------------------------------------------------------------------------------ lengths
+    def max_positions(self) -> int | None:
+        """The model's ``max_position_embeddings`` (of its text config), read from the built model
+        or, before the weights are loaded, from its ``config.json``; None when unknown."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return position_limit(module)
+
+    def _has_processor(self) -> bool:
+        if self._processor is not None:
+            return True
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return getattr(module, "processor", None) is not None
+
+    def check_lengths(self, stage: str = "fit") -> None:
+        """Refuse a row longer than the model's positions (or ``max_length``) now, naming the
+        longest record: a longer prompt would be calibrated or trained on silently wrong.
+
+        Each row's templated text is tokenised (cheap; image placeholders unexpanded), then the row
+        with the most text tokens is built exactly, image tokens included. A row that only an
+        unusually large image makes too long is still refused, by the collator, at its batch.
+        """
+        positions = self.max_positions()
+        if (positions is None and self.max_length is None) or not self._has_processor():
+            return
+        sources: list[tuple[str, list[dict], bool]] = []
+        if self.calibration_path is not None:
+            sources.append((self.calibration_path, self.examples(self.calibration_path), True))
+        if stage == "fit" and self.train_path is not None and self.train_path != self.calibration_path:
+            sources.append((self.train_path, self.examples(self.train_path), True))
+        for eval_set in self.eval_sets:
+            sources.append((eval_set.path, self.eval_rows(eval_set), False))
+        for source, rows, with_response in sources:
+            # max_length caps what the collator trains and calibrates on (with responses), as before.
+            limit, setting = positions, "max_position_embeddings"
+            if with_response and self.max_length is not None and (limit is None or self.max_length < limit):
+                limit, setting = self.max_length, "max_length"
+            if not rows or limit is None:
+                continue
+            collate = VLGuardCollator(self.processor, with_response=with_response)
+            lengths = collate.text_lengths(rows)
+            longest = max(range(len(rows)), key=lambda i: lengths[i])
+            exact = collate.row_length(_decoded(rows[longest]))
+            if exact > limit:
+                what = "prompt + response" if with_response else "prompt"
+                if setting == "max_length":
+                    cap, fix = f"the data module's max_length={limit}", "raise max_length"
+                else:
+                    cap, fix = f"the model's max_position_embeddings={limit}", "use a model with a longer context"
+                raise DataFormatError(
+                    f"{source}: record {rows[longest].get('record')} is {exact} tokens long ({what}, image tokens "
+                    f"included), more than {cap}; shorten or drop the longest records, or {fix}"
+                )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_path is None:
@@ -266,7 +363,9 @@ class VLGuardDataModule(pl.LightningDataModule):
         if self.train_splits:
             examples = [e for e in examples if e["split"] in self.train_splits]
         dataset = pairs_to_dataset(examples, source=self.train_path)
-        collate = VLGuardCollator(self.processor, with_response=True, max_length=self.max_length)
+        collate = VLGuardCollator(
+            self.processor, with_response=True, max_length=self.max_length, max_positions=self.max_positions()
+        )
         return self._loader(self._rows(dataset), collate, self.batch_size, shuffle=True)
 
     def eval_examples(self, eval_set: EvalSet) -> list[dict]:
@@ -279,7 +378,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         key = f"{eval_set.format}::{eval_set.path}::{eval_set.image_root}::{sorted((eval_set.options or {}).items())}"
         if key not in self._examples:
             self._examples[key] = benchmarks.load_examples(
-                eval_set.format, eval_set.path, eval_set.image_root, eval_set.options
+                eval_set.format, eval_set.path, eval_set.image_root, eval_set.options,
+                allow_outside_root=self.allow_outside_root,
             )
         return self._examples[key]
 
@@ -327,7 +427,8 @@ class VLGuardDataModule(pl.LightningDataModule):
         for eval_set in self.eval_sets:
             rows = self.eval_rows(eval_set)
             meta = self._eval_meta(eval_set, rows)
-            collate = _EvalCollator(VLGuardCollator(self.processor, with_response=False), eval_set, meta)
+            inner = VLGuardCollator(self.processor, with_response=False, max_positions=self.max_positions())
+            collate = _EvalCollator(inner, eval_set, meta)
             loaders.append(self._loader(rows, collate, self.eval_batch_size, shuffle=False))
         return loaders
 
@@ -363,5 +464,7 @@ class VLGuardDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         """Batches of one split for the callbacks (see the module docstring of collate.py)."""
         dataset = self.calibration_dataset(split, num_samples)
-        collate = VLGuardCollator(self.processor, with_response=with_response, max_length=self.max_length)
+        collate = VLGuardCollator(
+            self.processor, with_response=with_response, max_length=self.max_length, max_positions=self.max_positions()
+        )
         return self._loader(self._rows(dataset), collate, batch_size, shuffle=shuffle)

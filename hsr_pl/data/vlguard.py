@@ -14,8 +14,9 @@ becomes one example of one split:
 Callers may join splits with ``+`` (``"safety+over_refusal"``): the harmful requests whose harm is
 in the image and those whose harm is in the words.
 
-Everything is checked up front (missing image, malformed record, empty split) with an error that
-names the file and record index, so no calibration or training work starts on bad data.
+Everything is checked up front (missing, empty, damaged or oversized image, an image path outside
+the image root, a ``safe`` flag that is not a JSON boolean, malformed record, empty split) with an
+error that names the file and record index, so no calibration or training work starts on bad data.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def _where(path: Path, index: int) -> str:
 
 
 def load_vlguard(
-    path: str | os.PathLike, image_root: str | os.PathLike | None = None, *, allow_text_only: bool = False
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    allow_text_only: bool = False,
+    allow_outside_root: bool = False,
 ) -> list[dict]:
     """Read a VLGuard JSON file into flat examples, one per instruction/response pair.
 
@@ -57,7 +62,12 @@ def load_vlguard(
     "safe": bool, "category": str, "record": int}``. ``image_root`` defaults to the JSON file's
     folder. A record without an ``image`` (missing or null) is refused unless ``allow_text_only``
     (text-only LMs): silently dropping the image would calibrate or evaluate a different task.
+    ``safe`` must be a JSON boolean (the string ``"false"`` would read as true). Image paths must
+    resolve inside ``image_root`` unless ``allow_outside_root``; every image is verified now
+    (:mod:`hsr_pl.data.images`).
     """
+    from .images import check_image, resolve_image
+
     path = Path(path)
     if path.is_dir():
         raise DataFormatError(f"VLGuard file {path} is a folder; pass the JSON file (e.g. {path / 'train.json'})")
@@ -78,6 +88,12 @@ def load_vlguard(
         for key in ("safe", "instr-resp"):
             if key not in record:
                 raise DataFormatError(f"{where} has no {key!r} field (fields: {sorted(record)})")
+        safe = record["safe"]
+        if not isinstance(safe, bool):
+            raise DataFormatError(
+                f"{where}: 'safe' is {safe!r} ({type(safe).__name__}); it must be a JSON boolean, true or false "
+                "without quotes (a string such as \"false\" would read as true): fix the record"
+            )
         image = record.get("image")
         if image is None and not allow_text_only:
             raise DataFormatError(
@@ -87,11 +103,8 @@ def load_vlguard(
         if image is not None and (not isinstance(image, str) or not image):
             raise DataFormatError(f"{where}: 'image' must be a path string, got {image!r}")
         if image is not None:
-            image_path = Path(image) if Path(image).is_absolute() else root / image
-            if not image_path.is_file():
-                raise FileNotFoundError(
-                    f"{where}: image {image_path} does not exist; check image_root (now {root})"
-                )
+            image_path = resolve_image(image, root, where, allow_outside_root=allow_outside_root)
+            check_image(image_path, where)
             image = str(image_path)
         pairs = record["instr-resp"]
         if not isinstance(pairs, list) or not pairs:
@@ -111,8 +124,8 @@ def load_vlguard(
                     "image": image,
                     "instruction": instruction,
                     "response": pair["response"],
-                    "split": split_of(bool(record["safe"]), keys[0]),
-                    "safe": bool(record["safe"]),
+                    "split": split_of(safe, keys[0]),
+                    "safe": safe,
                     "category": str(record.get("harmful_category") or ""),
                     "record": index,
                 }

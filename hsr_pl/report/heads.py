@@ -4,7 +4,8 @@
   scripts' format, written atomically (:mod:`hsr_pl.io`: temp file, fsync, ``os.replace``) so a
   crash never leaves half a file where a finished one is expected; NaN/inf is refused, never written.
 * :func:`write_partial` / :func:`read_partial` — the same scores plus a header of the settings
-  that produced them, so a resumed scan can refuse results computed differently.
+  that produced them, so a resumed scan can refuse results computed differently, and a SHA-256 of
+  both, so a partial file edited (or damaged) after it was written is refused, not resumed from.
 * :func:`heatmap` / :func:`print_heatmap` — a rich terminal heatmap (layers × heads, colour by
   score, top-h heads numbered by rank); :func:`save_heatmap_png` — the same as a PNG when
   matplotlib (the ``plot`` extra) is installed.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,6 +30,7 @@ from hsr_pl.state import head_key, parse_head_key
 
 __all__ = [
     "PARTIAL_FORMAT",
+    "partial_checksum",
     "color_scale",
     "scale_range",
     "heatmap",
@@ -41,7 +44,8 @@ __all__ = [
     "write_scores",
 ]
 
-PARTIAL_FORMAT = "hsr-pl head-attribution partial v1"
+PARTIAL_FORMAT = "hsr-pl head-attribution partial v2"
+_PARTIAL_V1 = "hsr-pl head-attribution partial v1"  # before the checksum
 
 # Viridis anchor colours (perceptually uniform, readable for colour-blind viewers and in greyscale).
 _VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
@@ -62,11 +66,24 @@ def write_scores(path: str | os.PathLike, scores: Mapping[str, float]) -> Path:
     return write_json_atomic(path, _ordered(scores))
 
 
+def _read_text(path: Path, fix: str) -> str:
+    """``path`` as UTF-8 text, or a one-line error naming the file, what is wrong and ``fix``."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); {fix}"
+        ) from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror or exc}); {fix}") from None
+
+
 def read_scores(path: str | os.PathLike) -> dict[str, float]:
     """Load and validate a ``{"<layer>-<head>": score}`` file (keys and values checked)."""
     path = Path(path)
+    text = _read_text(path, 'give a UTF-8 JSON file {"<layer>-<head>": score} (e.g. the output of an earlier scan)')
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); expected {{\"<layer>-<head>\": score}}") from None
     if not isinstance(data, dict) or not data:
@@ -83,20 +100,40 @@ def read_scores(path: str | os.PathLike) -> dict[str, float]:
     return out
 
 
+def partial_checksum(settings: Mapping[str, Any], scores: Mapping[str, Any]) -> str:
+    """SHA-256 of a partial file's settings and scores in a canonical JSON form (sorted keys)."""
+    canonical = json.dumps(
+        {"format": PARTIAL_FORMAT, "settings": settings, "scores": scores},
+        sort_keys=True, separators=(",", ":"), allow_nan=False,
+    )
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def write_partial(path: str | os.PathLike, settings: Mapping[str, Any], scores: Mapping[str, float]) -> Path:
-    """Scores finished so far, with the settings that produced them (for a safe resume)."""
-    return write_json_atomic(path, {"format": PARTIAL_FORMAT, "settings": dict(settings), "scores": _ordered(scores)})
+    """Scores finished so far, with the settings that produced them and their checksum (for a safe resume)."""
+    ordered = _ordered(scores)
+    return write_json_atomic(path, {
+        "format": PARTIAL_FORMAT, "settings": dict(settings), "scores": ordered,
+        "sha256": partial_checksum(dict(settings), ordered),
+    })
 
 
 def read_partial(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, float]]:
-    """``(settings, scores)`` of a partial file written by :func:`write_partial`."""
+    """``(settings, scores)`` of a partial file written by :func:`write_partial`; one whose checksum
+    does not match (edited or damaged since) is refused."""
     path = Path(path)
+    text = _read_text(path, "delete it to start the scan afresh")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"partial file {path} is not valid JSON ({exc}); delete it to start the scan afresh"
         ) from None
+    if isinstance(data, dict) and data.get("format") == _PARTIAL_V1:
+        raise ValueError(
+            f"partial file {path} was written by an older hsr-pl (no checksum of its scores, so it cannot be trusted); "
+            "delete it to start the scan afresh"
+        )
     if not isinstance(data, dict) or data.get("format") != PARTIAL_FORMAT:
         raise ValueError(f"{path} is not an hsr-pl partial head-attribution file; delete it or set resume: false")
     settings, raw = data.get("settings", {}), data.get("scores", {})
@@ -113,6 +150,15 @@ def read_partial(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, flo
                 f"partial file {path} is damaged (score of {key!r} is {value!r}); delete it to start the scan afresh"
             )
         scores[head_key(layer, head)] = float(value)
+    try:
+        expected = partial_checksum(settings, raw)
+    except ValueError:  # NaN/inf in the settings: not something write_partial wrote
+        expected = None
+    if data.get("sha256") != expected:
+        raise ValueError(
+            f"partial file {path} was changed after hsr-pl wrote it (the SHA-256 of its settings and scores does not "
+            "match its 'sha256'); its scores cannot be trusted: delete it to start the scan afresh"
+        )
     return dict(settings), scores
 
 

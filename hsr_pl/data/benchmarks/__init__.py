@@ -86,9 +86,11 @@ def resolve(name: str, fmt: str, path: str, split: str | None, kind: str | None,
     return split, kind
 
 
-def load_examples(fmt: str, path: str, image_root: str | None, options: dict | None) -> list[dict]:
+def load_examples(
+    fmt: str, path: str, image_root: str | None, options: dict | None, *, allow_outside_root: bool = False
+) -> list[dict]:
     """The examples of a non-VLGuard set (see :mod:`.common` for their fields)."""
     loader = FORMATS[fmt].load
     if loader is None:
         raise ValueError("vlguard sets are read by VLGuardDataModule.examples")
-    return loader(path, image_root, options)
+    return loader(path, image_root, options, allow_outside_root=allow_outside_root)

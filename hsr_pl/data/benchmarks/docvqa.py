@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from ..images import check_image, resolve_image
 from .common import DataFormatError, check_options, example, require_file
 
 __all__ = ["SHORT_ANSWER", "load_docvqa"]
@@ -26,8 +27,11 @@ SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 OPTIONS = {"prompt_suffix": SHORT_ANSWER}
 
 
-def load_docvqa(path: str | os.PathLike, image_root: str | None = None, options: dict | None = None) -> list[dict]:
-    """Examples of a DocVQA annotation file (see the module docstring)."""
+def load_docvqa(
+    path: str | os.PathLike, image_root: str | None = None, options: dict | None = None, *, allow_outside_root: bool = False
+) -> list[dict]:
+    """Examples of a DocVQA annotation file (see the module docstring); images must lie inside
+    ``image_root`` unless ``allow_outside_root`` (:mod:`hsr_pl.data.images`)."""
     options = check_options("docvqa", options, OPTIONS)
     path = require_file(path, "DocVQA annotation file", "pass the release's val/val_v1.0.json")
     try:
@@ -51,10 +55,8 @@ def load_docvqa(path: str | os.PathLike, image_root: str | None = None, options:
             raise DataFormatError(f"{where} has no 'answers' (the test split withholds them); score the val split")
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise DataFormatError(f"{where}: 'answers' must be a non-empty list of strings, got {answers!r}")
-        image = Path(record["image"])
-        image = image if image.is_absolute() else root / image
-        if not image.is_file():
-            raise FileNotFoundError(f"{where}: image {image} does not exist; check image_root (now {root})")
+        image = resolve_image(record["image"], root, where, allow_outside_root=allow_outside_root)
+        check_image(image, where)
         examples.append(example(
             record=index, id=str(record.get("questionId", index)),
             instruction=record["question"].strip() + options["prompt_suffix"], image=str(image),

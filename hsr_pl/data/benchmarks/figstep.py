@@ -158,9 +158,14 @@ def _render_all(csv_path: Path, rows: list[dict[str, str]], options: dict[str, A
     return folder
 
 
-def load_figstep(path: str | os.PathLike, image_root: str | None = None, options: dict | None = None) -> list[dict]:
+def load_figstep(
+    path: str | os.PathLike, image_root: str | None = None, options: dict | None = None, *, allow_outside_root: bool = False
+) -> list[dict]:
     """Examples of a SafeBench CSV (see the module docstring); ``options``: ``images`` (``auto`` |
-    ``files`` | ``render``), ``font`` (a font file for rendering), ``render_dir``."""
+    ``files`` | ``render``), ``font`` (a font file for rendering), ``render_dir``. Image names that
+    would lead outside the image folder are refused unless ``allow_outside_root``."""
+    from ..images import check_image, resolve_image
+
     options = check_options("figstep", options, OPTIONS)
     if options["images"] not in IMAGE_MODES:
         raise ValueError(f"figstep option images={options['images']!r}: choose one of {IMAGE_MODES}")
@@ -174,12 +179,14 @@ def load_figstep(path: str | os.PathLike, image_root: str | None = None, options
         root = _render_all(csv_path, rows, options)
     examples = []
     for index, row in enumerate(rows):
-        image = root / image_name(row)
-        if not image.is_file():
+        where = f"{csv_path}: row {index} (line {index + 2})"
+        if not (root / image_name(row)).is_file():
             raise FileNotFoundError(
-                f"{csv_path}: row {index} (line {index + 2}): image {image} does not exist; check image_root "
+                f"{where}: image {root / image_name(row)} does not exist; check image_root "
                 f"(now {root}) or set options.images=render to draw the images from the CSV"
             )
+        image = resolve_image(image_name(row), root, where, allow_outside_root=allow_outside_root)
+        check_image(image, where)
         examples.append(example(
             record=index,
             id=f"{row['dataset']}_{row['category_id']}_{row['task_id']}",

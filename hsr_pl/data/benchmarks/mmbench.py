@@ -94,8 +94,11 @@ def _check_image(b64: str, where: str) -> None:
         raise DataFormatError(f"{where}: the image cell is not a base64-encoded image ({err})") from None
 
 
-def load_mmbench(path: str | os.PathLike, image_root: str | None = None, options: dict | None = None) -> list[dict]:
-    """Examples of a MMBench TSV; ``options``: ``circular`` (bool), ``prompt_suffix`` (str)."""
+def load_mmbench(
+    path: str | os.PathLike, image_root: str | None = None, options: dict | None = None, *, allow_outside_root: bool = False
+) -> list[dict]:
+    """Examples of a MMBench TSV; ``options``: ``circular`` (bool), ``prompt_suffix`` (str). The images
+    are inside the TSV (base64), so ``allow_outside_root`` has nothing to allow."""
     options = check_options("mmbench", options, OPTIONS)
     if image_root is not None:
         raise ValueError("mmbench reads its images from the TSV's base64 'image' column; remove image_root")

@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from ..images import check_image, resolve_image
 from .common import DataFormatError, check_options, example
 
 __all__ = ["IMAGE_TYPES", "SCENARIOS", "load_mmsafetybench", "read_scenario"]
@@ -76,12 +77,15 @@ def _scenario_files(path: Path, wanted) -> list[Path]:
     return files
 
 
-def load_mmsafetybench(path: str | os.PathLike, image_root: str | None = None, options: dict | None = None) -> list[dict]:
+def load_mmsafetybench(
+    path: str | os.PathLike, image_root: str | None = None, options: dict | None = None, *, allow_outside_root: bool = False
+) -> list[dict]:
     """Examples of one scenario file or a whole ``processed_questions/`` folder.
 
     ``options``: ``image_type`` (``SD`` | ``TYPO`` | ``SD_TYPO``, default ``SD_TYPO``),
     ``scenarios`` (names to keep, default all). ``image_root`` defaults to the ``imgs`` folder
-    beside ``processed_questions``.
+    beside ``processed_questions``. Question ids that would lead outside it (``../x``) are refused
+    unless ``allow_outside_root``.
     """
     options = check_options("mmsafetybench", options, OPTIONS)
     image_type = options["image_type"]
@@ -96,12 +100,15 @@ def load_mmsafetybench(path: str | os.PathLike, image_root: str | None = None, o
     for file in files:
         scenario = file.stem
         for qid, record in read_scenario(file, text_key):
-            image = root / scenario / image_type / f"{qid}.jpg"
-            if not image.is_file():
+            where = f"{file}: question {qid!r}"
+            relative = Path(scenario) / image_type / f"{qid}.jpg"
+            if not (root / relative).is_file():
                 raise FileNotFoundError(
-                    f"{file}: question {qid!r}: image {image} does not exist; check image_root (now {root}), "
+                    f"{where}: image {root / relative} does not exist; check image_root (now {root}), "
                     f"which must hold <scenario>/{image_type}/<id>.jpg"
                 )
+            image = resolve_image(relative, root, where, allow_outside_root=allow_outside_root)
+            check_image(image, where)
             examples.append(example(
                 record=len(examples), id=f"{scenario}/{qid}", instruction=record[text_key].strip(),
                 image=str(image), judge_prompt=record["Question"].strip(), category=scenario,
