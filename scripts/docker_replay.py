@@ -584,7 +584,8 @@ def _replay_in(opts, instructions, image, image_ref, base_torch, state, users_fi
 
     def command_for(extra: list[str] | None) -> list[str]:
         ep = entrypoint if entrypoint is not None else []
-        args_ = extra if extra is not None else (cmd if isinstance(cmd, list) else shlex.split(cmd or ""))
+        # a shell-form CMD reaches an exec-form ENTRYPOINT as `/bin/sh -c CMD`, as in Docker
+        args_ = extra if extra is not None else (cmd if isinstance(cmd, list) else ["/bin/sh", "-c", cmd] if cmd else [])
         if isinstance(ep, str):
             return ["/bin/sh", "-c", ep]  # shell-form ENTRYPOINT ignores CMD and arguments, as in Docker
         return [*ep, *args_]
