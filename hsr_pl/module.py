@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from .evaluation import build_eval_metrics, make_judge
 from .models import get_adapter, supported_families
 
 __all__ = ["LVLMModule", "ModelLoadError", "check_finite_parameters", "check_safetensors"]
@@ -212,7 +213,7 @@ class LVLMModule(pl.LightningModule):
             ``optimizer:`` / ``lr_scheduler:`` keys.
         max_new_tokens: generation budget for evaluation (greedy).
         judges: the judges for ASR and over-refusal, by name or as a mapping (see
-            :func:`hsr_pl.judges.make_judge`; default ``["keyword-gcg"]``); every reported rate
+            :func:`hsr_pl.evaluation.judges.make_judge`; default ``["keyword-gcg"]``); every reported rate
             carries its judge's name, and with two or more judges each harmful set also reports
             their pairwise agreement (Cohen's κ).
         refusal: the aligned refusal sentence, for the ``strict`` judge.
@@ -477,12 +478,9 @@ class LVLMModule(pl.LightningModule):
     def metrics_for(self, batch: dict, store: dict | nn.ModuleDict):
         """The metric group of ``batch``'s evaluation set in ``store``, built on first use.
 
-        ``validate`` keeps its groups in ``self.eval_metrics``; :func:`hsr_pl.evaluation_run.evaluate`
+        ``validate`` keeps its groups in ``self.eval_metrics``; :func:`hsr_pl.evaluation.runner.evaluate`
         passes its own store, so stage-by-stage evaluations never mix with the loop's counts.
         """
-        from .evaluation import build_eval_metrics
-        from .judges import make_judge
-
         if self._judges is None:  # a guard model is loaded once, not once per evaluation set
             self._judges = [make_judge(j, refusal=self.hparams.refusal) for j in self.hparams.judges or ["keyword-gcg"]]
         eval_set, meta = batch["eval_set"], batch.get("eval_meta") or {}
