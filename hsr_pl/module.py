@@ -23,9 +23,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from .distributed import (
+    ShardingError,
+    checkpoint_name_mapper,
+    count_non_finite,
+    load_sharded,
+    meta_parameters,
+    model_is_sharded,
+    shard_model,
+)
 from .evaluation import build_eval_metrics, make_judge
 from .models import get_adapter
 from .models.checkpoints import ModelLoadError, check_model_folder, check_safetensors
+from .models.organism import ORGANISM_PACKAGE_PATH, build_organism
+from .models.tiny import TINY_BUILDERS, build_tiny
+from .report.evaluation import print_eval_breakdowns, print_eval_table, write_eval_json
 
 __all__ = ["LVLMModule", "ModelLoadError", "check_finite_parameters", "check_safetensors"]
 
@@ -57,8 +69,6 @@ def check_finite_parameters(
 ) -> None:
     """Refuse weights holding NaN/inf, naming the first such parameter (every later step would
     otherwise fail with a misleading message, or prune and score garbage silently)."""
-    from .sharding import count_non_finite
-
     with torch.no_grad():
         for name, param in model.named_parameters():
             bad = count_non_finite(param)
@@ -143,8 +153,6 @@ class LVLMModule(pl.LightningModule):
     # ------------------------------------------------------------------------------ loading
     def _prepare_source(self, source: str, trust_remote_code: bool) -> str:
         if source.startswith("tiny:"):
-            from .models.tiny import TINY_BUILDERS, build_tiny
-
             family = source.removeprefix("tiny:")
             gqa = family.endswith("-gqa")
             family = family.removesuffix("-gqa")
@@ -154,15 +162,11 @@ class LVLMModule(pl.LightningModule):
             self.model, self._tiny_processor = build_tiny(family, gqa=gqa)
             return self.model.config.model_type
         if source in ("organism:init", "organism:init-gqa"):
-            from .models.organism import build_organism
-
             self.model, self._tiny_processor = build_organism(
                 seed=self.hparams.init_seed, gqa=source.endswith("-gqa")
             )
             return self.model.config.model_type
         if source == "organism":
-            from .models.organism import ORGANISM_PACKAGE_PATH
-
             self.model_source = str(ORGANISM_PACKAGE_PATH)
             return check_model_folder(Path(ORGANISM_PACKAGE_PATH), trust_remote_code)
         return check_model_folder(Path(source).expanduser(), trust_remote_code)
@@ -233,8 +237,6 @@ class LVLMModule(pl.LightningModule):
         self.model = model
 
     def _data_parallel_mesh(self, mesh):
-        from .sharding import ShardingError
-
         names = tuple(mesh.mesh_dim_names or ())
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
             raise ShardingError(
@@ -244,8 +246,6 @@ class LVLMModule(pl.LightningModule):
         return mesh["data_parallel"] if "data_parallel" in names else mesh
 
     def _configure_sharded(self, mesh) -> None:
-        from .sharding import load_sharded, model_is_sharded, shard_model
-
         if self.model is not None and model_is_sharded(self.model):
             return  # configure_model runs again on a second validate/fit: already sharded
         dp_mesh = self._data_parallel_mesh(mesh)
@@ -253,8 +253,6 @@ class LVLMModule(pl.LightningModule):
             shard_model(self.model, dp_mesh)
             return
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-        from .sharding import checkpoint_name_mapper, meta_parameters
 
         loader = AutoModelForCausalLM if self._model_type in _TEXT_ONLY else AutoModelForImageTextToText
         source = Path(self.model_source).expanduser()
@@ -334,8 +332,6 @@ class LVLMModule(pl.LightningModule):
         inputs.pop("labels", None)
         width = inputs["input_ids"].shape[1]
         tokenizer = self.tokenizer
-        from .sharding import model_is_sharded
-
         sharded = {"synced_gpus": True} if model_is_sharded(self.model) else {}
         output = self.model.generate(
             **inputs,
@@ -379,8 +375,6 @@ class LVLMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.eval_metrics is None:
             return
-        from .report.evaluation import print_eval_breakdowns, print_eval_table, write_eval_json
-
         rows, summaries = [], []
         for eval_set, metrics in self.eval_metrics.items():
             values = metrics.compute()
