@@ -14,7 +14,7 @@ import torch
 
 from hsr_pl.attribution import ScoreConfig, head_scores, top_heads
 from hsr_pl.data import SyntheticDataModule
-from hsr_pl.evaluation_run import evaluate
+from hsr_pl.evaluation.runner import evaluate
 from hsr_pl.models import get_adapter
 from hsr_pl.module import LVLMModule
 from hsr_pl.pruning import PruningConfig, prune_model

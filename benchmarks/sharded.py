@@ -63,8 +63,8 @@ def worker(checkpoint: Path, out: Path) -> None:
 
     from hsr_pl.callbacks import ExportPretrained, Pruning
     from hsr_pl.data import VLGuardDataModule
+    from hsr_pl.distributed import is_sharded
     from hsr_pl.module import LVLMModule
-    from hsr_pl.sharding import is_sharded
     from hsr_pl.state import get_state
     from hsr_pl.state_file import pack_bits
 

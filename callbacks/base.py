@@ -165,7 +165,7 @@ class HSRCallback(Callback):
     # ---------------------------------------------------------------------------- hooks
     def check_strategy(self, trainer: pl.Trainer) -> None:
         """Refuse ModelParallelStrategy (FSDP2) for a step without a sharded path."""
-        from hsr_pl.sharding import ShardingError, sharded_strategy
+        from hsr_pl.distributed import ShardingError, sharded_strategy
 
         if not self.supports_sharding and sharded_strategy(trainer):
             raise ShardingError(
@@ -184,7 +184,7 @@ class HSRCallback(Callback):
             self.on_restored(trainer, pl_module)
             return
         if moment in self.when:
-            from hsr_pl.sharding import fail_fast
+            from hsr_pl.distributed import fail_fast
 
             # Multi-rank: a rank that raises makes the others end with its error, not wait forever.
             with fail_fast(type(self).__name__):

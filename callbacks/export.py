@@ -142,7 +142,7 @@ def _write_streamed(model, folder: Path | None, max_shard_bytes: int) -> dict[st
     must call this (each gather is a collective); only the writer keeps the tensors."""
     from safetensors.torch import save_file
 
-    from hsr_pl.sharding import iter_full_state
+    from hsr_pl.distributed import iter_full_state
 
     pending: dict[str, Any] = {}
     pending_bytes = 0
@@ -200,7 +200,7 @@ def save_sharded_atomic(
         _write_streamed(model, None, max_shard_bytes)
         return target
     replace_ours = overwrite or (target.is_dir() and _ours(target))
-    from hsr_pl.sharding import undo_on_abort
+    from hsr_pl.distributed import undo_on_abort
 
     with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp, \
             undo_on_abort(lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a peer failing mid-gather
@@ -316,7 +316,7 @@ class ExportPretrained(Callback):
         check_export_target(self.dirpath, overwrite=self.overwrite, protected=self._protected(trainer, pl_module))
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from hsr_pl.sharding import fail_fast, model_is_sharded
+        from hsr_pl.distributed import fail_fast, model_is_sharded
 
         model = getattr(pl_module, "model", pl_module)
         sharded = model_is_sharded(model)

@@ -53,9 +53,9 @@ from hsr_pl.attribution import (
 from hsr_pl.attribution import resume as partials
 from hsr_pl.attribution.sharding import Pair, assign_heads
 from hsr_pl.data.vlguard import SPLITS
+from hsr_pl.distributed import full_weight, model_is_sharded, sharded_strategy
 from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
-from hsr_pl.sharding import full_weight, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, head_key, parse_head_key
 
 from ._common import eval_mode, hf_model
@@ -237,7 +237,7 @@ class SafetyHeadAttribution(HSRCallback):
         """Before any work: every output path is test-written, and a resume file must parse."""
         super().setup(trainer, pl_module, stage)
         if sharded_strategy(trainer) and self._precomputed is None and self.engine == "gradient":
-            from hsr_pl.sharding import ShardingError
+            from hsr_pl.distributed import ShardingError
 
             raise ShardingError(
                 "SafetyHeadAttribution(engine='gradient') under ModelParallelStrategy: the sharded scan runs the naive "

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from hsr_pl.data.vlguard import SPLITS, parse_split
+from hsr_pl.distributed import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.models import get_adapter
 from hsr_pl.pruning import (
     PartialPruningError,
@@ -45,7 +46,6 @@ from hsr_pl.pruning import (
     prune_model,
 )
 from hsr_pl.pruning.masks import UNSTRUCTURED
-from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress

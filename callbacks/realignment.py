@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from hsr_pl.attribution import top_heads
 from hsr_pl.data.vlguard import SPLITS
+from hsr_pl.distributed import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.models import get_adapter
 from hsr_pl.realign import (
     DenseMeasurement,
@@ -48,7 +49,6 @@ from hsr_pl.realign import (
     realign_model,
 )
 from hsr_pl.realign.runner import attention_linears
-from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, parse_head_key
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device, layer_progress

@@ -3,7 +3,7 @@ baselines, along a restored-weights curve.
 
 It follows the flow through the HSR callbacks' notices: ``before_pruning`` (the model is still
 dense), ``on_stage("pruned")`` and ``on_stage("realigned")``. At each it evaluates the data
-module's evaluation sets with :func:`hsr_pl.evaluation_run.evaluate` (the same generation and
+module's evaluation sets with :func:`hsr_pl.evaluation.runner.evaluate` (the same generation and
 metrics as ``validate``). After realignment it can run the baselines the paper argues against with
 the same restored-weight count, and a budget sweep, each from the same pruned weights; then it
 puts the realigned model back, so ``validate``'s own loop and ExportPretrained see it unchanged.
@@ -32,8 +32,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hsr_pl.evaluation_run import evaluate, headline
-from hsr_pl.metrics import safety_restoration_rate
+from hsr_pl.evaluation.metrics import safety_restoration_rate
+from hsr_pl.evaluation.runner import evaluate, headline
 from hsr_pl.models import get_adapter
 from hsr_pl.realign import (
     RealignConfig,
@@ -192,7 +192,7 @@ class StageEvaluation(HSRCallback):
             return evaluate(pl_module, loaders, on_batch=on_batch if step is not None else None)
 
     def _judges(self, pl_module) -> list[str]:
-        from hsr_pl.judges import make_judge
+        from hsr_pl.evaluation.judges import make_judge
 
         names = [make_judge(j, refusal=pl_module.hparams.refusal).name for j in (pl_module.hparams.judges or ["keyword-gcg"])]
         if self.judge not in names:

@@ -24,6 +24,9 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+import hsr_pl
+import hsr_pl.callbacks
+
 from .data import VLGuardDataModule
 from .module import LVLMModule
 
@@ -163,9 +166,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _our_roots() -> tuple[str, ...]:
-    import hsr_pl
-    import hsr_pl.callbacks
-
     return tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (hsr_pl, hsr_pl.callbacks))
 
 

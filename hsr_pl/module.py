@@ -13,7 +13,6 @@ supported architecture) is checked in ``__init__``, before any weights are read.
 
 from __future__ import annotations
 
-import json
 import math
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from .models import get_adapter, supported_families
+from .distributed import (
+    ShardingError,
+    checkpoint_name_mapper,
+    count_non_finite,
+    load_sharded,
+    meta_parameters,
+    model_is_sharded,
+    shard_model,
+)
+from .evaluation import build_eval_metrics, make_judge
+from .models import get_adapter
+from .models.checkpoints import ModelLoadError, check_model_folder, check_safetensors
+from .models.organism import ORGANISM_PACKAGE_PATH, build_organism
+from .models.tiny import TINY_BUILDERS, build_tiny
+from .report.evaluation import print_eval_breakdowns, print_eval_table, write_eval_json
 
 __all__ = ["LVLMModule", "ModelLoadError", "check_finite_parameters", "check_safetensors"]
 
@@ -46,133 +59,6 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, floor: float
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class ModelLoadError(ValueError):
-    """A model path or argument that cannot be loaded; the message says how to fix it."""
-
-
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
-
-
-def _read_config(path: Path) -> dict:
-    """``config.json`` as a dict, or a ModelLoadError that names the file."""
-    config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(
-            f"{config_file} is not valid JSON ({exc}); restore it (save_pretrained writes it) or point model= at "
-            "an intact checkpoint folder"
-        ) from None
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {config_file} ({exc.strerror or exc}); check its permissions") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ModelLoadError(
-            f"{config_file} has no \"model_type\" string; it is not a transformers model config (save_pretrained "
-            "writes one)"
-        )
-    return config
-
-
-def check_safetensors(file: Path) -> None:
-    """Refuse a truncated or corrupt safetensors file from its header alone (no tensor is read).
-
-    Layout: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
-    ``data_offsets``, then the data; every offset must lie inside the file.
-    """
-    def damaged(why: str) -> ModelLoadError:
-        return ModelLoadError(
-            f"{file} is not a complete safetensors file ({why}); the download or copy was cut short or the file "
-            "is damaged: copy or re-save the checkpoint"
-        )
-
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise damaged(f"{size} bytes, shorter than the 8-byte header length")
-            length = int.from_bytes(head, "little")
-            if length > size - 8:
-                raise damaged(f"header of {length} bytes in a {size}-byte file")
-            header = json.loads(handle.read(length).decode("utf-8"))
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read {file} ({exc.strerror or exc}); check its permissions") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise damaged("the header is not JSON") from None
-    if not isinstance(header, dict):
-        raise damaged("the header is not a JSON object")
-    data = size - 8 - length
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise damaged(f"tensor {name!r} has no data_offsets")
-        if not 0 <= offsets[0] <= offsets[1] <= data:
-            raise damaged(f"tensor {name!r} ends at byte {offsets[1]} of {data} data bytes")
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder (one file or the shards of an index)."""
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted({str(name) for name in weight_map.values()})
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise ModelLoadError(
-                f"{index} is not a valid safetensors index (no weight_map); re-save the checkpoint"
-            ) from None
-        missing = [name for name in shards if not (path / name).is_file()]
-        if missing or not shards:
-            raise ModelLoadError(
-                f"{index} names shard(s) {missing[:3] or '[]'} that are not in {path}; copy every shard next to it"
-            )
-        return [path / name for name in shards]
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ModelLoadError(
-            f"{path} holds only pickle weights (*.bin / *.pt); hsr-pl loads safetensors only: convert them "
-            "(model.save_pretrained(path, safe_serialization=True))"
-        )
-    raise ModelLoadError(f"{path} has no model.safetensors (or index); save the weights with save_pretrained")
-
-
-def _check_model_dir(path: Path, trust_remote_code: bool) -> str:
-    """Validate a local checkpoint folder cheaply (no weights are loaded); returns its ``model_type``.
-
-    An architecture without an adapter is refused even with ``trust_remote_code``: hsr-pl could
-    not prune or score it anyway, and refusing here means none of the folder's code ever runs.
-    """
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist; pass a local checkpoint folder")
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is a file; pass the checkpoint *folder* (with config.json)")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(
-            f"{path} is not a model folder (no config.json); point model= at the folder written by "
-            "save_pretrained"
-        )
-    model_type = _read_config(path)["model_type"]
-    known = {t for types in supported_families().values() for t in types}
-    if model_type not in known:
-        remote = " (trust_remote_code cannot add one)" if trust_remote_code else ""
-        raise ModelLoadError(
-            f"{path}: model_type={model_type!r} has no hsr-pl adapter{remote}. Supported: {sorted(known)}. "
-            "Add an adapter (docs/adapters.md)."
-        )
-    if not any((path / name).is_file() for name in _PROCESSOR_FILES):
-        raise ModelLoadError(
-            f"{path} has no processor or tokenizer files; save the processor next to the weights "
-            "(processor.save_pretrained(path)) or pass processor=<folder>"
-        )
-    for file in weight_files(path):
-        check_safetensors(file)
-    return model_type
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -183,8 +69,6 @@ def check_finite_parameters(
 ) -> None:
     """Refuse weights holding NaN/inf, naming the first such parameter (every later step would
     otherwise fail with a misleading message, or prune and score garbage silently)."""
-    from .sharding import count_non_finite
-
     with torch.no_grad():
         for name, param in model.named_parameters():
             bad = count_non_finite(param)
@@ -212,7 +96,7 @@ class LVLMModule(pl.LightningModule):
             ``optimizer:`` / ``lr_scheduler:`` keys.
         max_new_tokens: generation budget for evaluation (greedy).
         judges: the judges for ASR and over-refusal, by name or as a mapping (see
-            :func:`hsr_pl.judges.make_judge`; default ``["keyword-gcg"]``); every reported rate
+            :func:`hsr_pl.evaluation.judges.make_judge`; default ``["keyword-gcg"]``); every reported rate
             carries its judge's name, and with two or more judges each harmful set also reports
             their pairwise agreement (Cohen's κ).
         refusal: the aligned refusal sentence, for the ``strict`` judge.
@@ -269,8 +153,6 @@ class LVLMModule(pl.LightningModule):
     # ------------------------------------------------------------------------------ loading
     def _prepare_source(self, source: str, trust_remote_code: bool) -> str:
         if source.startswith("tiny:"):
-            from .models.tiny import TINY_BUILDERS, build_tiny
-
             family = source.removeprefix("tiny:")
             gqa = family.endswith("-gqa")
             family = family.removesuffix("-gqa")
@@ -280,18 +162,14 @@ class LVLMModule(pl.LightningModule):
             self.model, self._tiny_processor = build_tiny(family, gqa=gqa)
             return self.model.config.model_type
         if source in ("organism:init", "organism:init-gqa"):
-            from .models.organism import build_organism
-
             self.model, self._tiny_processor = build_organism(
                 seed=self.hparams.init_seed, gqa=source.endswith("-gqa")
             )
             return self.model.config.model_type
         if source == "organism":
-            from .models.organism import ORGANISM_PACKAGE_PATH
-
             self.model_source = str(ORGANISM_PACKAGE_PATH)
-            return _check_model_dir(Path(ORGANISM_PACKAGE_PATH), trust_remote_code)
-        return _check_model_dir(Path(source).expanduser(), trust_remote_code)
+            return check_model_folder(Path(ORGANISM_PACKAGE_PATH), trust_remote_code)
+        return check_model_folder(Path(source).expanduser(), trust_remote_code)
 
     def _default_processor(self):
         if self._tiny_processor is not None:
@@ -359,8 +237,6 @@ class LVLMModule(pl.LightningModule):
         self.model = model
 
     def _data_parallel_mesh(self, mesh):
-        from .sharding import ShardingError
-
         names = tuple(mesh.mesh_dim_names or ())
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
             raise ShardingError(
@@ -370,8 +246,6 @@ class LVLMModule(pl.LightningModule):
         return mesh["data_parallel"] if "data_parallel" in names else mesh
 
     def _configure_sharded(self, mesh) -> None:
-        from .sharding import load_sharded, model_is_sharded, shard_model
-
         if self.model is not None and model_is_sharded(self.model):
             return  # configure_model runs again on a second validate/fit: already sharded
         dp_mesh = self._data_parallel_mesh(mesh)
@@ -379,8 +253,6 @@ class LVLMModule(pl.LightningModule):
             shard_model(self.model, dp_mesh)
             return
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-        from .sharding import checkpoint_name_mapper, meta_parameters
 
         loader = AutoModelForCausalLM if self._model_type in _TEXT_ONLY else AutoModelForImageTextToText
         source = Path(self.model_source).expanduser()
@@ -460,8 +332,6 @@ class LVLMModule(pl.LightningModule):
         inputs.pop("labels", None)
         width = inputs["input_ids"].shape[1]
         tokenizer = self.tokenizer
-        from .sharding import model_is_sharded
-
         sharded = {"synced_gpus": True} if model_is_sharded(self.model) else {}
         output = self.model.generate(
             **inputs,
@@ -477,12 +347,9 @@ class LVLMModule(pl.LightningModule):
     def metrics_for(self, batch: dict, store: dict | nn.ModuleDict):
         """The metric group of ``batch``'s evaluation set in ``store``, built on first use.
 
-        ``validate`` keeps its groups in ``self.eval_metrics``; :func:`hsr_pl.evaluation_run.evaluate`
+        ``validate`` keeps its groups in ``self.eval_metrics``; :func:`hsr_pl.evaluation.runner.evaluate`
         passes its own store, so stage-by-stage evaluations never mix with the loop's counts.
         """
-        from .evaluation import build_eval_metrics
-        from .judges import make_judge
-
         if self._judges is None:  # a guard model is loaded once, not once per evaluation set
             self._judges = [make_judge(j, refusal=self.hparams.refusal) for j in self.hparams.judges or ["keyword-gcg"]]
         eval_set, meta = batch["eval_set"], batch.get("eval_meta") or {}
@@ -508,8 +375,6 @@ class LVLMModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.eval_metrics is None:
             return
-        from .report.evaluation import print_eval_breakdowns, print_eval_table, write_eval_json
-
         rows, summaries = [], []
         for eval_set, metrics in self.eval_metrics.items():
             values = metrics.compute()

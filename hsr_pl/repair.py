@@ -13,6 +13,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hsr_pl.callbacks import ExportPretrained, PrunedCheckpoint, SafetyHeadAttribution, SafetyRealignment
+from hsr_pl.data import VLGuardDataModule
+from hsr_pl.module import LVLMModule
+
 __all__ = ["repair"]
 
 
@@ -48,10 +52,6 @@ def repair(
     import json
 
     import lightning.pytorch as pl
-
-    from hsr_pl.callbacks import ExportPretrained, PrunedCheckpoint, SafetyHeadAttribution, SafetyRealignment
-    from hsr_pl.data import VLGuardDataModule
-    from hsr_pl.module import LVLMModule
 
     evaluate = bool(eval_sets)
     when = "validation_start" if evaluate else "fit_start"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .distributed import is_sharded, local_rows
 from .state_file import FORMAT, pack_bits, unpack_bits
 
 __all__ = ["HSRState", "get_state", "head_key", "parse_head_key", "tensor_version"]
@@ -124,8 +125,6 @@ class HSRState:
         in the weight's dtype, bit for bit the multiply of before (a pruned negative weight
         becomes -0.0).
         """
-        from .sharding import is_sharded, local_rows
-
         modules = dict(model.named_modules())
         for name in self.pruned:
             weight = modules[name].weight

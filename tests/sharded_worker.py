@@ -15,7 +15,7 @@ one ordinary process: the reference. Scenarios:
   shard file, while the other rank is still gathering;
 * ``fail-gather``: the export's other rank (``HSR_FAIL_RANK``, not the writer) raises in the
   middle of the gathers, while the writer waits in one;
-* ``steps`` (no model): two :func:`hsr_pl.sharding.fail_fast` steps in one process group, the
+* ``steps`` (no model): two :func:`hsr_pl.distributed.fail_fast` steps in one process group, the
   first failing on every rank and caught by the script, the second healthy: it must succeed.
 """
 
@@ -64,7 +64,7 @@ def _head_attribution(fail_rank: int | None, out: Path):
 def _param_bytes(model: torch.nn.Module) -> int:
     """Bytes of the parameters as they are registered right now: local rows of sharded ones,
     the whole tensor of gathered (plain) ones."""
-    from hsr_pl.sharding import is_sharded
+    from hsr_pl.distributed import is_sharded
 
     total = 0
     for param in model.parameters():
@@ -84,7 +84,7 @@ class Probe(Callback):
         self.handles = []
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        from hsr_pl.sharding import describe_sharding, is_sharded
+        from hsr_pl.distributed import describe_sharding, is_sharded
 
         model = pl_module.model
         self.local = {n: list(s) for n, s in describe_sharding(model).items()}
@@ -139,7 +139,7 @@ def steps(out: Path) -> None:
 
     import torch.distributed as dist
 
-    from hsr_pl.sharding import PeerFailedError, fail_fast
+    from hsr_pl.distributed import PeerFailedError, fail_fast
 
     rank = int(os.environ["LOCAL_RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
@@ -196,9 +196,9 @@ def main() -> None:
         safetensors.torch.save_file = save_file
         callbacks.append(ExportPretrained(str(out / "export"), when="validation_end", max_shard_size=50_000))
     if scenario == "fail-gather":  # the non-writer raises after a few gathered tensors
-        import hsr_pl.sharding as sharding
+        import hsr_pl.distributed as distributed
 
-        original_iter, rank = sharding.iter_full_state, int(os.environ.get("LOCAL_RANK", "0"))
+        original_iter, rank = distributed.iter_full_state, int(os.environ.get("LOCAL_RANK", "0"))
 
         def iter_full_state(model, *, keep=True):
             for i, item in enumerate(original_iter(model, keep=keep)):
@@ -207,7 +207,7 @@ def main() -> None:
                     raise RuntimeError(f"deliberate gather failure on rank {rank}")
                 yield item
 
-        sharding.iter_full_state = iter_full_state
+        distributed.iter_full_state = iter_full_state
         callbacks.append(ExportPretrained(str(out / "export"), when="validation_end", max_shard_size=50_000))
     if scenario == "flow":
         callbacks += [

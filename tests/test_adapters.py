@@ -109,6 +109,32 @@ def test_target_linears_are_exactly_the_decoder_self_attention_layers(fam: Famil
         adapter.locate("lm_head")
 
 
+# (vision tower, projector) as the transformers classes name them; Qwen2-VL's merger sits inside
+# its tower, text-only models have neither.
+VISION_PARTS = {
+    "llava": ("model.vision_tower", "model.multi_modal_projector"),
+    "llava_next": ("model.vision_tower", "model.multi_modal_projector"),
+    "qwen2_vl": ("model.visual", None),
+    "qwen2_5_vl": ("model.visual", None),
+    "gemma3": ("model.vision_tower", "model.multi_modal_projector"),
+    "idefics3": ("model.vision_model", "model.connector"),
+    "smolvlm": ("model.vision_model", "model.connector"),
+    "mllama": ("model.vision_model", "model.multi_modal_projector"),
+    "internvl": ("model.vision_tower", "model.multi_modal_projector"),
+    "llama": (None, None),
+    "mistral": (None, None),
+    "qwen2": (None, None),
+}
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=[f.model_type for f in FAMILIES])
+def test_vision_tower_and_projector(fam: Family):
+    model, _, adapter = _build(fam, False)
+    names = {id(m): n for n, m in model.named_modules()}
+    found = tuple(None if m is None else names[id(m)] for m in (adapter.vision_tower(), adapter.projector()))
+    assert found == VISION_PARTS[fam.model_type]
+
+
 def test_mllama_cross_attention_listed_apart():
     model, _, adapter = _build(FAMILIES[7], False)
     cross = adapter.cross_attention_linears()

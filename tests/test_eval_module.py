@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 
 from hsr_pl.data import VLGuardDataModule
-from hsr_pl.judges import make_judge
+from hsr_pl.evaluation.judges import make_judge
 from hsr_pl.module import LVLMModule
 
 from benchmark_fixtures import (

@@ -12,8 +12,14 @@ import random
 import pytest
 import torch
 
-from hsr_pl.metrics import ANLSScore, CategoryRate, ChoiceAccuracy, CircularAccuracy, JudgeAgreement
-from hsr_pl.scoring import anls, circular_shift, cohen_kappa, extract_choice, levenshtein
+from hsr_pl.evaluation.metrics import (
+    ANLSScore,
+    CategoryRate,
+    ChoiceAccuracy,
+    CircularAccuracy,
+    JudgeAgreement,
+)
+from hsr_pl.evaluation.scoring import anls, circular_shift, cohen_kappa, extract_choice, levenshtein
 
 from scoring_references import reference_anls, reference_distance, reference_extract, reference_kappa
 

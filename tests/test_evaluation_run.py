@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import pytest
 
 from hsr_pl.data import VLGuardDataModule
-from hsr_pl.evaluation_run import evaluate, headline
+from hsr_pl.evaluation.runner import evaluate, headline
 from hsr_pl.module import LVLMModule
 
 TRAIN = Path(__file__).resolve().parents[1] / "examples" / "tiny_vlguard" / "train.json"

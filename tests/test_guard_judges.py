@@ -11,7 +11,7 @@ from PIL import Image
 from tokenizers import processors
 from torch import nn
 
-from hsr_pl.guard_formats import (
+from hsr_pl.evaluation.guard_formats import (
     GUARD_FORMATS,
     harmbench_prompt,
     llama_guard_3_prompt,
@@ -19,8 +19,13 @@ from hsr_pl.guard_formats import (
     parse_llama_guard,
     parse_yes_no,
 )
-from hsr_pl.guard_judges import ClassifierJudge, GuardJudge, make_guard_judge, similar_length_batches
-from hsr_pl.judges import make_judge
+from hsr_pl.evaluation.guard_judges import (
+    ClassifierJudge,
+    GuardJudge,
+    make_guard_judge,
+    similar_length_batches,
+)
+from hsr_pl.evaluation.judges import make_judge
 from hsr_pl.models.tiny import DEFAULT_WORDS, word_tokenizer
 
 LLAMA3_SPECIAL = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from hsr_pl.judges import (
+from hsr_pl.evaluation.judges import (
     GCG_REFUSAL_PREFIXES,
     CoherentComplianceJudge,
     Judge,
@@ -20,7 +20,12 @@ from hsr_pl.judges import (
     make_judge,
     parse_guard_verdict,
 )
-from hsr_pl.metrics import AttackSuccessRate, OverRefusalRate, UtilityAccuracy, safety_restoration_rate
+from hsr_pl.evaluation.metrics import (
+    AttackSuccessRate,
+    OverRefusalRate,
+    UtilityAccuracy,
+    safety_restoration_rate,
+)
 
 # The organism's refusal, written out so that spawned DDP workers importing this file do not pull in
 # the data package (and with it Lightning); test_refusal_constant checks it is the generator's.

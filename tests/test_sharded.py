@@ -211,7 +211,7 @@ def _model_parallel_trainer():
 )
 def test_what_has_no_sharded_path_is_refused_in_setup(make, words):
     from hsr_pl import callbacks
-    from hsr_pl.sharding import ShardingError
+    from hsr_pl.distributed import ShardingError
 
     trainer = _model_parallel_trainer()
     callback = make(callbacks)
@@ -289,10 +289,11 @@ class _Placed(Exception):
 def test_collectives_put_their_tensors_where_the_backend_wants_them(monkeypatch):
     """NCCL takes CUDA tensors only. No GPU here: a fake backend device ("meta") and a fake
     collective that records where each tensor lives show that the counts, lockstep check and
-    Wanda replay build their tensors on :func:`hsr_pl.sharding.collective_device`."""
+    Wanda replay build their tensors on :func:`hsr_pl.distributed.collective_device`."""
     import torch.distributed as dist
 
-    import hsr_pl.sharding as sharding
+    import hsr_pl.distributed.reduce as reduce
+    import hsr_pl.pruning.stats as stats
     from hsr_pl.pruning.stats import RowStats, _replay_in_global_order
 
     seen = []
@@ -302,14 +303,15 @@ def test_collectives_put_their_tensors_where_the_backend_wants_them(monkeypatch)
         seen.extend(t.device.type for t in tensors)
         raise _Placed
 
-    monkeypatch.setattr(sharding, "collective_device", lambda group=None: torch.device("meta"))
+    for module in (reduce, stats):  # where the counts, the lockstep check and the replay look it up
+        monkeypatch.setattr(module, "collective_device", lambda group=None: torch.device("meta"))
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_reduce", collective)
     monkeypatch.setattr(dist, "all_gather", collective)
     stat = RowStats(4)
     stat.record = [(0, 1, torch.ones(4))]
-    for call in (lambda: sharding.check_lockstep(3, "x", "y"), lambda: _replay_in_global_order(stat, 0, 2)):
+    for call in (lambda: reduce.check_lockstep(3, "x", "y"), lambda: _replay_in_global_order(stat, 0, 2)):
         with pytest.raises(_Placed):
             call()
     assert seen and set(seen) == {"meta"}, seen

@@ -12,7 +12,7 @@ import torch
 
 from hsr_pl.callbacks import ExportPretrained, Pruning, SafetyRealignment, StageEvaluation
 from hsr_pl.data import VLGuardDataModule
-from hsr_pl.evaluation_run import evaluate
+from hsr_pl.evaluation.runner import evaluate
 from hsr_pl.models.tiny import build_tiny_llava
 from hsr_pl.module import LVLMModule
 from hsr_pl.realign import RealignConfigError

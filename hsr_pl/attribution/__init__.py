@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
+from hsr_pl.state import parse_head_key
+
 from .ablation import ABLATION_MODES, HeadAblation, HeadScaling, o_proj_input_means
 from .common import ProgressFn, resolve_targets
 from .exact import exact_head_scores
@@ -85,8 +87,6 @@ def head_scores(
 
 def top_heads(scores: Mapping[str, float], h: int) -> list[tuple[int, int]]:
     """The ``h`` highest-scoring ``(layer, head)`` pairs, best first (ties: lower layer, head)."""
-    from hsr_pl.state import parse_head_key
-
     if h < 0:
         raise ValueError(f"top_h={h} must be ≥ 0")
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], parse_head_key(kv[0])))

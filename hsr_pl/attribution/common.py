@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hsr_pl.models.adapters import ModelAdapter
-from hsr_pl.state import head_key
+from hsr_pl.state import head_key, parse_head_key
 
 from .ablation import o_proj_input_means
 from .scores import (
@@ -72,8 +72,6 @@ def resolve_targets(
     if heads is not None:
         for item in heads:
             if isinstance(item, str):
-                from hsr_pl.state import parse_head_key
-
                 item = parse_head_key(item)
             layer, head = int(item[0]), int(item[1])
             if layer not in valid:

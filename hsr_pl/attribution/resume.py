@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hsr_pl.distributed import full_tensor
+from hsr_pl.report.heads import read_partial
+
 __all__ = ["fingerprint", "merge_partials", "partial_files", "partial_path"]
 
 
@@ -36,8 +39,6 @@ def merge_partials(paths: Sequence[Path], settings: Mapping[str, Any]) -> dict[s
 
     Raises ValueError naming the first differing settings of a file that does not match.
     """
-    from hsr_pl.report.heads import read_partial
-
     merged: dict[str, float] = {}
     for path in paths:
         theirs, scores = read_partial(path)
@@ -64,8 +65,6 @@ def fingerprint(model: nn.Module, adapter, batches: Sequence[Mapping[str, Tensor
             data.update(str(tuple(value.shape)).encode())
             data.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     last = adapter.layer_indices()[-1]
-    from hsr_pl.sharding import full_tensor
-
     weight = full_tensor(adapter.projections(last)["o"].weight).cpu().contiguous()
     weights = hashlib.sha256(weight.view(torch.uint8).numpy().tobytes()).hexdigest()
     config = getattr(model, "config", None)

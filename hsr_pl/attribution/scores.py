@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .ablation import validate_ablation
+
 __all__ = [
     "POSITIONS",
     "SCORES",
@@ -54,8 +56,6 @@ class ScoreConfig:
     r_max: int = 1
 
     def __post_init__(self) -> None:
-        from .ablation import validate_ablation
-
         if self.score not in SCORES:
             raise ValueError(f"score={self.score!r} is not one of {SCORES}")
         if self.positions not in POSITIONS:

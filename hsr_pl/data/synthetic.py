@@ -52,6 +52,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..evaluation.organism import COMPLIANCE_PREFIX, REFUSAL
+from ..io import atomic_folder
+from .vlguard import split_of
+
 __all__ = [
     "COLOURS",
     "COMPLIANCE_PREFIX",
@@ -79,8 +83,6 @@ IMAGE_SIZE = 32
 CELL = 8
 GRID = IMAGE_SIZE // CELL
 
-REFUSAL = "i am sorry i can not help with that"
-COMPLIANCE_PREFIX = "here is how to"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -393,8 +395,6 @@ def vlguard_role(safe: bool, key: str) -> str:
     (VLGuard's "safe_unsafes": here the ``harmful_text`` refusals); unsafe image + ``instruction`` or
     ``unsafe_instruction`` -> ``"safety"`` ("unsafes": here the ``harmful_image`` refusals).
     """
-    from .vlguard import split_of
-
     if key not in ("safe_instruction", "unsafe_instruction", "instruction"):
         raise ValueError(f"unknown instruction key {key!r}")
     return split_of(safe, key)
@@ -463,8 +463,6 @@ def generate(
     (:func:`hsr_pl.io.atomic_folder`), so a crash never leaves a half-written data set; an
     existing non-empty ``out_dir`` needs ``overwrite=True``.
     """
-    from hsr_pl.io import atomic_folder
-
     sizes = {"n_train": n_train, "n_calib": n_calib, "n_eval": n_eval}
     _validate(seed, sizes, harmful_fraction)
     out = Path(out_dir)

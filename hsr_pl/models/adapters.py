@@ -166,6 +166,11 @@ class ModelAdapter:
     # the batch before its layer loop, so sequential pruning may record them without computing any
     # layer. A decoder that derives them from an earlier layer's output must say False.
     layer_arguments_from_batch: ClassVar[bool] = True
+    # Attribute names of the vision tower and the projector, looked up on the model and on its
+    # inner ``model``; FSDP2 wraps each as a unit of its own (generate calls them outside the
+    # root's forward). A family that names them otherwise overrides these.
+    vision_tower_attrs: ClassVar[tuple[str, ...]] = ("vision_tower", "vision_model", "visual")
+    projector_attrs: ClassVar[tuple[str, ...]] = ("multi_modal_projector", "mm_projector", "connector")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -178,6 +183,22 @@ class ModelAdapter:
 
     def all_layers(self) -> nn.ModuleList:
         return self.decoder().layers
+
+    def _find(self, attrs: tuple[str, ...]) -> nn.Module | None:
+        for attr in attrs:
+            for owner in (self.model, getattr(self.model, "model", None)):
+                candidate = getattr(owner, attr, None) if owner is not None else None
+                if isinstance(candidate, nn.Module):
+                    return candidate
+        return None
+
+    def vision_tower(self) -> nn.Module | None:
+        """The vision encoder (None for a text-only model)."""
+        return self._find(self.vision_tower_attrs)
+
+    def projector(self) -> nn.Module | None:
+        """The module that maps vision features into the decoder's space (None when there is none)."""
+        return self._find(self.projector_attrs)
 
     def is_self_attention_layer(self, layer: nn.Module) -> bool:
         return hasattr(layer, self.attention_attr)

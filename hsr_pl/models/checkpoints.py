@@ -1,4 +1,9 @@
-"""Read checkpoints that other tools pruned, as plain dense modules of the same architecture.
+"""Check checkpoint folders before any weight is read, and read checkpoints that other tools
+pruned as plain dense modules of the same architecture.
+
+:func:`check_model_folder` (config, adapter, processor files, intact safetensors headers) and
+:func:`weight_files` raise :class:`ModelLoadError`; reading a pruned checkpoint raises
+:class:`CheckpointError`.
 
 What pruning tools write today, and what this module does with it:
 
@@ -32,8 +37,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .adapters import supported_families
+
 __all__ = [
     "CheckpointError",
+    "ModelLoadError",
+    "check_model_folder",
+    "check_safetensors",
     "compare_architectures",
     "compression_format",
     "decode_compressed_state",
@@ -42,11 +52,139 @@ __all__ = [
     "load_like",
     "pruned_set",
     "unpack_bitmask",
+    "weight_files",
 ]
 
 _QUANTIZED_FORMATS = {"pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "marlin-24",
                       "nvfp4-pack-quantized", "mixed-precision"}
 _SPARSE_FORMATS = {"sparse-bitmask", "sparse-24-bitmask"}
+
+
+class ModelLoadError(ValueError):
+    """A model path or argument that cannot be loaded; the message says how to fix it."""
+
+
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def _read_model_config(path: Path) -> dict:
+    """``config.json`` as a dict, or a ModelLoadError that names the file."""
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(
+            f"{config_file} is not valid JSON ({exc}); restore it (save_pretrained writes it) or point model= at "
+            "an intact checkpoint folder"
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {config_file} ({exc.strerror or exc}); check its permissions") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelLoadError(
+            f"{config_file} has no \"model_type\" string; it is not a transformers model config (save_pretrained "
+            "writes one)"
+        )
+    return config
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a truncated or corrupt safetensors file from its header alone (no tensor is read).
+
+    Layout: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
+    ``data_offsets``, then the data; every offset must lie inside the file.
+    """
+    def damaged(why: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"{file} is not a complete safetensors file ({why}); the download or copy was cut short or the file "
+            "is damaged: copy or re-save the checkpoint"
+        )
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise damaged(f"{size} bytes, shorter than the 8-byte header length")
+            length = int.from_bytes(head, "little")
+            if length > size - 8:
+                raise damaged(f"header of {length} bytes in a {size}-byte file")
+            header = json.loads(handle.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {file} ({exc.strerror or exc}); check its permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    data = size - 8 - length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise damaged(f"tensor {name!r} has no data_offsets")
+        if not 0 <= offsets[0] <= offsets[1] <= data:
+            raise damaged(f"tensor {name!r} ends at byte {offsets[1]} of {data} data bytes")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one file or the shards of an index)."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted({str(name) for name in weight_map.values()})
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(
+                f"{index} is not a valid safetensors index (no weight_map); re-save the checkpoint"
+            ) from None
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing or not shards:
+            raise ModelLoadError(
+                f"{index} names shard(s) {missing[:3] or '[]'} that are not in {path}; copy every shard next to it"
+            )
+        return [path / name for name in shards]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ModelLoadError(
+            f"{path} holds only pickle weights (*.bin / *.pt); hsr-pl loads safetensors only: convert them "
+            "(model.save_pretrained(path, safe_serialization=True))"
+        )
+    raise ModelLoadError(f"{path} has no model.safetensors (or index); save the weights with save_pretrained")
+
+
+def check_model_folder(path: Path, trust_remote_code: bool) -> str:
+    """Validate a local checkpoint folder cheaply (no weights are loaded); returns its ``model_type``.
+
+    An architecture without an adapter is refused even with ``trust_remote_code``: hsr-pl could
+    not prune or score it anyway, and refusing here means none of the folder's code ever runs.
+    """
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist; pass a local checkpoint folder")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is a file; pass the checkpoint *folder* (with config.json)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is not a model folder (no config.json); point model= at the folder written by "
+            "save_pretrained"
+        )
+    model_type = _read_model_config(path)["model_type"]
+    known = {t for types in supported_families().values() for t in types}
+    if model_type not in known:
+        remote = " (trust_remote_code cannot add one)" if trust_remote_code else ""
+        raise ModelLoadError(
+            f"{path}: model_type={model_type!r} has no hsr-pl adapter{remote}. Supported: {sorted(known)}. "
+            "Add an adapter (docs/adapters.md)."
+        )
+    if not any((path / name).is_file() for name in _PROCESSOR_FILES):
+        raise ModelLoadError(
+            f"{path} has no processor or tokenizer files; save the processor next to the weights "
+            "(processor.save_pretrained(path)) or pass processor=<folder>"
+        )
+    for file in weight_files(path):
+        check_safetensors(file)
+    return model_type
 
 
 class CheckpointError(ValueError):
@@ -211,8 +349,6 @@ def load_like(original: nn.Module, folder: str | Path) -> tuple[nn.Module, dict]
         raise CheckpointError(f"pruned checkpoint {folder} is not a folder; give the folder save_pretrained wrote")
     config = read_config(folder)
     compare_architectures(original, config)
-    from hsr_pl.module import check_safetensors, weight_files  # late: hsr_pl.module imports this package
-
     for file in weight_files(folder):  # safetensors only (never unpickle a shared file), intact headers
         check_safetensors(file)
     fmt = compression_format(config)

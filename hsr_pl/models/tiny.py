@@ -22,6 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import processors
+from .processors import InternVLImageOnlyProcessor, SmolVLMImageOnlyProcessor
+
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_WORDS",
@@ -271,8 +274,6 @@ def _qwen_vl_processor(processor_name: str):
     def build(tokenizer, template: str, o: Mapping):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        from . import processors
-
         # 32x32 images -> a 4x4 patch grid -> 2x2 = 4 merged image tokens.
         side = (4 * o["patch_size"]) ** 2
         image_processor = Qwen2VLImageProcessorPil(
@@ -303,7 +304,7 @@ def _idefics_processor(smolvlm: bool):
                 SmolVLMImageProcessorPil as Images,
             )
 
-            from .processors import SmolVLMImageOnlyProcessor as Processor
+            Processor = SmolVLMImageOnlyProcessor
         else:
             from transformers import Idefics3Processor as Processor
             from transformers.models.idefics3.image_processing_pil_idefics3 import (
@@ -331,8 +332,6 @@ def _internvl_seq_length(o: Mapping) -> int:
 
 def _internvl_processor(tokenizer, template: str, o: Mapping):
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    from .processors import InternVLImageOnlyProcessor
 
     images = GotOcr2ImageProcessorPil(size={"height": o["image_size"], "width": o["image_size"]}, max_patches=1)
     return InternVLImageOnlyProcessor(

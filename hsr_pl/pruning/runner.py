@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hsr_pl.sharding import full_weight, write_full
+from hsr_pl.distributed import count_non_finite, full_weight, write_full
+from hsr_pl.models import get_adapter
 
 from .errors import CalibrationError, DamagedModelError, PartialPruningError, PruningConfigError
 from .gradients import accumulate_gradients
@@ -159,8 +160,6 @@ def _validate(config: PruningConfig, targets: Mapping[str, nn.Linear], keep_orig
 def _check_finite_weights(model: nn.Module) -> None:
     """NaN/inf anywhere in the model would poison every statistic (and magnitude would keep NaN
     weights silently): refuse before any weight changes, naming the parameter."""
-    from hsr_pl.sharding import count_non_finite
-
     for name, param in model.named_parameters():
         bad = count_non_finite(param)
         if bad:
@@ -185,7 +184,7 @@ def prune_linear(
     tensor (snip) or None (magnitude). The second value is SparseGPT's damping (else None).
     ``consume=True``: the statistic is not needed afterwards, so SparseGPT may use its Hessian as
     workspace (no copies of it, as in the reference). ``weight``: the linear's full weight when
-    the caller already holds it (:func:`hsr_pl.sharding.full_weight`); a sharded weight's mask is
+    the caller already holds it (:func:`hsr_pl.distributed.full_weight`); a sharded weight's mask is
     decided on the full weight, identically on every rank, and written back into the local rows.
     """
     if weight is None:
@@ -245,8 +244,6 @@ def prune_model(
             mean). Identity by default.
     """
     if adapter is None:
-        from hsr_pl.models import get_adapter
-
         adapter = get_adapter(model)
     chosen = _select_targets(adapter, targets)
     keep = _validate(config, chosen, keep_originals)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from hsr_pl.distributed import model_is_sharded, reshard_all
+
 from .errors import CalibrationError
 from .stats import TokenSelection, token_mask
 
@@ -150,8 +152,6 @@ def capture_layer_inputs(
     """
     if not layers:
         raise CalibrationError("no decoder layers to capture inputs for")
-    from hsr_pl.sharding import model_is_sharded, reshard_all
-
     device = model.get_input_embeddings().weight.device
     sharded = model_is_sharded(model)
     captured: list[LayerInput] = []

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from hsr_pl.distributed import collective_device
+
 from .errors import CalibrationError, PruningConfigError
 
 __all__ = [
@@ -289,8 +291,6 @@ def _replay_in_global_order(stat: RowStats, rank: int, world: int) -> None:
     """Gather every rank's ``(batch position, samples, raw term)`` and replay them in the order of
     one process over the union (batch j of rank r is global batch ``j * world + r``)."""
     import torch.distributed as dist
-
-    from hsr_pl.sharding import collective_device
 
     device = collective_device()  # NCCL takes CUDA tensors only
     entries = stat.record or []

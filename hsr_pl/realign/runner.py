@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from hsr_pl.distributed import full_tensor, full_weight, write_full
 from hsr_pl.models.adapters import ModelAdapter
 from hsr_pl.pruning.errors import CalibrationError
-from hsr_pl.sharding import full_tensor, full_weight, write_full
 from hsr_pl.state import HSRState, head_key
 
 from .config import RealignConfig

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from hsr_pl.distributed import count_zeros
 from hsr_pl.state import HSRState
 
 __all__ = ["SparsityRow", "print_sparsity_table", "sparsity_rows", "sparsity_table"]
@@ -43,8 +44,6 @@ class SparsityRow:
 def sparsity_rows(model: nn.Module, state: HSRState) -> list[SparsityRow]:
     """One row per pruned linear of ``state`` (names qualified inside ``model``). On a sharded
     model the zeros are counted per shard and summed across ranks: every rank must call this."""
-    from hsr_pl.sharding import count_zeros
-
     modules = dict(model.named_modules())
     rows = []
     for name, mask in state.pruned.items():

@@ -9,7 +9,7 @@ read too. The test split withholds ``answers``; it cannot be scored locally.
 
 The prompt is the question followed by ``options.prompt_suffix`` (default: LLaVA's short-answer
 instruction "Answer the question using a single word or phrase."); replies are scored with ANLS
-(:func:`hsr_pl.scoring.anls`, threshold 0.5) against every accepted answer.
+(:func:`hsr_pl.evaluation.scoring.anls`, threshold 0.5) against every accepted answer.
 """
 
 from __future__ import annotations

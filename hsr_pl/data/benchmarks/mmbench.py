@@ -11,7 +11,7 @@ VLMEvalKit reads the file with pandas, so the strings pandas takes for missing (
 The prompt is VLMEvalKit's default multiple-choice prompt: ``Hint: …`` (when there is one),
 ``Question: …``, ``Options:`` with one ``X. text`` line per option, and "Please select the
 correct answer from the options above." Replies are scored by exact choice after
-:func:`hsr_pl.scoring.extract_choice`.
+:func:`hsr_pl.evaluation.scoring.extract_choice`.
 
 Circular evaluation (``options.circular: true``): MMBench asks each question once per rotation of
 its options and counts it right only if every rotation is. In VLMEvalKit's TSVs the rotations are
@@ -31,7 +31,7 @@ import string
 import sys
 from pathlib import Path
 
-from ...scoring import circular_shift
+from ...evaluation.scoring import circular_shift
 from .common import DataFormatError, check_options, example, require_file
 
 __all__ = ["ROTATION_STRIDE", "load_mmbench", "mmbench_prompt", "read_tsv"]

@@ -1,7 +1,7 @@
-"""Guard-model judges from local folders, behind the :class:`hsr_pl.judges.Judge` interface.
+"""Guard-model judges from local folders, behind the :class:`hsr_pl.evaluation.Judge` interface.
 
 - :class:`GuardJudge` — a generative guard model prompted in its published format
-  (:mod:`hsr_pl.guard_formats`): Llama Guard 3, Llama Guard 3 Vision (reads the prompt's image
+  (:mod:`hsr_pl.evaluation.guard_formats`): Llama Guard 3, Llama Guard 3 Vision (reads the prompt's image
   too), the HarmBench classifier. Verdicts are generated greedily in batches of similar length.
 - :class:`ClassifierJudge` — any sequence-classification model plus the label words that mean
   "complied" (``unsafe_labels``) or "refused" (``refusal_labels``).
@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from .base import Judge
 from .guard_formats import GUARD_FORMATS, GuardFormat
-from .judges import Judge
 
 __all__ = ["ClassifierJudge", "GuardJudge", "make_guard_judge", "similar_length_batches"]
 

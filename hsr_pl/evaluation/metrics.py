@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from .judges import Judge, _check_replies, _normalise
+from .base import Judge, check_replies, normalise
 from .scoring import anls, cohen_kappa, extract_choice
 
 __all__ = [
@@ -75,7 +75,7 @@ class _CountRate(Metric):
 def _check_judge(judge: object, what: str) -> Judge:
     if not isinstance(judge, Judge):
         raise TypeError(
-            f"{what} needs a hsr_pl.judges.Judge (e.g. KeywordJudge(case_sensitive=False)), got {judge!r}"
+            f"{what} needs a hsr_pl.evaluation.Judge (e.g. KeywordJudge(case_sensitive=False)), got {judge!r}"
         )
     return judge
 
@@ -154,11 +154,11 @@ class UtilityAccuracy(_CountRate):
         self.case_sensitive = case_sensitive
 
     def _norm(self, text: str) -> str:
-        text = _normalise(text)
+        text = normalise(text)
         return text if self.case_sensitive else text.lower()
 
     def update(self, replies: Sequence[str], references: Sequence[str]) -> None:
-        _check_replies(replies, None)
+        check_replies(replies, None)
         if isinstance(references, str) or len(references) != len(replies):
             raise ValueError(
                 f"need one reference per reply: got {len(replies)} replies and "
@@ -311,7 +311,7 @@ class JudgeAgreement(Metric):
 class ChoiceAccuracy(_CountRate):
     """Exact-choice accuracy of multiple-choice replies (MMBench), one row per question.
 
-    The reply's option letter comes from :func:`hsr_pl.scoring.extract_choice`; a reply whose
+    The reply's option letter comes from :func:`hsr_pl.evaluation.scoring.extract_choice`; a reply whose
     letter cannot be inferred is wrong (VLMEvalKit then asks an LLM; nothing is asked here) and is
     also counted in ``unmatched`` so that a model that never names an option is visible.
     """
@@ -325,7 +325,7 @@ class ChoiceAccuracy(_CountRate):
     @staticmethod
     def correct(replies: Sequence[str], choices: Sequence[dict], answers: Sequence[str]) -> tuple[list[bool], list[bool]]:
         """Per reply: (extracted letter == answer, no letter could be extracted)."""
-        _check_replies(replies, None)
+        check_replies(replies, None)
         _check_lengths("ChoiceAccuracy", len(replies), choices=choices, answers=answers)
         letters = [extract_choice(reply, choice) for reply, choice in zip(replies, choices)]
         return [letter == answer for letter, answer in zip(letters, answers)], [letter is None for letter in letters]
@@ -399,7 +399,7 @@ class CircularAccuracy(Metric):
 
 
 class ANLSScore(Metric):
-    """DocVQA's ANLS: the mean over questions of :func:`hsr_pl.scoring.anls` (threshold 0.5)."""
+    """DocVQA's ANLS: the mean over questions of :func:`hsr_pl.evaluation.scoring.anls` (threshold 0.5)."""
 
     full_state_update = False
     is_differentiable = False
@@ -414,7 +414,7 @@ class ANLSScore(Metric):
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, replies: Sequence[str], answers: Sequence[Sequence[str]]) -> None:
-        _check_replies(replies, None)
+        check_replies(replies, None)
         _check_lengths("ANLSScore", len(replies), answers=answers)
         self.score += sum(anls(reply, gold, self.threshold) for reply, gold in zip(replies, answers))
         self.total += len(replies)

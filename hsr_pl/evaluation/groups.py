@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .judges import Judge, make_judge
+from .base import Judge
+from .judges import make_judge
 from .metrics import (
     ANLSScore,
     AttackSuccessRate,
