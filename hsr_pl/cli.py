@@ -26,8 +26,10 @@ from lightning.pytorch.cli import LightningCLI
 
 import hsr_pl
 import hsr_pl.callbacks
+from hsr_pl.callbacks.base import check_one_pruner
 
 from .data import VLGuardDataModule
+from .io import DISK_ERRNOS
 from .module import LVLMModule
 
 __all__ = ["HSRCLI", "UserError", "explain", "main", "run_cli"]
@@ -73,8 +75,6 @@ class HSRCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         """The Trainer only validates its settings in ``__init__``: what it raises there is a bad input."""
-        from hsr_pl.callbacks.base import check_one_pruner
-
         # Before Lightning's own refusal of two callbacks of one type ("state_key must be unique").
         check_one_pruner((self._get(self.config_init, "trainer", default={}) or {}).get("callbacks") or [])
         try:
@@ -271,8 +271,6 @@ _DISK_FULL = {"No space left on device": ("No space left on device", "StorageFul
 
 def _disk_full(exc: BaseException) -> str | None:
     """A write that the file system refused in code not our own (Lightning, torch, safetensors)."""
-    from .io import DISK_ERRNOS
-
     for link in _chain(exc):
         if isinstance(link, OSError) and link.errno in DISK_ERRNOS:
             target = f" {link.filename}" if link.filename else ""

@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import torch
 
+from .errors import DataFormatError
+
 __all__ = ["VLGuardCollator", "build_messages"]
 
 IGNORE_INDEX = -100
@@ -32,8 +34,6 @@ def build_messages(instruction: str, response: str | None, with_image: bool) -> 
 @lru_cache(maxsize=4096)
 def _open_image(path: str):
     from PIL import Image
-
-    from .vlguard import DataFormatError
 
     try:
         with Image.open(path) as image:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .vlguard import DataFormatError
+from .errors import DataFormatError
 
 __all__ = ["MAX_IMAGE_PIXELS", "check_image", "resolve_image"]
 

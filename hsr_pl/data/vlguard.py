@@ -26,14 +26,13 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .errors import DataFormatError
+from .images import check_image, resolve_image
+
 __all__ = ["SPLITS", "DataFormatError", "check_num_samples", "load_vlguard", "pairs_to_dataset", "parse_split", "select_samples", "split_of"]
 
 SPLITS = ("utility", "safety", "over_refusal")
 _INSTRUCTION_KEYS = ("safe_instruction", "unsafe_instruction", "instruction")
-
-
-class DataFormatError(ValueError):
-    """A VLGuard-format file that cannot be used as it is."""
 
 
 def split_of(safe_image: bool, key: str) -> str:
@@ -66,8 +65,6 @@ def load_vlguard(
     resolve inside ``image_root`` unless ``allow_outside_root``; every image is verified now
     (:mod:`hsr_pl.data.images`).
     """
-    from .images import check_image, resolve_image
-
     path = Path(path)
     if path.is_dir():
         raise DataFormatError(f"VLGuard file {path} is a folder; pass the JSON file (e.g. {path / 'train.json'})")

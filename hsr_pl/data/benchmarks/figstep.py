@@ -27,6 +27,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from ..images import check_image, resolve_image
 from .common import DataFormatError, check_options, example, require_file
 
 __all__ = [
@@ -164,8 +165,6 @@ def load_figstep(
     """Examples of a SafeBench CSV (see the module docstring); ``options``: ``images`` (``auto`` |
     ``files`` | ``render``), ``font`` (a font file for rendering), ``render_dir``. Image names that
     would lead outside the image folder are refused unless ``allow_outside_root``."""
-    from ..images import check_image, resolve_image
-
     options = check_options("figstep", options, OPTIONS)
     if options["images"] not in IMAGE_MODES:
         raise ValueError(f"figstep option images={options['images']!r}: choose one of {IMAGE_MODES}")
