@@ -58,6 +58,7 @@ from hsr_pl.models.adapters import ModelAdapter
 from hsr_pl.sharding import full_weight, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, head_key, parse_head_key
 
+from ._calibration import calibration_batches
 from ._common import eval_mode, hf_model
 from .base import WHEN, HSRCallback
 
@@ -293,27 +294,13 @@ class SafetyHeadAttribution(HSRCallback):
 
     # ----------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Tensor]]:
-        """The full calibration set (on every rank), tensors only, floats in the model's dtype."""
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
-            raise RuntimeError(
-                "SafetyHeadAttribution needs calibration data: run the trainer with a data module that has "
-                "calibration_dataloader(split, num_samples, ...) (hsr_pl.data.VLGuardDataModule), or pass "
-                "scores_path= to load precomputed scores"
-            )
-        loader = datamodule.calibration_dataloader(
-            self.calibration, self.num_samples,
-            with_response=self.config.positions == "response", batch_size=self.batch_size,
+        """The full calibration set (on every rank: a score is a mean over all of it), tensors only,
+        floats in the model's dtype."""
+        return calibration_batches(
+            trainer, self.calibration, self.num_samples, owner="SafetyHeadAttribution", device=None,
+            batch_size=self.batch_size, with_response=self.config.positions == "response", sharded=False,
+            dtype=next(hf_model(pl_module).parameters()).dtype, hint="or pass scores_path= to load precomputed scores",
         )
-        dtype = next(hf_model(pl_module).parameters()).dtype
-        batches = []
-        for batch in loader:
-            batches.append({
-                k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items() if isinstance(v, Tensor)
-            })
-        if not batches:
-            raise RuntimeError(f"calibration split {self.calibration!r} is empty; add {self.calibration} examples")
-        return batches
 
     # ------------------------------------------------------------------ extension points
     def on_layer_scored(self, layer: int, scores: Mapping[str, float]) -> None:

@@ -26,38 +26,18 @@ from typing_extensions import override
 
 from hsr_pl.models.checkpoints import CheckpointError, load_like, pruned_set
 from hsr_pl.pruning import PruningConfigError
+from hsr_pl.pruning.masks import detect_structure
+from hsr_pl.pruning.targets import regex_list, resolve_targets
 from hsr_pl.state import get_state
 
 from ._common import hf_model
 from ._masks import MaskHolder
 from .base import WHEN, notify_before_pruning, notify_stage
-from .pruning import regex_list, resolve_targets
 
-__all__ = ["PrunedCheckpoint", "detect_structure"]
+__all__ = ["PrunedCheckpoint"]
 
 # Exact-zero fraction above which a module outside the targets is reported as pruned by the tool.
 OUTSIDE_ZERO_FRACTION = 0.05
-
-
-def detect_structure(masks: dict[str, torch.Tensor]) -> tuple[int, int] | None:
-    """``(N, M)`` when every mask prunes exactly N of every M consecutive inputs (M in 4, 8, 16)."""
-    if not masks:
-        return None
-    for m in (4, 8, 16):
-        counts = set()
-        for mask in masks.values():
-            rows, cols = mask.shape
-            if cols % m:
-                counts = None
-                break
-            counts |= set(mask.reshape(rows, cols // m, m).sum(-1).unique().tolist())
-            if len(counts) > 1:
-                break
-        if counts is not None and len(counts) == 1:
-            n = counts.pop()
-            if 0 < n < m:
-                return int(n), m
-    return None
 
 
 class PrunedCheckpoint(MaskHolder):

@@ -22,7 +22,6 @@ import copy
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,34 +34,15 @@ from typing_extensions import override
 from hsr_pl.evaluation_run import evaluate, headline
 from hsr_pl.metrics import safety_restoration_rate
 from hsr_pl.models import get_adapter
-from hsr_pl.realign import (
-    RealignConfig,
-    RealignConfigError,
-    head_slice_mask,
-    language_model_parameters,
-    random_heads,
-    random_restore_masks,
-    realign_model,
-    restore_masks,
-)
-from hsr_pl.realign.runner import attention_linears
+from hsr_pl.realign import RealignConfigError, language_model_parameters
+from hsr_pl.realign.baselines import BASELINES, CURVE_METHODS, UNBUDGETED, realign_variant
 from hsr_pl.state import get_state
 
 from ._calibration import layer_progress
 from ._common import hf_model
 from .base import HSRCallback
 
-__all__ = ["BASELINES", "StageEvaluation"]
-
-BASELINES = ("random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule")
-"""Baselines the paper argues against (and its own rule): ``random`` — HSR's count of pruned weights
-drawn anywhere (every linear with kept originals); ``random_in_heads`` — drawn inside the same heads'
-slices; ``none`` — HSR's settings without the head restriction; ``whole_heads`` — every pruned weight
-of the heads; ``reference`` — the released script's selection, truncated to HSR's count by the margin
-order; ``random_heads`` — HSR's settings on as many random heads; ``paper_rule`` — the paper's rule
-(margin order, no budget) on HSR's heads."""
-CURVE_METHODS = ("hsr", "paper_rule", "random", "random_in_heads", "none", "random_heads", "reference")
-
+__all__ = ["StageEvaluation"]
 
 def _rsr(dense: float | None, pruned: float | None, now: float | None) -> float | None:
     if None in (dense, pruned, now):
@@ -122,8 +102,7 @@ class StageEvaluation(HSRCallback):
         self.results: dict[str, Any] = {}
         self._pruned: dict[str, Any] | None = None
         self._realign = None
-        self._safety = None
-        self._utility = None
+        self._batches: dict[str, list] = {}  # calibration batches of the gradient-order variants, loaded once
         self._start = time.perf_counter()
         self.summary: dict[str, Any] = {}
 
@@ -248,76 +227,27 @@ class StageEvaluation(HSRCallback):
         """Realign the pruned model one way, evaluate, and return the counts and results."""
         self._put_back(pl_module, self._pruned)
         model = hf_model(pl_module)
-        adapter = get_adapter(model)
-        state = get_state(pl_module)
-        cfg: RealignConfig = source.config
-        heads = list(source.result.heads)
-        k = source.result.restored if budget is None else budget  # the random baselines' count
         with torch.inference_mode(False):
-            if name in ("random", "random_in_heads"):
-                eligible = {}
-                by_layer: dict[int, list[int]] = {}
-                for layer, head in heads:
-                    by_layer.setdefault(layer, []).append(head)
-                linears = attention_linears(adapter)
-                for lname in state.originals:
-                    free = state.pruned[lname]
-                    if name == "random_in_heads":
-                        if lname not in linears or linears[lname][0] not in by_layer:
-                            continue
-                        layer, role, _ = linears[lname]
-                        free = free & head_slice_mask(
-                            role, tuple(free.shape), adapter.geometry(layer), by_layer[layer], cfg.selection
-                        )
-                    eligible[lname] = free
-                restored = restore_masks(model, state, random_restore_masks(eligible, k, self.seed))
-            else:
-                variant = self._config(cfg, name, budget)
-                chosen = heads
-                if name == "random_heads":
-                    pool = [(layer, h) for layer in adapter.layer_indices() for h in range(adapter.geometry(layer).num_heads)]
-                    chosen = random_heads([p for p in pool if p not in heads] or pool, len(heads), self.seed)
-                safety = utility = None
-                if variant.order == "gradient":
-                    if self._safety is None:
-                        self._safety = source._batches(trainer, pl_module, source.safety_calibration)
-                    safety = self._safety
-                    if variant.utility_weight:
-                        if self._utility is None:
-                            self._utility = source._batches(trainer, pl_module, source.utility_calibration)
-                        utility = self._utility
-                result = realign_model(model, adapter, state, variant, chosen, dense=source.dense, safety_batches=safety,
-                                       utility_batches=utility)
-                restored = result.restored
+            restored = realign_variant(
+                model, get_adapter(model), get_state(pl_module), source.config, source.result.heads, name, budget,
+                count=source.result.restored, seed=self.seed, dense=source.dense,
+                calibration=lambda kind: self._calibration(trainer, pl_module, source, kind),
+            )
         label = f"{name}" + ("" if budget is None else f" @ {budget} weights")
         return {"restored_params": restored, "eval": self._evaluate(trainer, pl_module, label, only)}
 
-    @staticmethod
-    def _config(cfg: RealignConfig, name: str, budget: int | None) -> RealignConfig:
-        if name == "hsr":
-            return replace(cfg, budget=budget)
-        if name == "paper_rule":
-            return replace(cfg, order="margin", budget=budget, rounds=1, scope="heads", utility_weight=0.0)
-        if name == "none":
-            if cfg.order == "gradient":
-                return replace(cfg, scope="all", budget=budget)
-            return replace(cfg, selection="none", budget=budget)
-        if name == "whole_heads":
-            return replace(cfg, selection="whole_heads", order="margin", budget=None, rounds=1, scope="heads",
-                           utility_weight=0.0)
-        if name == "reference":
-            return replace(cfg, selection="reference", order="margin", budget=budget, rounds=1, scope="heads",
-                           utility_weight=0.0)
-        if name == "random_heads":
-            return replace(cfg, budget=budget)
-        raise RealignConfigError(f"unknown method {name!r}")
+    def _calibration(self, trainer, pl_module, source, kind: str) -> list:
+        if kind not in self._batches:
+            split = source.safety_calibration if kind == "safety" else source.utility_calibration
+            self._batches[kind] = source._batches(trainer, pl_module, split)
+        return self._batches[kind]
 
     def _compare(self, trainer, pl_module, source) -> None:
         if self.baselines:
             self.results["baselines"] = {}
             for name in BASELINES:
                 # whole_heads and the paper's rule restore their own rule's whole set; the others HSR's count
-                budget = None if name in ("whole_heads", "paper_rule") else source.result.restored
+                budget = None if name in UNBUDGETED else source.result.restored
                 rank_zero_info(f"hsr-pl: baseline {name}")
                 self.results["baselines"][name] = self._variant(trainer, pl_module, source, name, budget,
                                                                 only=self.baseline_sets)

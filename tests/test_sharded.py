@@ -250,7 +250,7 @@ def test_fsdp2_recipes_parse(tmp_path, capsys):
 
 def test_export_shard_size_is_checked():
     from hsr_pl.callbacks import ExportPretrained
-    from hsr_pl.callbacks.export import ExportError
+    from hsr_pl.export import ExportError
 
     assert ExportPretrained("x", max_shard_size="500MiB").max_shard_bytes == 500 * 1024**2
     assert ExportPretrained("x", max_shard_size="5GB").max_shard_bytes == 5 * 10**9
