@@ -24,8 +24,8 @@ This base class owns that logic so the callbacks only say what they do:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -40,6 +40,7 @@ __all__ = [
     "notify_before_pruning",
     "notify_stage",
     "parse_when",
+    "providers",
     "settings_diff",
 ]
 
@@ -74,6 +75,11 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5
     return "; ".join(parts)
 
 
+def providers(callbacks: Iterable[Callback], what: str) -> list[HSRCallback]:
+    """The HSR callbacks among ``callbacks`` that declare they provide ``what`` (see ``provides``)."""
+    return [cb for cb in callbacks if isinstance(cb, HSRCallback) and what in cb.provides]
+
+
 def notify_stage(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, source: Callback) -> None:
     """Tell every other HSR callback that the model just reached ``stage`` (``pruned``, ``realigned``)."""
     for callback in trainer.callbacks:
@@ -105,10 +111,27 @@ class HSRCallback(Callback):
 
     Subclasses implement :meth:`run` and :meth:`settings`; they may override :meth:`on_restored`,
     :meth:`before_pruning` and :meth:`extra_state` / :meth:`load_extra_state`.
+
+    What one callback may ask another is declared here (and, for pruners, on
+    :class:`~hsr_pl.callbacks._masks.MaskHolder`); results travel through
+    :class:`hsr_pl.state.HSRState`. A callback never probes another for undeclared members.
     """
 
     #: False for steps that have no sharded (FSDP2) path yet: they refuse ModelParallelStrategy in setup.
-    supports_sharding = True
+    supports_sharding: ClassVar[bool] = True
+    #: What this step puts into HSRState: ``masks`` (pruners), ``head_scores`` (attribution),
+    #: ``realignment`` (SafetyRealignment). Later steps check their inputs' providers by it.
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def needs_all_layers(self) -> bool:
+        """True when this step needs realignment's dense statistics of every layer, not only the heads'
+        layers (StageEvaluation's head-free and random-head baselines)."""
+        return False
+
+    def input_paths(self) -> list[str]:
+        """Folders or files this step reads that no output may overwrite (ExportPretrained checks them)."""
+        return []
 
     def __init__(self, when: str | list[str] | tuple[str, ...] = WHEN, *, error: type[Exception] = ValueError) -> None:
         super().__init__()

@@ -23,6 +23,8 @@ from hsr_pl.export import (
 from hsr_pl.report.manifest import realignment_manifest
 from hsr_pl.state import get_state
 
+from .base import HSRCallback
+
 __all__ = ["ExportError", "ExportPretrained"]
 
 _WHEN = ("fit_end", "validation_end")
@@ -59,7 +61,7 @@ class ExportPretrained(Callback):
         from hsr_pl.models.organism import ORGANISM_PACKAGE_PATH
 
         paths = [getattr(pl_module, "model_source", None), str(ORGANISM_PACKAGE_PATH)]
-        paths += [getattr(cb, "path", None) for cb in trainer.callbacks if cb is not self and isinstance(getattr(cb, "path", None), str)]
+        paths += [path for cb in trainer.callbacks if isinstance(cb, HSRCallback) for path in cb.input_paths()]
         return [p for p in paths if p]
 
     @override

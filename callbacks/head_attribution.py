@@ -121,6 +121,8 @@ class SafetyHeadAttribution(HSRCallback):
         heatmap: print the terminal heatmap on rank 0 at the end.
     """
 
+    provides = frozenset({"head_scores"})
+
     def __init__(
         self,
         score: str = "kl",

@@ -43,7 +43,6 @@ from hsr_pl.pruning import (
     prune_model,
 )
 from hsr_pl.pruning.masks import UNSTRUCTURED
-from hsr_pl.pruning.targets import regex_list, resolve_targets
 from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state
 
@@ -85,6 +84,8 @@ class Pruning(MaskHolder):
             decides results, so a resume may change it.
     """
 
+    structure_known_before_pruning = True
+
     def __init__(
         self,
         method: str = "wanda",
@@ -104,7 +105,10 @@ class Pruning(MaskHolder):
         percdamp: float = 0.01,
         state_dir: str | None = None,
     ) -> None:
-        super().__init__(when, error=PruningConfigError, state_dir=state_dir)
+        super().__init__(
+            when, error=PruningConfigError, state_dir=state_dir, targets=targets, ignore=ignore,
+            keep_originals=keep_originals,
+        )
         if sparsity is None and str(mask_structure).strip() in ("0:0", ""):
             sparsity = 0.5
         self.config = PruningConfig(
@@ -135,9 +139,6 @@ class Pruning(MaskHolder):
         self.calibration = calibration
         self.num_samples = None if num_samples is None else int(num_samples)
         self.batch_size = int(batch_size)
-        self.targets = regex_list(targets, "targets")
-        self.ignore = regex_list(ignore, "ignore") or []
-        self.keep_originals = regex_list(keep_originals, "keep_originals")
         self.result: PruningResult | None = None
 
     @property
@@ -161,11 +162,6 @@ class Pruning(MaskHolder):
     def target_sparsity(self) -> float:
         nm = self.config.nm
         return float(self.config.sparsity) if self.config.sparsity is not None else nm[0] / nm[1]
-
-    # --------------------------------------------------------------------------- targeting
-    def resolve_targets(self, model: nn.Module) -> tuple[list[str], list[str]]:
-        """``(names to prune, names whose dense values to keep)`` for ``model`` (an HF model)."""
-        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
 
     # ------------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, device: torch.device) -> list[Batch]:

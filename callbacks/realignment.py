@@ -49,21 +49,17 @@ from hsr_pl.realign import (
 )
 from hsr_pl.realign.runner import attention_linears
 from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
-from hsr_pl.state import get_state, parse_head_key
+from hsr_pl.state import RealignmentRun, get_state, parse_head_key
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device, layer_progress
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
-from .base import WHEN, HSRCallback, notify_stage
+from ._masks import MaskHolder, mask_holders
+from .base import WHEN, HSRCallback, notify_stage, providers
 
-__all__ = ["SafetyRealignment", "is_pruner"]
+__all__ = ["SafetyRealignment"]
 
 Pair = tuple[int, int]
-
-
-def is_pruner(callback: Callback) -> bool:
-    """Callbacks that fill HSRState's masks (Pruning, PrunedCheckpoint) say so with ``fills_masks``."""
-    return bool(getattr(callback, "fills_masks", False))
 
 
 def _check_split(value: str, name: str) -> str:
@@ -113,6 +109,8 @@ class SafetyRealignment(HSRCallback):
         when: ``fit_start`` and/or ``validation_start``; realigns once, after the pruner.
         table: print the rich summary table on rank 0.
     """
+
+    provides = frozenset({"realignment"})
 
     def __init__(
         self,
@@ -255,7 +253,7 @@ class SafetyRealignment(HSRCallback):
             self._check_heads(heads, adapter)
         head_free = not self.config.needs_heads
         # A StageEvaluation comparing head-free or random-head baselines needs every layer measured.
-        wide = any(getattr(cb, "needs_all_layers", False) for cb in trainer.callbacks)
+        wide = any(cb.needs_all_layers for cb in trainer.callbacks if isinstance(cb, HSRCallback))
         layers = None if head_free or heads is None or wide else sorted({layer for layer, _ in heads})
         start = time.perf_counter()
         with torch.inference_mode(False), eval_mode(model):
@@ -265,7 +263,7 @@ class SafetyRealignment(HSRCallback):
                 model, adapter, self.config.importance,
                 self._progress(trainer, utility, "realignment: utility importance (dense)"),
                 self._progress(trainer, safety, "realignment: safety importance (dense)"),
-                layers=layers, keep_dense=bool(getattr(pruner, "changes_kept_weights", True)),
+                layers=layers, keep_dense=not isinstance(pruner, MaskHolder) or pruner.changes_kept_weights,
                 utility_reduce=self._reduce(utility, pl_module, self.utility_calibration),
                 safety_reduce=self._reduce(safety, pl_module, self.safety_calibration),
             )
@@ -281,9 +279,9 @@ class SafetyRealignment(HSRCallback):
         return _with_progress(batches, description)
 
     # ------------------------------------------------------------------------------ run
-    def _pruner(self, trainer: pl.Trainer) -> Callback | None:
+    def _pruner(self, trainer: pl.Trainer) -> MaskHolder | None:
         callbacks = list(trainer.callbacks)
-        before = [cb for cb in callbacks[: callbacks.index(self)] if is_pruner(cb)]
+        before = mask_holders(callbacks[: callbacks.index(self)])
         return before[-1] if before else None
 
     @override
@@ -300,14 +298,14 @@ class SafetyRealignment(HSRCallback):
                 "a model pruned by another tool) before it"
             )
         if self.importance == "auto" and pruner is not None:
-            self.config = replace(self.config, importance=str(getattr(pruner, "importance", "wanda")))
+            self.config = replace(self.config, importance=pruner.importance)
         if sharded_strategy(trainer) and (self.config.order == "gradient" or self.config.importance == "snip"):
             raise ShardingError(
                 f"SafetyRealignment(order={self.config.order!r}, importance={self.config.importance!r}) under "
                 "ModelParallelStrategy: weight gradients are not gathered on the sharded path; use order 'margin' with "
                 "importance wanda, sparsegpt or magnitude, or strategy ddp"
             )
-        if self.config.preserve_structure and pruner is not None and hasattr(pruner, "planned_structure") \
+        if self.config.preserve_structure and pruner is not None and pruner.structure_known_before_pruning \
                 and pruner.planned_structure is None:
             raise RealignConfigError(
                 "preserve_structure needs N:M masks, but Pruning is unstructured (mask_structure '0:0'); set "
@@ -318,7 +316,7 @@ class SafetyRealignment(HSRCallback):
 
             protect = [p for p in (self.heads_path, getattr(pl_module, "model_source", None)) if p]
             check_output_file(self.output, "SafetyRealignment output", protect=protect)
-        scorers = [cb for cb in callbacks[:mine] if hasattr(cb, "top") and hasattr(cb, "scores")]
+        scorers = providers(callbacks[:mine], "head_scores")
         if self.config.needs_heads and self.heads is None and self._file_scores is None and not scorers \
                 and trainer.ckpt_path is None:
             raise RealignInputError(
@@ -337,7 +335,7 @@ class SafetyRealignment(HSRCallback):
         if heads is not None:
             self._check_heads(heads, adapter)
         pruner = self._pruner(trainer)
-        if pruner is None or not hasattr(pruner, "resolve_targets"):
+        if pruner is None:
             return
         if self.config.order == "gradient" and self.config.scope == "all":
             return  # its scope is whatever has kept originals
@@ -354,7 +352,7 @@ class SafetyRealignment(HSRCallback):
     def _check_order(self, trainer: pl.Trainer) -> None:
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)
-        pruners = [i for i, cb in enumerate(callbacks) if is_pruner(cb)]
+        pruners = [i for i, cb in enumerate(callbacks) if isinstance(cb, MaskHolder)]
         if any(i > mine for i in pruners):
             raise RealignInputError(
                 "SafetyRealignment comes before the pruner in trainer.callbacks; order them SafetyHeadAttribution, "
@@ -410,8 +408,17 @@ class SafetyRealignment(HSRCallback):
         }
         state.realignment = dict(self.report)
         self._report(trainer)
+        # In memory, for whoever re-runs variants from the same pruned weights while it is notified.
+        state.realignment_run = RealignmentRun(
+            config=self.config, result=self.result, settings=self.settings(), dense=self.dense,
+            calibration=lambda kind: self._batches(
+                trainer, pl_module, self.safety_calibration if kind == "safety" else self.utility_calibration
+            ),
+        )
         notify_stage(trainer, pl_module, "realigned", self)
-        self.dense = None  # the statistics served their purpose; free them (and the dense copies)
+        # The statistics and the data served their purpose; free them (and the dense copies).
+        state.realignment_run = replace(state.realignment_run, dense=None, calibration=None)
+        self.dense = None
 
     def _report(self, trainer: pl.Trainer) -> None:
         from hsr_pl.report.realignment import print_realignment, realignment_line

@@ -27,7 +27,6 @@ from typing_extensions import override
 from hsr_pl.models.checkpoints import CheckpointError, load_like, pruned_set
 from hsr_pl.pruning import PruningConfigError
 from hsr_pl.pruning.masks import detect_structure
-from hsr_pl.pruning.targets import regex_list, resolve_targets
 from hsr_pl.state import get_state
 
 from ._common import hf_model
@@ -53,9 +52,9 @@ class PrunedCheckpoint(MaskHolder):
     """
 
     supports_sharding = False  # copies / compares whole weights: no FSDP2 path yet
-
-    changes_kept_weights = True  # another tool may have moved kept weights (SparseGPT does)
-    importance = "wanda"  # realignment's ``importance: auto``: the tool's score is unknown; Wanda's is the paper's
+    # MaskHolder's defaults hold: another tool may have moved kept weights (SparseGPT does), its score
+    # is unknown (realignment's ``importance: auto`` takes Wanda's, the paper's), and the N:M structure
+    # is known only once the checkpoint is loaded.
 
     def __init__(
         self,
@@ -66,7 +65,10 @@ class PrunedCheckpoint(MaskHolder):
         when: str | list[str] = WHEN,
         state_dir: str | None = None,
     ) -> None:
-        super().__init__(when, error=PruningConfigError, state_dir=state_dir)
+        super().__init__(
+            when, error=PruningConfigError, state_dir=state_dir, targets=targets, ignore=ignore,
+            keep_originals=keep_originals,
+        )
         if not isinstance(path, str) or not path:
             raise PruningConfigError("PrunedCheckpoint needs path=<folder of the pruned checkpoint>")
         folder = Path(path).expanduser()
@@ -75,18 +77,15 @@ class PrunedCheckpoint(MaskHolder):
         if not (folder / "config.json").is_file():
             raise PruningConfigError(f"PrunedCheckpoint(path={path!r}) has no config.json; give the folder save_pretrained wrote")
         self.path = str(folder)
-        self.targets = regex_list(targets, "targets")
-        self.ignore = regex_list(ignore, "ignore") or []
-        self.keep_originals = regex_list(keep_originals, "keep_originals")
         self.report: dict[str, Any] = {}
 
     @override
     def settings(self) -> dict[str, Any]:
         return {"path": self.path, "targets": self.targets, "ignore": self.ignore, "keep_originals": self.keep_originals}
 
-    def resolve_targets(self, model: torch.nn.Module) -> tuple[list[str], list[str]]:
-        """``(names compared with the checkpoint, names whose dense values to keep)``."""
-        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
+    @override
+    def input_paths(self) -> list[str]:
+        return [self.path]
 
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

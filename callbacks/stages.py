@@ -22,6 +22,7 @@ import copy
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,13 @@ from typing_extensions import override
 from hsr_pl.evaluation_run import evaluate, headline
 from hsr_pl.metrics import safety_restoration_rate
 from hsr_pl.models import get_adapter
-from hsr_pl.realign import RealignConfigError, language_model_parameters
+from hsr_pl.realign import RealignConfigError, RealignInputError, language_model_parameters
 from hsr_pl.realign.baselines import BASELINES, CURVE_METHODS, UNBUDGETED, realign_variant
-from hsr_pl.state import get_state
+from hsr_pl.state import RealignmentRun, get_state
 
 from ._calibration import layer_progress
 from ._common import hf_model
-from .base import HSRCallback
+from .base import HSRCallback, providers
 
 __all__ = ["StageEvaluation"]
 
@@ -101,7 +102,7 @@ class StageEvaluation(HSRCallback):
         self.output_dir = output_dir
         self.results: dict[str, Any] = {}
         self._pruned: dict[str, Any] | None = None
-        self._realign = None
+        self._run: RealignmentRun | None = None  # SafetyRealignment's hand-over (HSRState.realignment_run)
         self._batches: dict[str, list] = {}  # calibration batches of the gradient-order variants, loaded once
         self._start = time.perf_counter()
         self.summary: dict[str, Any] = {}
@@ -122,8 +123,6 @@ class StageEvaluation(HSRCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before any work: the flow it follows must be there, and where it writes must be writable.
-        from .realignment import SafetyRealignment, is_pruner
-
         super().setup(trainer, pl_module, stage)  # no sharded path: ModelParallelStrategy is refused
         if trainer.world_size > 1:
             raise RealignConfigError(
@@ -131,7 +130,7 @@ class StageEvaluation(HSRCallback):
                 "trainer.devices: 1 (the HSR callbacks themselves run under DDP), or drop it"
             )
         callbacks = list(trainer.callbacks)
-        if not any(is_pruner(cb) for cb in callbacks) or not any(isinstance(cb, SafetyRealignment) for cb in callbacks):
+        if not providers(callbacks, "masks") or not providers(callbacks, "realignment"):
             raise RealignConfigError(
                 "StageEvaluation follows a dense -> pruned -> realigned run: put Pruning (or PrunedCheckpoint) and "
                 "SafetyRealignment in trainer.callbacks with it"
@@ -199,13 +198,17 @@ class StageEvaluation(HSRCallback):
         elif stage == "realigned":
             rank_zero_info("hsr-pl: evaluating the realigned model")
             self.results["realigned"] = self._evaluate(trainer, pl_module, "realigned")
-            self._realign = source
+            run = get_state(pl_module).realignment_run
+            if run is None:
+                raise RealignInputError("StageEvaluation heard 'realigned' but HSRState has no realignment_run to compare")
+            self._run = replace(run, dense=None, calibration=None)  # what the summary needs later
             if self._pruned is not None:
                 realigned = self._snapshot(pl_module)
                 try:
-                    self._compare(trainer, pl_module, source)
+                    self._compare(trainer, pl_module, run)
                 finally:
                     self._put_back(pl_module, realigned)
+                    self._batches = {}
 
     def _snapshot(self, pl_module) -> dict[str, Any]:
         state = get_state(pl_module)
@@ -223,33 +226,34 @@ class StageEvaluation(HSRCallback):
         get_state(pl_module).load_state_dict(copy.deepcopy(snap["state"]))
 
     # --------------------------------------------------------------------- baselines, curve
-    def _variant(self, trainer, pl_module, source, name: str, budget: int | None, only=None) -> dict[str, Any]:
+    def _variant(self, trainer, pl_module, run: RealignmentRun, name: str, budget: int | None, only=None) -> dict[str, Any]:
         """Realign the pruned model one way, evaluate, and return the counts and results."""
         self._put_back(pl_module, self._pruned)
         model = hf_model(pl_module)
         with torch.inference_mode(False):
             restored = realign_variant(
-                model, get_adapter(model), get_state(pl_module), source.config, source.result.heads, name, budget,
-                count=source.result.restored, seed=self.seed, dense=source.dense,
-                calibration=lambda kind: self._calibration(trainer, pl_module, source, kind),
+                model, get_adapter(model), get_state(pl_module), run.config, run.result.heads, name, budget,
+                count=run.result.restored, seed=self.seed, dense=run.dense,
+                calibration=lambda kind: self._calibration(run, kind),
             )
         label = f"{name}" + ("" if budget is None else f" @ {budget} weights")
         return {"restored_params": restored, "eval": self._evaluate(trainer, pl_module, label, only)}
 
-    def _calibration(self, trainer, pl_module, source, kind: str) -> list:
-        if kind not in self._batches:
-            split = source.safety_calibration if kind == "safety" else source.utility_calibration
-            self._batches[kind] = source._batches(trainer, pl_module, split)
+    def _calibration(self, run: RealignmentRun, kind: str) -> list:
+        if kind not in self._batches:  # loaded once for every gradient-order variant
+            if run.calibration is None:
+                raise RealignInputError("SafetyRealignment published no calibration loader for the gradient-order variants")
+            self._batches[kind] = run.calibration(kind)
         return self._batches[kind]
 
-    def _compare(self, trainer, pl_module, source) -> None:
+    def _compare(self, trainer, pl_module, run: RealignmentRun) -> None:
         if self.baselines:
             self.results["baselines"] = {}
             for name in BASELINES:
                 # whole_heads and the paper's rule restore their own rule's whole set; the others HSR's count
-                budget = None if name in UNBUDGETED else source.result.restored
+                budget = None if name in UNBUDGETED else run.result.restored
                 rank_zero_info(f"hsr-pl: baseline {name}")
-                self.results["baselines"][name] = self._variant(trainer, pl_module, source, name, budget,
+                self.results["baselines"][name] = self._variant(trainer, pl_module, run, name, budget,
                                                                 only=self.baseline_sets)
         if self.curve_budgets:
             harmful = self.curve_sets or [e.name for e in trainer.datamodule.eval_sets if e.kind == "harmful"]
@@ -257,10 +261,10 @@ class StageEvaluation(HSRCallback):
             for method in self.curve_methods:
                 points = []
                 for budget in self.curve_budgets:
-                    row = self._variant(trainer, pl_module, source, method, budget, only=harmful)
+                    row = self._variant(trainer, pl_module, run, method, budget, only=harmful)
                     points.append({"budget": budget, **row})
                 if method == "paper_rule":  # and its own, unbudgeted point
-                    points.append({"budget": None, **self._variant(trainer, pl_module, source, method, None, only=harmful)})
+                    points.append({"budget": None, **self._variant(trainer, pl_module, run, method, None, only=harmful)})
                 self.results["curve"][method] = points
                 rank_zero_info(f"hsr-pl: curve {method}: {[p['restored_params'] for p in points]}")
 
@@ -276,8 +280,8 @@ class StageEvaluation(HSRCallback):
     def build_summary(self, trainer, pl_module) -> dict[str, Any]:
         judges = self._judges(pl_module)
         state = get_state(pl_module)
-        source = self._realign
-        if source is None or not {"dense", "pruned", "realigned"} <= set(self.results):
+        run = self._run
+        if run is None or not {"dense", "pruned", "realigned"} <= set(self.results):
             raise RealignConfigError(
                 "StageEvaluation saw no full dense -> pruned -> realigned run: put it with Pruning (or "
                 "PrunedCheckpoint) and SafetyRealignment in trainer.callbacks, all acting at validation_start"
@@ -286,7 +290,7 @@ class StageEvaluation(HSRCallback):
         dense, pruned = stages["dense"], stages["pruned"]
         model = hf_model(pl_module)
         lm = language_model_parameters(model, get_adapter(model))
-        restored = source.result.restored
+        restored = run.result.restored
 
         def rsr(asr: float | None, judge: str | None = None) -> float | None:
             if judge is None:
@@ -295,11 +299,11 @@ class StageEvaluation(HSRCallback):
 
         summary: dict[str, Any] = {
             "judge": self.judge, "judges": judges, "model": getattr(pl_module, "model_source", None) or type(model).__name__,
-            "method": state.method, "sparsity": state.sparsity, "top_h": len(source.result.heads),
-            "heads": [list(h) for h in source.result.heads], "lm_params": lm, "restored_params": restored,
+            "method": state.method, "sparsity": state.sparsity, "top_h": len(run.result.heads),
+            "heads": [list(h) for h in run.result.heads], "lm_params": lm, "restored_params": restored,
             "restored_ratio_lm": restored / lm, "rsr": rsr(stages["realigned"]["asr"]),
             "harmful_sets": [n for n, r in self.results["dense"].items() if r["kind"] == "harmful"],
-            "realignment": {k: v for k, v in source.settings().items()},
+            "realignment": dict(run.settings),
             **stages,
         }
         if self.strict_judge and self.strict_judge in judges:
