@@ -22,6 +22,7 @@ from hsr_pl.export import (
 )
 from hsr_pl.report.manifest import realignment_manifest
 from hsr_pl.state import get_state
+from hsr_pl.validation import choice
 
 from .base import HSRCallback
 
@@ -47,8 +48,7 @@ class ExportPretrained(Callback):
         super().__init__()
         if not dirpath:
             raise ExportError("dirpath is empty; give the folder to write the checkpoint to")
-        if when not in _WHEN:
-            raise ExportError(f"ExportPretrained(when={when!r}): choose one of {list(_WHEN)}")
+        choice(when, "ExportPretrained.when", _WHEN, error=ExportError)
         self.dirpath = str(dirpath)
         self.export_when = when
         self.overwrite = bool(overwrite)

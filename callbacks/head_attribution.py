@@ -43,6 +43,7 @@ from hsr_pl.attribution import (
     ENGINES,
     POSITIONS,
     SCORES,
+    HeadAttributionError,
     ScoreConfig,
     exact_head_scores,
     gradient_head_scores,
@@ -52,17 +53,17 @@ from hsr_pl.attribution import (
 )
 from hsr_pl.attribution import resume as partials
 from hsr_pl.attribution.sharding import Pair, assign_heads
-from hsr_pl.data.vlguard import SPLITS
 from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
 from hsr_pl.sharding import full_weight, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state, head_key, parse_head_key
+from hsr_pl.validation import json_output_path, non_negative_int, positive_int, split_name
 
 from ._calibration import calibration_batches
 from ._common import eval_mode, hf_model
 from .base import WHEN, HSRCallback
 
-__all__ = ["SafetyHeadAttribution", "assign_heads"]
+__all__ = ["HeadAttributionError", "SafetyHeadAttribution", "assign_heads"]
 
 # Fraction of exact zeros in the attention projections above which the model "looks pruned".
 PRUNED_ZERO_FRACTION = 0.2
@@ -71,17 +72,11 @@ _ENGINE_FNS = {"exact": exact_head_scores, "naive": naive_head_scores, "gradient
 _RESERVED = {"model", "batches", "cfg", "layers", "heads", "progress", "adapter"}
 
 
-def _positive_int(value: Any, name: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer ({hint})")
-    return value
-
-
 def _check_finite_scores(scores: Mapping[str, float], where: str) -> None:
     """NaN/inf scores are never written (JSON cannot hold them) nor ranked."""
     bad = sorted(k for k, v in scores.items() if not math.isfinite(v))
     if bad:
-        raise ValueError(
+        raise HeadAttributionError(
             f"head attribution ({where}) gave NaN/inf scores for heads {bad[:6]}{' …' if len(bad) > 6 else ''}: the "
             "model's outputs on the calibration prompts are not finite although its weights are; check the "
             "calibration data (NaN pixel values?) or run the model in float32"
@@ -143,50 +138,43 @@ class SafetyHeadAttribution(HSRCallback):
         progress_bar: bool = True,
         heatmap: bool = True,
     ) -> None:
-        super().__init__(when)
+        super().__init__(when, error=HeadAttributionError)
         if score not in SCORES:
-            raise ValueError(f"score={score!r} is not one of {SCORES}; 'kl' is Ships' per-prompt score")
+            raise HeadAttributionError(f"score={score!r} is not one of {SCORES}; 'kl' is Ships' per-prompt score")
         if positions not in POSITIONS:
-            raise ValueError(f"positions={positions!r} is not one of {POSITIONS}")
+            raise HeadAttributionError(f"positions={positions!r} is not one of {POSITIONS}")
         if ablation not in ABLATION_MODES:
-            raise ValueError(f"ablation={ablation!r} is not one of {ABLATION_MODES}; 'head' is the default")
+            raise HeadAttributionError(f"ablation={ablation!r} is not one of {ABLATION_MODES}; 'head' is the default")
         if positions == "response" and score != "kl":
-            raise ValueError(
+            raise HeadAttributionError(
                 f"positions='response' averages the KL over the aligned response; score={score!r} always uses the "
                 "last prompt token: drop positions (or use score='kl')"
             )
         if engine not in ENGINES:
-            raise ValueError(f"engine={engine!r} is not one of {ENGINES}; 'exact' gives the naive loop's scores faster")
+            raise HeadAttributionError(f"engine={engine!r} is not one of {ENGINES}; 'exact' gives the naive loop's scores faster")
         if engine == "gradient" and score != "kl":
-            raise ValueError(
+            raise HeadAttributionError(
                 f"engine='gradient' estimates KL scores only; score={score!r} needs engine='exact' (or 'naive')"
             )
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise ValueError(f"epsilon={epsilon!r} must be a number in [0, 1) (default 1e-5)")
+            raise HeadAttributionError(f"epsilon={epsilon!r} must be a number in [0, 1) (default 1e-5)")
         self.config = ScoreConfig(
             score=score, positions=positions, ablation=ablation, epsilon=float(epsilon),
-            r_max=_positive_int(r_max, "r_max", "principal angles summed by subspace; default 1"),
+            r_max=positive_int(r_max, "r_max", "principal angles summed by subspace; default 1", HeadAttributionError),
         )  # validates epsilon as well
         self.engine = engine
         self.engine_kwargs = self._check_engine_kwargs(engine, engine_kwargs)
-        parts = [p.strip() for p in calibration.split("+")] if isinstance(calibration, str) else [calibration]
-        if not all(p in SPLITS for p in parts):
-            raise ValueError(
-                f"calibration={calibration!r} is not a calibration split {SPLITS} (or several joined with '+'); "
-                "Ships uses 'safety'"
-            )
-        self.calibration = calibration
-        self.num_samples = _positive_int(num_samples, "num_samples", "calibration prompts; the scripts use 128")
-        self.batch_size = _positive_int(batch_size, "batch_size", "1 reproduces the released scripts")
-        if isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0:
-            raise ValueError(f"top_h={top_h!r} must be an integer ≥ 0 (scripts: 10 for LLaVA-NeXT-7B, 4 for LLaMA3-8B)")
-        self.top_h = top_h
-        self.output = self._check_output(output)
+        self.calibration = split_name(calibration, "calibration", "Ships uses 'safety'", HeadAttributionError)
+        self.num_samples = positive_int(num_samples, "num_samples", "calibration prompts; the scripts use 128",
+                                        HeadAttributionError)
+        self.batch_size = positive_int(batch_size, "batch_size", "1 reproduces the released scripts", HeadAttributionError)
+        self.top_h = non_negative_int(top_h, "top_h", "scripts: 10 for LLaVA-NeXT-7B, 4 for LLaMA3-8B", HeadAttributionError)
+        self.output = json_output_path(output, "output", "runs/heads/head_scores.json", HeadAttributionError)
         self.scores_path = None if scores_path is None else Path(scores_path)
         self._precomputed: dict[str, float] | None = None
         if self.scores_path is not None:
             if not self.scores_path.is_file():
-                raise FileNotFoundError(
+                raise HeadAttributionError(
                     f"scores_path={str(scores_path)!r} does not exist; give a {{\"<layer>-<head>\": score}} JSON file "
                     "(e.g. the output of an earlier scan) or drop scores_path to scan"
                 )
@@ -194,9 +182,9 @@ class SafetyHeadAttribution(HSRCallback):
 
             self._precomputed = read_scores(self.scores_path)
         if resume and self.output is None:
-            raise ValueError("resume=True needs output=<path.json>: the partial results live next to it")
+            raise HeadAttributionError("resume=True needs output=<path.json>: the partial results live next to it")
         if resume and self.scores_path is not None:
-            raise ValueError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
+            raise HeadAttributionError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
         self.resume = bool(resume)
         self.progress_bar = bool(progress_bar)
         self.heatmap = bool(heatmap)
@@ -214,26 +202,12 @@ class SafetyHeadAttribution(HSRCallback):
         allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in _RESERVED)
         for name in kwargs:
             if name not in allowed:
-                raise ValueError(f"engine_kwargs has {name!r}, which engine={engine!r} does not take; it takes {allowed}")
+                raise HeadAttributionError(f"engine_kwargs has {name!r}, which engine={engine!r} does not take; it takes {allowed}")
         try:
             json.dumps(kwargs)
         except TypeError:
-            raise ValueError(f"engine_kwargs={kwargs!r} must hold plain JSON values (numbers, strings, booleans)") from None
+            raise HeadAttributionError(f"engine_kwargs={kwargs!r} must hold plain JSON values (numbers, strings, booleans)") from None
         return kwargs
-
-    @staticmethod
-    def _check_output(output: str | None) -> Path | None:
-        if output is None:
-            return None
-        path = Path(output)
-        if path.suffix != ".json":
-            raise ValueError(f"output={output!r} must be a .json file path (e.g. runs/heads/head_scores.json)")
-        if path.is_dir():
-            raise ValueError(f"output={output!r} is a directory; give a file path ending in .json")
-        blocker = next((p for p in path.parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise ValueError(f"output={output!r} lies under {str(blocker)!r}, which is a file; choose a path in a folder")
-        return path
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -270,7 +244,7 @@ class SafetyHeadAttribution(HSRCallback):
                 error = str(exc)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
-            raise ValueError(error)
+            raise HeadAttributionError(error)
 
     # ----------------------------------------------------------------------------- paths
     def _sibling(self, suffix: str) -> Path:
@@ -348,14 +322,14 @@ class SafetyHeadAttribution(HSRCallback):
         expected = self._expected_keys(adapter)
         total = sum(len(h) for h in expected.values())
         if self.top_h > total:
-            raise ValueError(f"top_h={self.top_h} exceeds the model's {total} attention heads; lower top_h")
+            raise HeadAttributionError(f"top_h={self.top_h} exceeds the model's {total} attention heads; lower top_h")
         if self._precomputed is not None:
             want = {head_key(layer, h) for layer, heads in expected.items() for h in heads}
             if set(self._precomputed) != want:
                 got_layers = sorted({parse_head_key(k)[0] for k in self._precomputed})
                 got_heads = max(parse_head_key(k)[1] for k in self._precomputed) + 1
                 n_heads = max(len(h) for h in expected.values())
-                raise ValueError(
+                raise HeadAttributionError(
                     f"scores_path={str(self.scores_path)!r} holds {len(self._precomputed)} scores "
                     f"({len(got_layers)} layers × {got_heads} heads) but the model has {len(expected)} self-attention "
                     f"layers × {n_heads} heads ({len(want)} heads): use scores computed for this model, or drop "
@@ -402,7 +376,7 @@ class SafetyHeadAttribution(HSRCallback):
                 payload = (str(exc), {})
         error, scores = trainer.strategy.broadcast(payload, src=0)
         if error is not None:
-            raise ValueError(error)
+            raise HeadAttributionError(error)
         if scores:
             rank_zero_info(f"hsr-pl: resuming head attribution: {len(scores)} heads already scored")
         else:
@@ -525,7 +499,7 @@ class SafetyHeadAttribution(HSRCallback):
             scores = {**previous, **self._gather(trainer, shares, mine)}
             missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
             if missing:
-                raise RuntimeError(f"head attribution finished without scores for {missing[:8]}; please report this")
+                raise HeadAttributionError(f"head attribution finished without scores for {missing[:8]}; please report this")
             _check_finite_scores(scores, "the scan")
         self.scores = {head_key(layer, h): scores[head_key(layer, h)] for layer, hs in expected.items() for h in hs}
         self.top = top_heads(self.scores, self.top_h)

@@ -34,7 +34,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hsr_pl.data.vlguard import SPLITS, parse_split
 from hsr_pl.pruning import (
     PartialPruningError,
     PruningConfig,
@@ -45,6 +44,7 @@ from hsr_pl.pruning import (
 from hsr_pl.pruning.masks import UNSTRUCTURED
 from hsr_pl.sharding import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
 from hsr_pl.state import get_state
+from hsr_pl.validation import positive_int, split_name
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
 from ._common import eval_mode, hf_model
@@ -121,21 +121,10 @@ class Pruning(MaskHolder):
             blocksize=blocksize,
             percdamp=percdamp,
         )
-        if not isinstance(calibration, str) or not calibration:
-            raise PruningConfigError(f"calibration={calibration!r} must name a data-module split, e.g. 'utility'")
-        try:
-            parse_split(calibration)
-        except ValueError:
-            raise PruningConfigError(
-                f"Pruning.calibration={calibration!r} is not a calibration split {SPLITS} (or several joined with "
-                "'+'); the references calibrate on 'utility'"
-            ) from None
-        if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples <= 0):
-            raise PruningConfigError(f"num_samples={num_samples!r} must be a positive integer (the paper uses 128) or None")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
-            raise PruningConfigError(
-                f"batch_size={batch_size!r} must be a positive integer; 1 reproduces the references bit for bit"
-            )
+        split_name(calibration, "Pruning.calibration", "the references calibrate on 'utility'", PruningConfigError)
+        if num_samples is not None:
+            positive_int(num_samples, "num_samples", "the paper uses 128; or None", PruningConfigError)
+        positive_int(batch_size, "batch_size", "1 reproduces the references bit for bit", PruningConfigError)
         self.calibration = calibration
         self.num_samples = None if num_samples is None else int(num_samples)
         self.batch_size = int(batch_size)

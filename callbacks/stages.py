@@ -38,6 +38,7 @@ from hsr_pl.models import get_adapter
 from hsr_pl.realign import RealignConfigError, RealignInputError, language_model_parameters
 from hsr_pl.realign.baselines import BASELINES, CURVE_METHODS, UNBUDGETED, realign_variant
 from hsr_pl.state import RealignmentRun, get_state
+from hsr_pl.validation import choice, positive_int
 
 from ._calibration import layer_progress
 from ._common import hf_model
@@ -83,19 +84,15 @@ class StageEvaluation(HSRCallback):
         seed: int = 0,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__("validation_start")
+        super().__init__("validation_start", error=RealignConfigError)
         self.judge = judge
         self.strict_judge = strict_judge
         self.baselines = bool(baselines)
-        budgets = list(curve_budgets or [])
-        if any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in budgets):
-            raise RealignConfigError(f"curve_budgets={curve_budgets!r} must be positive integers (weights)")
+        budgets = [positive_int(b, "curve_budgets entry", "a number of weights", RealignConfigError)
+                   for b in curve_budgets or []]
         self.curve_budgets = sorted(set(budgets))
-        methods = list(curve_methods or CURVE_METHODS)
-        bad = [m for m in methods if m not in CURVE_METHODS]
-        if bad:
-            raise RealignConfigError(f"curve_methods has {bad}; choose from {list(CURVE_METHODS)}")
-        self.curve_methods = methods
+        self.curve_methods = [choice(m, "curve_methods entry", CURVE_METHODS, error=RealignConfigError)
+                              for m in curve_methods or CURVE_METHODS]
         self.curve_sets = curve_sets
         self.baseline_sets = baseline_sets
         self.seed = int(seed)

@@ -111,3 +111,33 @@ def test_declared_members_have_defaults_on_the_bases():
     assert Pruning(mask_structure="2:4").planned_structure == (2, 4) and Pruning().planned_structure is None
     assert Pruning.structure_known_before_pruning and not PrunedCheckpoint.structure_known_before_pruning
     assert not StageEvaluation().needs_all_layers and StageEvaluation(baselines=True).needs_all_layers
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: p.name)
+def test_callbacks_raise_their_own_error_classes(path):
+    """No bare ValueError / RuntimeError / FileNotFoundError: each callback has its own (ValueError) class."""
+    bare = [
+        f"line {node.lineno}: {ast.unparse(node.exc)[:60]}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name)
+        and node.exc.func.id in ("ValueError", "RuntimeError", "FileNotFoundError", "TypeError", "Exception")
+    ]
+    assert not bare, f"{path.name} raises bare built-in errors: {bare}"
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(score="nope"), "score='nope'"),
+    (dict(num_samples=0), "num_samples=0 must be a positive integer"),
+    (dict(calibration="harmful"), "calibration='harmful' is not a calibration split"),
+    (dict(top_h=-1), "top_h=-1 must be an integer ≥ 0"),
+    (dict(output="scores.txt"), "must be a .json file path"),
+    (dict(scores_path="/nonexistent/scores.json"), "does not exist"),
+    (dict(when="never"), "choose one or both"),
+])
+def test_head_attribution_raises_its_own_error(kwargs, match):
+    from hsr_pl.callbacks import SafetyHeadAttribution
+    from hsr_pl.callbacks.head_attribution import HeadAttributionError
+
+    with pytest.raises(HeadAttributionError, match=match) as info:
+        SafetyHeadAttribution(**kwargs)
+    assert isinstance(info.value, ValueError)  # existing `except ValueError` keeps working

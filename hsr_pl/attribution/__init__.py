@@ -19,6 +19,7 @@ from torch import nn
 
 from .ablation import ABLATION_MODES, HeadAblation, HeadScaling, o_proj_input_means
 from .common import ProgressFn, resolve_targets
+from .errors import HeadAttributionError
 from .exact import exact_head_scores
 from .gradient import gradient_head_scores
 from .naive import naive_head_scores
@@ -34,6 +35,7 @@ from .scores import (
 from .sharding import assign_heads
 
 __all__ = [
+    "HeadAttributionError",
     "ABLATION_MODES",
     "ENGINES",
     "POSITIONS",

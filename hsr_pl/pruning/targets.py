@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from hsr_pl.models import get_adapter
+from hsr_pl.validation import regex_list as checked_regex_list
 
 from .errors import PruningConfigError
 
@@ -20,18 +21,8 @@ __all__ = ["regex_list", "resolve_targets"]
 
 
 def regex_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
-    """``value`` as a list of compiling regexes (None stays None)."""
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else list(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise PruningConfigError(f"{label} must be a list of regex strings, got {item!r}")
-        try:
-            re.compile(item)
-        except re.error as exc:
-            raise PruningConfigError(f"{label} regex {item!r} does not compile ({exc}); fix or escape it") from None
-    return items
+    """``value`` as a list of compiling regexes (None stays None); a bad one is a PruningConfigError."""
+    return checked_regex_list(value, label, PruningConfigError)
 
 
 def resolve_targets(
