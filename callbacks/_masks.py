@@ -1,15 +1,9 @@
 """``MaskHolder``: the base of the callbacks that fill HSRState's masks (Pruning, PrunedCheckpoint).
 
-The mask holder persists the masks, the kept original values and the restorations, puts them back
-on the module when a checkpoint says it had acted, and re-applies the masks after every training
-batch, except on the entries realignment restored.
-
-Checkpoints carry the tensors by reference: one content-addressed safetensors side file (masks
-packed 8 to a byte, originals once) written next to the checkpoints (``state_dir``, else the
-ModelCheckpoint directory, else ``trainer.default_root_dir``) and rewritten only when the masks,
-originals or restorations changed; the checkpoint holds the JSON metadata and the file's name
-and hash. A resume looks for the file next to the checkpoint it resumes from, then in those
-folders, and says which file is missing.
+It declares what realignment may ask of a pruner, persists masks, originals and restorations
+(a content-addressed safetensors side file next to the checkpoints, :mod:`hsr_pl.state_file`),
+puts them back on resume, and re-applies the masks after every training batch except on the
+entries realignment restored.
 """
 
 from __future__ import annotations

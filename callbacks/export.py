@@ -34,6 +34,11 @@ _WHEN = ("fit_end", "validation_end")
 class ExportPretrained(Callback):
     """Save the wrapped HF model and processor to ``dirpath`` at the end of fit or validate.
 
+    Example (last in ``trainer.callbacks``; ``realignment.json`` goes beside the weights)::
+
+        - class_path: hsr_pl.callbacks.ExportPretrained
+          init_args: {dirpath: runs/realigned, when: validation_end}
+
     Args:
         dirpath: the output folder: new, empty, or written by an earlier hsr-pl export.
         when: ``fit_end`` (default) or ``validation_end``.

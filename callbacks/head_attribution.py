@@ -1,24 +1,9 @@
 """``SafetyHeadAttribution``: score every attention head's safety role (Ships), once.
 
-Thin orchestration around :func:`hsr_pl.attribution.head_scores` (the maths lives there):
-
-* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``when=``), exactly once — a
-  resumed fit finds ``done`` in the callback's state and does not rescan;
-* what: the model *as it is when called*: put this callback before ``Pruning`` in the callbacks
-  list to score the dense model (it warns when the model already looks pruned);
-* data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=...)``
-  — prompts alone for ``positions='last'``, prompt + aligned refusal for ``positions='response'``.
-  Every rank sees the *whole* calibration set (a score is a per-head mean over the set);
-* DDP: the (layer, head) pairs are split across ranks (:func:`hsr_pl.attribution.sharding.assign_heads`:
-  whole layers per rank where possible, since the exact engine caches layer inputs) and the scores
-  all-gathered through the trainer's strategy, so every rank ends with the same scores and top-h;
-* results: ``get_state(pl_module).head_scores`` / ``.top_heads`` (what realignment reads), the
-  released ``{"<layer>-<head>": score}`` JSON at ``output``, ``<stem>.top.json``, a PNG heatmap
-  (matplotlib) and a terminal heatmap;
-* long scans: a rich progress bar with ETA over layers, the finished layers written atomically to
-  ``<stem>.partial.json`` after each layer (with the settings), and ``resume: true`` to continue a
-  killed scan with identical final scores (paths, fingerprint and merging:
-  :mod:`hsr_pl.attribution.resume`).
+Orchestration only: the engines are :mod:`hsr_pl.attribution` (scores, DDP split, resume files),
+the reports :mod:`hsr_pl.report.heads`. Every rank sees the whole calibration set; under DDP the
+heads are split across ranks and the scores all-gathered, so every rank ends with the same top-h
+in :class:`hsr_pl.state.HSRState`. See docs/attribution.md.
 """
 
 from __future__ import annotations
@@ -85,6 +70,11 @@ def _check_finite_scores(scores: Mapping[str, float], where: str) -> None:
 
 class SafetyHeadAttribution(HSRCallback):
     """Score every attention head by how much ablating it moves the model on harmful prompts.
+
+    Example (first in ``trainer.callbacks``: it scores the dense model)::
+
+        - class_path: hsr_pl.callbacks.SafetyHeadAttribution
+          init_args: {score: kl, positions: response, top_h: 10, output: runs/heads/head_scores.json}
 
     Args:
         score: ``kl`` (Ships, per prompt), ``subspace`` (principal angles of final hidden states)

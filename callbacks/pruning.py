@@ -1,26 +1,9 @@
-"""``Pruning``: prune the language model's decoder-layer linears, once, and keep them pruned.
+"""``Pruning``: prune the language model's decoder-layer linears once, and keep them pruned during fit.
 
-Thin orchestration around :func:`hsr_pl.pruning.prune_model` (the maths lives there):
-
-* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``when=``), exactly once —
-  a resumed fit or a second validate finds ``done`` in the callback's state and does not prune
-  again;
-* data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=True,
-  batch_size=...)``; under DDP each rank takes every ``world_size``-th sample, and the statistics
-  are all-reduced before any mask is chosen, so every rank prunes identically;
-* results: masks (and the dense values realignment may restore) go to :class:`hsr_pl.state.HSRState`
-  (``get_state(pl_module)``, names qualified inside the Hugging Face model);
-* during fit: the masks are re-applied after every training batch (after ``optimizer.step``),
-  except entries that realignment restored (``state.restored``), from keep-masks kept on the
-  weights' devices (no host round trip per step; frozen weights are skipped);
-* checkpoints: the masks (packed bits) and the originals go to one safetensors side file per
-  distinct state, ``hsr_state-<hash>.safetensors``, written once next to the checkpoints
-  (``state_dir``, else the ModelCheckpoint directory, else ``trainer.default_root_dir``); the
-  checkpoint carries its path, SHA-256 and the small rest of the state. A resume finds it there
-  or next to the checkpoint it resumes from, or says which file is missing.
-
-Everything that can be checked — options, regexes, data module, split, token counts, N:M
-divisibility — is checked before a weight changes.
+Orchestration only: the algorithms are :func:`hsr_pl.pruning.prune_model`, the targets
+:mod:`hsr_pl.pruning.targets`; masks and originals go to :class:`hsr_pl.state.HSRState` and into
+checkpoints through :class:`~hsr_pl.callbacks._masks.MaskHolder`. Every setting, regex, split and
+count is checked before a weight changes. See docs/pruning.md.
 """
 
 from __future__ import annotations
@@ -59,6 +42,11 @@ Batch = dict[str, Tensor]
 
 class Pruning(MaskHolder):
     """Prune the language model's decoder-layer linears (Wanda, SparseGPT, magnitude, SNIP).
+
+    Example (after SafetyHeadAttribution, before SafetyRealignment)::
+
+        - class_path: hsr_pl.callbacks.Pruning
+          init_args: {method: wanda, sparsity: 0.5, calibration: utility, num_samples: 128}
 
     Args:
         method: ``wanda`` | ``sparsegpt`` | ``magnitude`` | ``snip``.

@@ -1,21 +1,11 @@
 """``SafetyRealignment``: HSR's neuron-level step — put back the few pruned weights that matter for
-safety inside the top heads — as a Lightning callback.
+safety inside the top heads.
 
-Thin orchestration around :mod:`hsr_pl.realign` (the maths lives there). Its place in
-``trainer.callbacks`` is after the pruner::
-
-    SafetyHeadAttribution  ->  Pruning (or PrunedCheckpoint)  ->  SafetyRealignment  ->  ExportPretrained
-
-How it sees the *dense* model although it comes after the pruner: the pruner announces, right
-before its first weight change, that it is about to prune (:func:`callbacks.base.notify_before_pruning`);
-this callback then measures the utility and safety importance statistics of the attention
-projections it may restore (one forward pass over each calibration split; per linear a vector,
-not a score matrix) and, when the pruner also moves kept weights (SparseGPT, checkpoints pruned
-elsewhere), copies those projections' dense weights. At its own moment (``when``) it reads the
-masks and original values the pruner left in :class:`hsr_pl.state.HSRState`, the heads (from
-SafetyHeadAttribution, a score file or a list), restores, and reports. During fit the pruner
-re-applies its masks after every step except on restored entries, so restored weights stay
-free to train.
+Orchestration only (the maths is :mod:`hsr_pl.realign`). It sits after the pruner, yet measures
+the dense model: the pruner announces its first weight change (``before_pruning``) and this
+callback then runs its dense pass. At its own moment it reads masks and originals from
+:class:`hsr_pl.state.HSRState`, restores, reports, and publishes a
+:class:`~hsr_pl.state.RealignmentRun` for StageEvaluation. See docs/realignment.md.
 """
 
 from __future__ import annotations

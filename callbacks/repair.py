@@ -1,16 +1,9 @@
 """``PrunedCheckpoint``: repair mode — the pruner is a checkpoint that another tool pruned.
 
-The trainer's model is the *original* (dense) checkpoint, so SafetyHeadAttribution scores it and
-SafetyRealignment measures its importance as usual. At its moment this callback loads the pruned
-checkpoint (:func:`hsr_pl.models.checkpoints.load_like`: same class, dense or compressed-tensors
-sparse, refusing quantized, incomplete or differently shaped ones), infers the pruned set of
-every target linear, ``pruned = (pruned weight == 0) & (original weight != 0)``, keeps the
-original values there, and then copies *every* parameter of the pruned checkpoint into the model
-— kept weights stay as the pruner left them (SparseGPT moves them), and modules the tool pruned
-outside the targets (some tools prune the vision tower or lm_head) are reported and kept as
-pruned. From then on the flow is the ordinary one: realignment restores, ExportPretrained saves::
-
-    SafetyHeadAttribution -> PrunedCheckpoint(path=...) -> SafetyRealignment -> ExportPretrained
+The trainer's model is the original (dense) checkpoint; at its moment this callback loads the
+pruned one (:func:`hsr_pl.models.checkpoints.load_like`), infers the pruned set
+``(pruned == 0) & (original != 0)`` of every target linear, keeps the originals there and copies
+every parameter of the pruned checkpoint into the model. See docs/realignment.md (repair mode).
 """
 
 from __future__ import annotations
@@ -41,6 +34,11 @@ OUTSIDE_ZERO_FRACTION = 0.05
 
 class PrunedCheckpoint(MaskHolder):
     """Take the masks from a checkpoint pruned by any tool, then hand on like ``Pruning``.
+
+    Example (in place of Pruning; the trainer's model is the original checkpoint)::
+
+        - class_path: hsr_pl.callbacks.PrunedCheckpoint
+          init_args: {path: /models/llava-v1.6-vicuna-7b-wanda50, when: validation_start}
 
     Args:
         path: folder of the pruned checkpoint (``save_pretrained`` layout, dense with exact zeros

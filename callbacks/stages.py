@@ -1,19 +1,11 @@
-"""``StageEvaluation``: measure the model dense, pruned and realigned in one run — and against the
-baselines, along a restored-weights curve.
+"""``StageEvaluation``: measure the model dense, pruned and realigned in one run, against the
+baselines and along a restored-weights curve.
 
-It follows the flow through the HSR callbacks' notices: ``before_pruning`` (the model is still
-dense), ``on_stage("pruned")`` and ``on_stage("realigned")``. At each it evaluates the data
-module's evaluation sets with :func:`hsr_pl.evaluation_run.evaluate` (the same generation and
-metrics as ``validate``). After realignment it can run the baselines the paper argues against with
-the same restored-weight count, and a budget sweep, each from the same pruned weights; then it
-puts the realigned model back, so ``validate``'s own loop and ExportPretrained see it unchanged.
-At the end of validation rank 0 prints the stage table and one closing line, and writes
-``summary.json`` (and PNG plots with the ``plot`` extra) into ``output_dir``
-(default ``trainer.default_root_dir``).
-
-The baselines and the curve re-run realignment from a copy of the pruned weights: meant for
-models that fit in memory twice (the embedded organism, small models); the stage evaluation
-alone costs three evaluation passes and nothing else.
+It follows the HSR callbacks' notices (``before_pruning``, ``on_stage("pruned" | "realigned")``),
+evaluates with :func:`hsr_pl.evaluation_run.evaluate`, and re-runs realignment variants
+(:func:`hsr_pl.realign.baselines.realign_variant`) from a copy of the pruned weights with what
+SafetyRealignment publishes in ``HSRState.realignment_run``; then it puts the realigned model back.
+The copies make it a tool for models that fit in memory twice. See docs/realignment.md.
 """
 
 from __future__ import annotations
@@ -55,6 +47,11 @@ def _rsr(dense: float | None, pruned: float | None, now: float | None) -> float 
 
 class StageEvaluation(HSRCallback):
     """Evaluate dense / pruned / realigned on the same held-out sets; baselines; the RSR curve.
+
+    Example (with Pruning and SafetyRealignment, all at ``validation_start``)::
+
+        - class_path: hsr_pl.callbacks.StageEvaluation
+          init_args: {judge: keyword-gcg-nocase, baselines: true, curve_budgets: [25, 100, 400]}
 
     Args:
         judge: the headline judge (its rates fill ``asr`` and ``rsr`` in summary.json).

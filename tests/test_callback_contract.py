@@ -141,3 +141,30 @@ def test_head_attribution_raises_its_own_error(kwargs, match):
     with pytest.raises(HeadAttributionError, match=match) as info:
         SafetyHeadAttribution(**kwargs)
     assert isinstance(info.value, ValueError)  # existing `except ValueError` keeps working
+
+
+def _example(cls) -> dict:
+    import inspect
+    import re
+
+    import yaml
+
+    doc = inspect.getdoc(cls)
+    found = re.search(r"Example[^\n]*::\n\n((?:    .*\n?)+)", doc)
+    assert found, f"{cls.__name__}'s docstring has no YAML example"
+    return yaml.safe_load("\n".join(line[4:] for line in found.group(1).splitlines()))[0]
+
+
+@pytest.mark.parametrize("name", ["ExportPretrained", "PrunedCheckpoint", "Pruning", "SafetyHeadAttribution",
+                                  "SafetyRealignment", "StageEvaluation"])
+def test_every_callback_docstring_has_a_yaml_example_that_parses(name):
+    from jsonargparse import ArgumentParser
+
+    import hsr_pl.callbacks as callbacks
+
+    example = _example(getattr(callbacks, name))
+    assert example["class_path"] == f"hsr_pl.callbacks.{name}"
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--cb", type=Callback)
+    parsed = parser.parse_object({"cb": example})  # types and names checked as the CLI checks them
+    assert parsed.cb.class_path == f"hsr_pl.callbacks.{name}"
