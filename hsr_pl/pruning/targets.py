@@ -42,12 +42,10 @@ def resolve_targets(
         example = next(iter(decoder), "?")
         hits: set[str] = set()
         for pattern in targets:
-            matched = [n for n in linears if re.search(pattern, n)]
-            if not matched:
-                raise PruningConfigError(
-                    f"targets regex {pattern!r} matches no nn.Linear of the model; names look like "
-                    f"{example!r} (regexes are matched with re.search)"
-                )
+            matched = _matching(
+                pattern, linears, f"targets regex {pattern!r} matches no nn.Linear of the model; names look like "
+                f"{example!r} (regexes are matched with re.search)",
+            )
             outside = [n for n in matched if n not in decoder and not any(re.search(p, n) for p in ignore)]
             if outside:
                 raise PruningConfigError(
@@ -65,12 +63,18 @@ def resolve_targets(
     else:
         keep = []
         for pattern in keep_originals:
-            matched = [n for n in chosen if re.search(pattern, n)]
-            if not matched:
-                raise PruningConfigError(
-                    f"keep_originals regex {pattern!r} matches none of the {len(chosen)} pruned linears "
-                    f"(e.g. {chosen[0]!r}); fix it or drop it"
-                )
+            matched = _matching(
+                pattern, chosen, f"keep_originals regex {pattern!r} matches none of the {len(chosen)} pruned linears "
+                f"(e.g. {chosen[0]!r}); fix it or drop it",
+            )
             keep.extend(matched)
         keep = [n for n in chosen if n in set(keep)]
     return chosen, keep
+
+
+def _matching(pattern: str, names: list[str], error: str) -> list[str]:
+    """The ``names`` that ``pattern`` matches (``re.search``); none is a PruningConfigError saying ``error``."""
+    matched = [n for n in names if re.search(pattern, n)]
+    if not matched:
+        raise PruningConfigError(error)
+    return matched
