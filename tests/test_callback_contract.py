@@ -168,3 +168,26 @@ def test_every_callback_docstring_has_a_yaml_example_that_parses(name):
     parser.add_argument("--cb", type=Callback)
     parsed = parser.parse_object({"cb": example})  # types and names checked as the CLI checks them
     assert parsed.cb.class_path == f"hsr_pl.callbacks.{name}"
+
+
+@pytest.mark.parametrize("path", sources(), ids=lambda p: p.name)
+def test_no_callback_reads_another_callbacks_private_state(path):
+    """``other._x`` only inside base.py (HSRCallback's own lifecycle on its instances)."""
+    if path.name == "base.py":
+        return
+    reads = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    ]
+    assert not reads, f"{path.name} reads private members of other objects: {reads}"
+
+
+def test_stage_evaluation_reads_only_what_realignment_publishes():
+    """StageEvaluation learns HSR's settings, result and dense statistics from HSRState.realignment_run,
+    not from SafetyRealignment's attributes."""
+    tree = ast.parse((CALLBACKS / "stages.py").read_text())
+    names = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+             and isinstance(node.value, ast.Name) and node.value.id == "source"}
+    assert not names, f"StageEvaluation reads {sorted(names)} of the realignment callback"
