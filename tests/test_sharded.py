@@ -199,11 +199,17 @@ def _model_parallel_trainer():
                       logger=False, enable_checkpointing=False, enable_progress_bar=False)
 
 
+def _gradient_order(budget: int):
+    from hsr_pl.realign import GradientOrder
+
+    return GradientOrder(budget=budget)
+
+
 @pytest.mark.parametrize(
     "make, words",
     [
         (lambda c: c.Pruning(method="snip"), "method='snip'"),
-        (lambda c: c.SafetyRealignment(heads=["0-1"], order="gradient", budget=10), "order='gradient'"),
+        (lambda c: c.SafetyRealignment(heads=["0-1"], method=_gradient_order(10)), "method=GradientOrder"),
         (lambda c: c.SafetyRealignment(heads=["0-1"], importance="snip"), "importance='snip'"),
         (lambda c: c.SafetyHeadAttribution(engine="gradient"), "engine='gradient'"),
         (lambda c: c.StageEvaluation(), "StageEvaluation has no sharded"),
