@@ -95,7 +95,7 @@ def calibration_batches(
     num_samples: int | None,
     *,
     owner: str,
-    device: torch.device,
+    device: torch.device | None,
     batch_size: int = 1,
     with_response: bool = True,
     sharded: bool = True,
@@ -104,7 +104,8 @@ def calibration_batches(
 ) -> list[Batch]:
     """Tensor batches of ``split`` on ``device`` (this rank's shard unless ``sharded=False``).
 
-    ``owner`` names the callback in errors; floating tensors are cast to ``dtype`` when given.
+    ``owner`` names the callback in errors; floating tensors are cast to ``dtype`` when given;
+    ``device=None`` leaves them where the loader put them. An empty split is an error.
     """
     datamodule = getattr(trainer, "datamodule", None)
     if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
@@ -122,9 +123,11 @@ def calibration_batches(
         tensors = {}
         for key, value in batch.items():
             if isinstance(value, Tensor):
-                value = value.to(device)
+                value = value if device is None else value.to(device)
                 tensors[key] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
         batches.append(tensors)
+    if not batches and not sharded:
+        raise CalibrationError(f"calibration split {split!r} is empty; add {split} examples")
     return batches
 
 

@@ -1,28 +1,24 @@
 """``MaskHolder``: the base of the callbacks that fill HSRState's masks (Pruning, PrunedCheckpoint).
 
-The mask holder persists the masks, the kept original values and the restorations, puts them back
-on the module when a checkpoint says it had acted, and re-applies the masks after every training
-batch, except on the entries realignment restored.
-
-Checkpoints carry the tensors by reference: one content-addressed safetensors side file (masks
-packed 8 to a byte, originals once) written next to the checkpoints (``state_dir``, else the
-ModelCheckpoint directory, else ``trainer.default_root_dir``) and rewritten only when the masks,
-originals or restorations changed; the checkpoint holds the JSON metadata and the file's name
-and hash. A resume looks for the file next to the checkpoint it resumes from, then in those
-folders, and says which file is missing.
+It declares what realignment may ask of a pruner, persists masks, originals and restorations
+(a content-addressed safetensors side file next to the checkpoints, :mod:`hsr_pl.state_file`),
+puts them back on resume, and re-applies the masks after every training batch except on the
+entries realignment restored.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from hsr_pl.pruning.targets import regex_list, resolve_targets
 from hsr_pl.state import HSRState, get_state, tensor_version
 from hsr_pl.state_file import FORMAT as STATE_FORMAT
 from hsr_pl.state_file import read_state_file, write_state_file
@@ -30,22 +26,66 @@ from hsr_pl.state_file import read_state_file, write_state_file
 from ._common import hf_model
 from .base import WHEN, HSRCallback
 
-__all__ = ["MaskHolder"]
+__all__ = ["MaskHolder", "mask_holders"]
+
+
+def mask_holders(callbacks: Iterable[Any]) -> list[MaskHolder]:
+    """The pruners among ``callbacks``, in order."""
+    return [cb for cb in callbacks if isinstance(cb, MaskHolder)]
 
 
 class MaskHolder(HSRCallback):
-    """An HSR step that prunes (fills ``HSRState.pruned`` / ``originals``)."""
+    """An HSR step that prunes (fills ``HSRState.pruned`` / ``originals``).
 
-    fills_masks = True  # SafetyRealignment finds the pruner by this flag
-    changes_kept_weights = True  # SafetyRealignment copies dense weights unless a subclass says no
+    What realignment may ask of its pruner is declared here: :attr:`changes_kept_weights`,
+    :attr:`importance`, :attr:`planned_structure` and :meth:`resolve_targets`.
+    """
 
-    def __init__(self, when=WHEN, *, error: type[Exception] = ValueError, state_dir: str | None = None) -> None:
+    provides = frozenset({"masks"})
+    #: Whether :attr:`planned_structure` is known before pruning (a pruned checkpoint tells only when loaded).
+    structure_known_before_pruning: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        when=WHEN,
+        *,
+        error: type[Exception] = ValueError,
+        state_dir: str | None = None,
+        targets: str | list[str] | None = None,
+        ignore: str | list[str] | None = None,
+        keep_originals: str | list[str] | None = None,
+    ) -> None:
         super().__init__(when, error=error)
+        self.targets = regex_list(targets, "targets")
+        self.ignore = regex_list(ignore, "ignore") or []
+        self.keep_originals = regex_list(keep_originals, "keep_originals")
         self.state_dir = None if state_dir is None else str(state_dir)
         self._state: HSRState | None = None
         self._loaded: dict | None = None
         self._trainer: pl.Trainer | None = None
         self._written: tuple[dict, dict] | None = None  # (tensor signature, side-file reference)
+
+    # ---------------------------------------------------------------- what realignment asks
+    @property
+    def changes_kept_weights(self) -> bool:
+        """Whether pruning also moves kept weights (SparseGPT, other tools): realignment then copies
+        the dense weights it may need before the first change."""
+        return True
+
+    @property
+    def importance(self) -> str:
+        """The score realignment's ``importance: auto`` uses (Wanda's: the paper's default)."""
+        return "wanda"
+
+    @property
+    def planned_structure(self) -> tuple[int, int] | None:
+        """The ``(N, M)`` structure the masks will have, None for unstructured (meaningful when
+        :attr:`structure_known_before_pruning`)."""
+        return None
+
+    def resolve_targets(self, model: torch.nn.Module) -> tuple[list[str], list[str]]:
+        """``(names pruned or compared, names whose dense values are kept)`` for ``model`` (an HF model)."""
+        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
 
     def _hold(self, state: HSRState) -> None:
         self._state = state
@@ -91,7 +131,8 @@ class MaskHolder(HSRCallback):
     def _state_dirs(self, trainer: pl.Trainer) -> list[Path]:
         """Where side files go (the first) and are looked for: state_dir, checkpoints, run root."""
         checkpoint = getattr(trainer, "checkpoint_callback", None)
-        dirs = [self.state_dir, getattr(checkpoint, "dirpath", None), getattr(trainer, "default_root_dir", None)]
+        folder = checkpoint.dirpath if isinstance(checkpoint, ModelCheckpoint) else None
+        dirs = [self.state_dir, folder, getattr(trainer, "default_root_dir", None)]
         return [Path(d) for d in dirs if d]
 
     def _side_file(self, state: HSRState) -> dict[str, Any]:

@@ -24,14 +24,17 @@ This base class owns that logic so the callbacks only say what they do:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
+
+from hsr_pl.distributed import ShardingError, fail_fast, sharded_strategy
+from hsr_pl.pruning.errors import PruningConfigError
 
 __all__ = [
     "WHEN",
@@ -41,6 +44,7 @@ __all__ = [
     "notify_before_pruning",
     "notify_stage",
     "parse_when",
+    "providers",
     "settings_diff",
 ]
 
@@ -75,12 +79,17 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 5
     return "; ".join(parts)
 
 
-def check_one_pruner(callbacks) -> None:
+def providers(callbacks: Iterable[Callback], what: str) -> list[HSRCallback]:
+    """The HSR callbacks among ``callbacks`` that declare they provide ``what`` (see ``provides``)."""
+    return [cb for cb in callbacks if isinstance(cb, HSRCallback) and what in cb.provides]
+
+
+def check_one_pruner(callbacks: Iterable[Callback]) -> None:
     """Refuse two callbacks that fill the pruning masks (Pruning, PrunedCheckpoint): each would
     overwrite the other's masks."""
-    pruners = [type(cb).__name__ for cb in callbacks if getattr(cb, "fills_masks", False)]
+    pruners = [type(cb).__name__ for cb in providers(callbacks, "masks")]
     if len(pruners) > 1:
-        raise ValueError(
+        raise PruningConfigError(
             f"trainer.callbacks holds {len(pruners)} pruners ({', '.join(pruners)}); the HSR flow prunes once: keep one "
             "(Pruning's when: [fit_start, validation_start] covers both moments)"
         )
@@ -117,10 +126,27 @@ class HSRCallback(Callback):
 
     Subclasses implement :meth:`run` and :meth:`settings`; they may override :meth:`on_restored`,
     :meth:`before_pruning` and :meth:`extra_state` / :meth:`load_extra_state`.
+
+    What one callback may ask another is declared here (and, for pruners, on
+    :class:`~hsr_pl.callbacks._masks.MaskHolder`); results travel through
+    :class:`hsr_pl.state.HSRState`. A callback never probes another for undeclared members.
     """
 
     #: False for steps that have no sharded (FSDP2) path yet: they refuse ModelParallelStrategy in setup.
-    supports_sharding = True
+    supports_sharding: ClassVar[bool] = True
+    #: What this step puts into HSRState: ``masks`` (pruners), ``head_scores`` (attribution),
+    #: ``realignment`` (SafetyRealignment). Later steps check their inputs' providers by it.
+    provides: ClassVar[frozenset[str]] = frozenset()
+
+    @property
+    def needs_all_layers(self) -> bool:
+        """True when this step needs realignment's dense statistics of every layer, not only the heads'
+        layers (StageEvaluation's head-free and random-head baselines)."""
+        return False
+
+    def input_paths(self) -> list[str]:
+        """Folders or files this step reads that no output may overwrite (ExportPretrained checks them)."""
+        return []
 
     def __init__(self, when: str | list[str] | tuple[str, ...] = WHEN, *, error: type[Exception] = ValueError) -> None:
         super().__init__()
@@ -165,8 +191,6 @@ class HSRCallback(Callback):
     # ---------------------------------------------------------------------------- hooks
     def check_strategy(self, trainer: pl.Trainer) -> None:
         """Refuse ModelParallelStrategy (FSDP2) for a step without a sharded path."""
-        from hsr_pl.distributed import ShardingError, sharded_strategy
-
         if not self.supports_sharding and sharded_strategy(trainer):
             raise ShardingError(
                 f"{type(self).__name__} has no sharded (FSDP2) path yet: run it with strategy ddp (or one device), "
@@ -184,8 +208,6 @@ class HSRCallback(Callback):
             self.on_restored(trainer, pl_module)
             return
         if moment in self.when:
-            from hsr_pl.distributed import fail_fast
-
             # Multi-rank: a rank that raises makes the others end with its error, not wait forever.
             with fail_fast(type(self).__name__):
                 self.run(trainer, pl_module)

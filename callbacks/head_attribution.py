@@ -1,24 +1,9 @@
 """``SafetyHeadAttribution``: score every attention head's safety role (Ships), once.
 
-Thin orchestration around :func:`hsr_pl.attribution.head_scores` (the maths lives there):
-
-* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``when=``), exactly once — a
-  resumed fit finds ``done`` in the callback's state and does not rescan;
-* what: the model *as it is when called*: put this callback before ``Pruning`` in the callbacks
-  list to score the dense model (it warns when the model already looks pruned);
-* data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=...)``
-  — prompts alone for ``positions='last'``, prompt + aligned refusal for ``positions='response'``.
-  Every rank sees the *whole* calibration set (a score is a per-head mean over the set);
-* DDP: the (layer, head) pairs are split across ranks (:func:`hsr_pl.attribution.sharding.assign_heads`:
-  whole layers per rank where possible, since the exact engine caches layer inputs) and the scores
-  all-gathered through the trainer's strategy, so every rank ends with the same scores and top-h;
-* results: ``get_state(pl_module).head_scores`` / ``.top_heads`` (what realignment reads), the
-  released ``{"<layer>-<head>": score}`` JSON at ``output``, ``<stem>.top.json``, a PNG heatmap
-  (matplotlib) and a terminal heatmap;
-* long scans: a rich progress bar with ETA over layers, the finished layers written atomically to
-  ``<stem>.partial.json`` after each layer (with the settings), and ``resume: true`` to continue a
-  killed scan with identical final scores (paths, fingerprint and merging:
-  :mod:`hsr_pl.attribution.resume`).
+Orchestration only: the engines are :mod:`hsr_pl.attribution` (scores, DDP split, resume files),
+the reports :mod:`hsr_pl.report.heads`. Every rank sees the whole calibration set; under DDP the
+heads are split across ranks and the scores all-gathered, so every rank ends with the same top-h
+in :class:`hsr_pl.state.HSRState`. See docs/attribution.md.
 """
 
 from __future__ import annotations
@@ -43,6 +28,7 @@ from hsr_pl.attribution import (
     ENGINES,
     POSITIONS,
     SCORES,
+    HeadAttributionError,
     ScoreConfig,
     exact_head_scores,
     gradient_head_scores,
@@ -51,17 +37,23 @@ from hsr_pl.attribution import (
     top_heads,
 )
 from hsr_pl.attribution import resume as partials
+from hsr_pl.attribution.naive import lockstep_head_scores
 from hsr_pl.attribution.sharding import Pair, assign_heads
-from hsr_pl.data.vlguard import SPLITS
-from hsr_pl.distributed import full_weight, model_is_sharded, sharded_strategy
+from hsr_pl.distributed import ShardingError, full_weight, model_is_sharded, sharded_strategy
+from hsr_pl.io import check_output_file
 from hsr_pl.models import get_adapter
 from hsr_pl.models.adapters import ModelAdapter
+from hsr_pl.module import check_finite_parameters
+from hsr_pl.report import heads as heads_report
+from hsr_pl.report.heads import read_partial, read_scores, write_partial
 from hsr_pl.state import get_state, head_key, parse_head_key
+from hsr_pl.validation import json_output_path, non_negative_int, positive_int, split_name
 
+from ._calibration import calibration_batches
 from ._common import eval_mode, hf_model
 from .base import WHEN, HSRCallback
 
-__all__ = ["SafetyHeadAttribution", "assign_heads"]
+__all__ = ["HeadAttributionError", "SafetyHeadAttribution", "assign_heads"]
 
 # Fraction of exact zeros in the attention projections above which the model "looks pruned".
 PRUNED_ZERO_FRACTION = 0.2
@@ -70,17 +62,11 @@ _ENGINE_FNS = {"exact": exact_head_scores, "naive": naive_head_scores, "gradient
 _RESERVED = {"model", "batches", "cfg", "layers", "heads", "progress", "adapter"}
 
 
-def _positive_int(value: Any, name: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer ({hint})")
-    return value
-
-
 def _check_finite_scores(scores: Mapping[str, float], where: str) -> None:
     """NaN/inf scores are never written (JSON cannot hold them) nor ranked."""
     bad = sorted(k for k, v in scores.items() if not math.isfinite(v))
     if bad:
-        raise ValueError(
+        raise HeadAttributionError(
             f"head attribution ({where}) gave NaN/inf scores for heads {bad[:6]}{' …' if len(bad) > 6 else ''}: the "
             "model's outputs on the calibration prompts are not finite although its weights are; check the "
             "calibration data (NaN pixel values?) or run the model in float32"
@@ -89,6 +75,11 @@ def _check_finite_scores(scores: Mapping[str, float], where: str) -> None:
 
 class SafetyHeadAttribution(HSRCallback):
     """Score every attention head by how much ablating it moves the model on harmful prompts.
+
+    Example (first in ``trainer.callbacks``: it scores the dense model)::
+
+        - class_path: hsr_pl.callbacks.SafetyHeadAttribution
+          init_args: {score: kl, positions: response, top_h: 10, output: runs/heads/head_scores.json}
 
     Args:
         score: ``kl`` (Ships, per prompt), ``subspace`` (principal angles of final hidden states)
@@ -120,6 +111,8 @@ class SafetyHeadAttribution(HSRCallback):
         heatmap: print the terminal heatmap on rank 0 at the end.
     """
 
+    provides = frozenset({"head_scores"})
+
     def __init__(
         self,
         score: str = "kl",
@@ -140,60 +133,51 @@ class SafetyHeadAttribution(HSRCallback):
         progress_bar: bool = True,
         heatmap: bool = True,
     ) -> None:
-        super().__init__(when)
+        super().__init__(when, error=HeadAttributionError)
         if score not in SCORES:
-            raise ValueError(f"score={score!r} is not one of {SCORES}; 'kl' is Ships' per-prompt score")
+            raise HeadAttributionError(f"score={score!r} is not one of {SCORES}; 'kl' is Ships' per-prompt score")
         if positions not in POSITIONS:
-            raise ValueError(f"positions={positions!r} is not one of {POSITIONS}")
+            raise HeadAttributionError(f"positions={positions!r} is not one of {POSITIONS}")
         if ablation not in ABLATION_MODES:
-            raise ValueError(f"ablation={ablation!r} is not one of {ABLATION_MODES}; 'head' is the default")
+            raise HeadAttributionError(f"ablation={ablation!r} is not one of {ABLATION_MODES}; 'head' is the default")
         if positions == "response" and score != "kl":
-            raise ValueError(
+            raise HeadAttributionError(
                 f"positions='response' averages the KL over the aligned response; score={score!r} always uses the "
                 "last prompt token: drop positions (or use score='kl')"
             )
         if engine not in ENGINES:
-            raise ValueError(f"engine={engine!r} is not one of {ENGINES}; 'exact' gives the naive loop's scores faster")
+            raise HeadAttributionError(f"engine={engine!r} is not one of {ENGINES}; 'exact' gives the naive loop's scores faster")
         if engine == "gradient" and score != "kl":
-            raise ValueError(
+            raise HeadAttributionError(
                 f"engine='gradient' estimates KL scores only; score={score!r} needs engine='exact' (or 'naive')"
             )
         if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise ValueError(f"epsilon={epsilon!r} must be a number in [0, 1) (default 1e-5)")
+            raise HeadAttributionError(f"epsilon={epsilon!r} must be a number in [0, 1) (default 1e-5)")
         self.config = ScoreConfig(
             score=score, positions=positions, ablation=ablation, epsilon=float(epsilon),
-            r_max=_positive_int(r_max, "r_max", "principal angles summed by subspace; default 1"),
+            r_max=positive_int(r_max, "r_max", "principal angles summed by subspace; default 1", HeadAttributionError),
         )  # validates epsilon as well
         self.engine = engine
         self.engine_kwargs = self._check_engine_kwargs(engine, engine_kwargs)
-        parts = [p.strip() for p in calibration.split("+")] if isinstance(calibration, str) else [calibration]
-        if not all(p in SPLITS for p in parts):
-            raise ValueError(
-                f"calibration={calibration!r} is not a calibration split {SPLITS} (or several joined with '+'); "
-                "Ships uses 'safety'"
-            )
-        self.calibration = calibration
-        self.num_samples = _positive_int(num_samples, "num_samples", "calibration prompts; the scripts use 128")
-        self.batch_size = _positive_int(batch_size, "batch_size", "1 reproduces the released scripts")
-        if isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0:
-            raise ValueError(f"top_h={top_h!r} must be an integer ≥ 0 (scripts: 10 for LLaVA-NeXT-7B, 4 for LLaMA3-8B)")
-        self.top_h = top_h
-        self.output = self._check_output(output)
+        self.calibration = split_name(calibration, "calibration", "Ships uses 'safety'", HeadAttributionError)
+        self.num_samples = positive_int(num_samples, "num_samples", "calibration prompts; the scripts use 128",
+                                        HeadAttributionError)
+        self.batch_size = positive_int(batch_size, "batch_size", "1 reproduces the released scripts", HeadAttributionError)
+        self.top_h = non_negative_int(top_h, "top_h", "scripts: 10 for LLaVA-NeXT-7B, 4 for LLaMA3-8B", HeadAttributionError)
+        self.output = json_output_path(output, "output", "runs/heads/head_scores.json", HeadAttributionError)
         self.scores_path = None if scores_path is None else Path(scores_path)
         self._precomputed: dict[str, float] | None = None
         if self.scores_path is not None:
             if not self.scores_path.is_file():
-                raise FileNotFoundError(
+                raise HeadAttributionError(
                     f"scores_path={str(scores_path)!r} does not exist; give a {{\"<layer>-<head>\": score}} JSON file "
                     "(e.g. the output of an earlier scan) or drop scores_path to scan"
                 )
-            from hsr_pl.report.heads import read_scores
-
             self._precomputed = read_scores(self.scores_path)
         if resume and self.output is None:
-            raise ValueError("resume=True needs output=<path.json>: the partial results live next to it")
+            raise HeadAttributionError("resume=True needs output=<path.json>: the partial results live next to it")
         if resume and self.scores_path is not None:
-            raise ValueError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
+            raise HeadAttributionError("resume=True and scores_path both given: scores_path skips the scan, so there is nothing to resume")
         self.resume = bool(resume)
         self.progress_bar = bool(progress_bar)
         self.heatmap = bool(heatmap)
@@ -211,42 +195,24 @@ class SafetyHeadAttribution(HSRCallback):
         allowed = sorted(n for n, p in params.items() if p.kind == p.KEYWORD_ONLY and n not in _RESERVED)
         for name in kwargs:
             if name not in allowed:
-                raise ValueError(f"engine_kwargs has {name!r}, which engine={engine!r} does not take; it takes {allowed}")
+                raise HeadAttributionError(f"engine_kwargs has {name!r}, which engine={engine!r} does not take; it takes {allowed}")
         try:
             json.dumps(kwargs)
         except TypeError:
-            raise ValueError(f"engine_kwargs={kwargs!r} must hold plain JSON values (numbers, strings, booleans)") from None
+            raise HeadAttributionError(f"engine_kwargs={kwargs!r} must hold plain JSON values (numbers, strings, booleans)") from None
         return kwargs
-
-    @staticmethod
-    def _check_output(output: str | None) -> Path | None:
-        if output is None:
-            return None
-        path = Path(output)
-        if path.suffix != ".json":
-            raise ValueError(f"output={output!r} must be a .json file path (e.g. runs/heads/head_scores.json)")
-        if path.is_dir():
-            raise ValueError(f"output={output!r} is a directory; give a file path ending in .json")
-        blocker = next((p for p in path.parents if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise ValueError(f"output={output!r} lies under {str(blocker)!r}, which is a file; choose a path in a folder")
-        return path
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before any work: every output path is test-written, and a resume file must parse."""
         super().setup(trainer, pl_module, stage)
         if sharded_strategy(trainer) and self._precomputed is None and self.engine == "gradient":
-            from hsr_pl.distributed import ShardingError
-
             raise ShardingError(
                 "SafetyHeadAttribution(engine='gradient') under ModelParallelStrategy: the sharded scan runs the naive "
                 "loop in lockstep; use engine='exact' or 'naive' (same scores), or strategy ddp for the gradient engine"
             )
         if self.output is None:
             return
-        from hsr_pl.io import check_output_file
-
         rank, world = trainer.global_rank, trainer.world_size
         for label, path in (("output", self.output), ("output (top heads)", self.top_path),
                             ("output (heatmap)", self.png_path), ("output (partial)", self.partial_path(rank, world))):
@@ -256,8 +222,6 @@ class SafetyHeadAttribution(HSRCallback):
 
     def _check_partials_readable(self, trainer: pl.Trainer) -> None:
         """Rank 0 parses the partial files now (same error on every rank), not after the data is read."""
-        from hsr_pl.report.heads import read_partial
-
         error = None
         if trainer.global_rank == 0:
             try:
@@ -267,7 +231,7 @@ class SafetyHeadAttribution(HSRCallback):
                 error = str(exc)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
-            raise ValueError(error)
+            raise HeadAttributionError(error)
 
     # ----------------------------------------------------------------------------- paths
     def _sibling(self, suffix: str) -> Path:
@@ -293,27 +257,13 @@ class SafetyHeadAttribution(HSRCallback):
 
     # ----------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Tensor]]:
-        """The full calibration set (on every rank), tensors only, floats in the model's dtype."""
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
-            raise RuntimeError(
-                "SafetyHeadAttribution needs calibration data: run the trainer with a data module that has "
-                "calibration_dataloader(split, num_samples, ...) (hsr_pl.data.VLGuardDataModule), or pass "
-                "scores_path= to load precomputed scores"
-            )
-        loader = datamodule.calibration_dataloader(
-            self.calibration, self.num_samples,
-            with_response=self.config.positions == "response", batch_size=self.batch_size,
+        """The full calibration set (on every rank: a score is a mean over all of it), tensors only,
+        floats in the model's dtype."""
+        return calibration_batches(
+            trainer, self.calibration, self.num_samples, owner="SafetyHeadAttribution", device=None,
+            batch_size=self.batch_size, with_response=self.config.positions == "response", sharded=False,
+            dtype=next(hf_model(pl_module).parameters()).dtype, hint="or pass scores_path= to load precomputed scores",
         )
-        dtype = next(hf_model(pl_module).parameters()).dtype
-        batches = []
-        for batch in loader:
-            batches.append({
-                k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items() if isinstance(v, Tensor)
-            })
-        if not batches:
-            raise RuntimeError(f"calibration split {self.calibration!r} is empty; add {self.calibration} examples")
-        return batches
 
     # ------------------------------------------------------------------ extension points
     def on_layer_scored(self, layer: int, scores: Mapping[str, float]) -> None:
@@ -326,18 +276,14 @@ class SafetyHeadAttribution(HSRCallback):
         self._partial.update(scores)
         path = self.partial_path(self._rank, self._world)
         if path is not None:
-            from hsr_pl.report.heads import write_partial
-
             write_partial(path, self._settings, self._partial)
 
     def report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Rank 0: write the output files and print the heatmap. Override to report differently."""
-        from hsr_pl.report import heads as report
-
         title = self._title()
         if self.output is not None:
-            report.write_scores(self.output, self.scores)
-            report.write_json_atomic(self.top_path, {
+            heads_report.write_scores(self.output, self.scores)
+            heads_report.write_json_atomic(self.top_path, {
                 "top_h": self.top_h,
                 "heads": [list(pair) for pair in self.top],
                 "keys": [head_key(*pair) for pair in self.top],
@@ -345,11 +291,11 @@ class SafetyHeadAttribution(HSRCallback):
                 "settings": self._settings or self._describe(),
             })
             try:
-                report.save_heatmap_png(self.png_path, self.scores, self.top, title)
+                heads_report.save_heatmap_png(self.png_path, self.scores, self.top, title)
             except ImportError:
                 rank_zero_info("hsr-pl: matplotlib not installed; no PNG heatmap (pip install 'hsr-pl[plot]')")
         if self.heatmap:
-            report.print_heatmap(self.scores, self.top, title)
+            heads_report.print_heatmap(self.scores, self.top, title)
 
     # -------------------------------------------------------------------------- checks
     def _expected_keys(self, adapter: ModelAdapter) -> dict[int, list[int]]:
@@ -359,14 +305,14 @@ class SafetyHeadAttribution(HSRCallback):
         expected = self._expected_keys(adapter)
         total = sum(len(h) for h in expected.values())
         if self.top_h > total:
-            raise ValueError(f"top_h={self.top_h} exceeds the model's {total} attention heads; lower top_h")
+            raise HeadAttributionError(f"top_h={self.top_h} exceeds the model's {total} attention heads; lower top_h")
         if self._precomputed is not None:
             want = {head_key(layer, h) for layer, heads in expected.items() for h in heads}
             if set(self._precomputed) != want:
                 got_layers = sorted({parse_head_key(k)[0] for k in self._precomputed})
                 got_heads = max(parse_head_key(k)[1] for k in self._precomputed) + 1
                 n_heads = max(len(h) for h in expected.values())
-                raise ValueError(
+                raise HeadAttributionError(
                     f"scores_path={str(self.scores_path)!r} holds {len(self._precomputed)} scores "
                     f"({len(got_layers)} layers × {got_heads} heads) but the model has {len(expected)} self-attention "
                     f"layers × {n_heads} heads ({len(want)} heads): use scores computed for this model, or drop "
@@ -413,7 +359,7 @@ class SafetyHeadAttribution(HSRCallback):
                 payload = (str(exc), {})
         error, scores = trainer.strategy.broadcast(payload, src=0)
         if error is not None:
-            raise ValueError(error)
+            raise HeadAttributionError(error)
         if scores:
             rank_zero_info(f"hsr-pl: resuming head attribution: {len(scores)} heads already scored")
         else:
@@ -474,8 +420,6 @@ class SafetyHeadAttribution(HSRCallback):
     ) -> dict[str, float]:
         """This rank's share on an FSDP2-sharded model: every rank runs every forward (a sharded
         forward is a collective) and ablates its own next head (:func:`lockstep_head_scores`)."""
-        from hsr_pl.attribution.naive import lockstep_head_scores
-
         mine = shares[self._rank]
         layers = sorted({layer for layer, _ in mine})
         ignored = f"; engine_kwargs {sorted(self.engine_kwargs)} do not apply" if self.engine_kwargs else ""
@@ -513,8 +457,6 @@ class SafetyHeadAttribution(HSRCallback):
             scores = dict(self._precomputed)
             rank_zero_info(f"hsr-pl: loaded {len(scores)} head scores from {self.scores_path}")
         else:
-            from hsr_pl.module import check_finite_parameters
-
             check_finite_parameters(model, "SafetyHeadAttribution", "NaN weights make every head score NaN: reload the model")
             self._warn_if_pruned(pl_module, adapter)
             # Grad-enabled tensors even inside validate's inference mode (the gradient engine).
@@ -536,7 +478,7 @@ class SafetyHeadAttribution(HSRCallback):
             scores = {**previous, **self._gather(trainer, shares, mine)}
             missing = [head_key(layer, h) for layer, hs in expected.items() for h in hs if head_key(layer, h) not in scores]
             if missing:
-                raise RuntimeError(f"head attribution finished without scores for {missing[:8]}; please report this")
+                raise HeadAttributionError(f"head attribution finished without scores for {missing[:8]}; please report this")
             _check_finite_scores(scores, "the scan")
         self.scores = {head_key(layer, h): scores[head_key(layer, h)] for layer, hs in expected.items() for h in hs}
         self.top = top_heads(self.scores, self.top_h)

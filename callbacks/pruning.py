@@ -1,32 +1,14 @@
-"""``Pruning``: prune the language model's decoder-layer linears, once, and keep them pruned.
+"""``Pruning``: prune the language model's decoder-layer linears once, and keep them pruned during fit.
 
-Thin orchestration around :func:`hsr_pl.pruning.prune_model` (the maths lives there):
-
-* when: at the start of ``trainer.fit`` and/or ``trainer.validate`` (``when=``), exactly once —
-  a resumed fit or a second validate finds ``done`` in the callback's state and does not prune
-  again;
-* data: ``trainer.datamodule.calibration_dataloader(calibration, num_samples, with_response=True,
-  batch_size=...)``; under DDP each rank takes every ``world_size``-th sample, and the statistics
-  are all-reduced before any mask is chosen, so every rank prunes identically;
-* results: masks (and the dense values realignment may restore) go to :class:`hsr_pl.state.HSRState`
-  (``get_state(pl_module)``, names qualified inside the Hugging Face model);
-* during fit: the masks are re-applied after every training batch (after ``optimizer.step``),
-  except entries that realignment restored (``state.restored``), from keep-masks kept on the
-  weights' devices (no host round trip per step; frozen weights are skipped);
-* checkpoints: the masks (packed bits) and the originals go to one safetensors side file per
-  distinct state, ``hsr_state-<hash>.safetensors``, written once next to the checkpoints
-  (``state_dir``, else the ModelCheckpoint directory, else ``trainer.default_root_dir``); the
-  checkpoint carries its path, SHA-256 and the small rest of the state. A resume finds it there
-  or next to the checkpoint it resumes from, or says which file is missing.
-
-Everything that can be checked — options, regexes, data module, split, token counts, N:M
-divisibility — is checked before a weight changes.
+Orchestration only: the algorithms are :func:`hsr_pl.pruning.prune_model`, the targets
+:mod:`hsr_pl.pruning.targets`; masks and originals go to :class:`hsr_pl.state.HSRState` and into
+checkpoints through :class:`~hsr_pl.callbacks._masks.MaskHolder`. Every setting, regex, split and
+count is checked before a weight changes. See docs/pruning.md.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,9 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from hsr_pl.data.vlguard import SPLITS, parse_split
 from hsr_pl.distributed import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
-from hsr_pl.models import get_adapter
 from hsr_pl.pruning import (
     PartialPruningError,
     PruningConfig,
@@ -46,7 +26,9 @@ from hsr_pl.pruning import (
     prune_model,
 )
 from hsr_pl.pruning.masks import UNSTRUCTURED
+from hsr_pl.report.sparsity import print_sparsity_table, sparsity_rows
 from hsr_pl.state import get_state
+from hsr_pl.validation import positive_int, split_name
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, layer_progress
 from ._common import eval_mode, hf_model
@@ -54,78 +36,18 @@ from ._common import world as dist_world
 from ._masks import MaskHolder
 from .base import WHEN, notify_before_pruning, notify_stage
 
-__all__ = ["Pruning", "regex_list", "resolve_targets"]
+__all__ = ["Pruning"]
 
 Batch = dict[str, Tensor]
 
 
-def regex_list(value: str | Iterable[str] | None, label: str) -> list[str] | None:
-    if value is None:
-        return None
-    items = [value] if isinstance(value, str) else list(value)
-    for item in items:
-        if not isinstance(item, str):
-            raise PruningConfigError(f"{label} must be a list of regex strings, got {item!r}")
-        try:
-            re.compile(item)
-        except re.error as exc:
-            raise PruningConfigError(f"{label} regex {item!r} does not compile ({exc}); fix or escape it") from None
-    return items
-
-
-def resolve_targets(
-    model: nn.Module, targets: list[str] | None, ignore: list[str], keep_originals: list[str] | None
-) -> tuple[list[str], list[str]]:
-    """``(names to prune, names whose dense values to keep)`` for ``model`` (an HF model).
-
-    ``targets`` / ``ignore`` / ``keep_originals`` are regexes (``re.search``) over qualified names.
-    """
-    adapter = get_adapter(model)
-    decoder = adapter.target_linears()
-    ignored = [n for n in decoder if any(re.search(p, n) for p in ignore)]
-    if targets is None:
-        chosen = [n for n in decoder if n not in ignored]
-    else:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        example = next(iter(decoder), "?")
-        hits: set[str] = set()
-        for pattern in targets:
-            matched = [n for n in linears if re.search(pattern, n)]
-            if not matched:
-                raise PruningConfigError(
-                    f"targets regex {pattern!r} matches no nn.Linear of the model; names look like "
-                    f"{example!r} (regexes are matched with re.search)"
-                )
-            outside = [n for n in matched if n not in decoder and not any(re.search(p, n) for p in ignore)]
-            if outside:
-                raise PruningConfigError(
-                    f"targets regex {pattern!r} also matches {len(outside)} linear(s) outside the language "
-                    f"model's decoder layers (e.g. {outside[0]!r}); only decoder-layer linears are pruned: "
-                    "anchor the regex or add those names to ignore"
-                )
-            hits.update(matched)
-        chosen = [n for n in decoder if n in hits and n not in ignored]
-    if not chosen:
-        raise PruningConfigError(f"targets={targets} with ignore={ignore} leave no linear to prune")
-    if keep_originals is None:
-        projections = {adapter.name_of(p) for i in adapter.layer_indices() for p in adapter.projections(i).values()}
-        keep = [n for n in chosen if n in projections]
-    else:
-        keep = []
-        for pattern in keep_originals:
-            matched = [n for n in chosen if re.search(pattern, n)]
-            if not matched:
-                raise PruningConfigError(
-                    f"keep_originals regex {pattern!r} matches none of the {len(chosen)} pruned linears "
-                    f"(e.g. {chosen[0]!r}); fix it or drop it"
-                )
-            keep.extend(matched)
-        keep = [n for n in chosen if n in set(keep)]
-    return chosen, keep
-
-
 class Pruning(MaskHolder):
     """Prune the language model's decoder-layer linears (Wanda, SparseGPT, magnitude, SNIP).
+
+    Example (after SafetyHeadAttribution, before SafetyRealignment)::
+
+        - class_path: hsr_pl.callbacks.Pruning
+          init_args: {method: wanda, sparsity: 0.5, calibration: utility, num_samples: 128}
 
     Args:
         method: ``wanda`` | ``sparsegpt`` | ``magnitude`` | ``snip``.
@@ -151,6 +73,8 @@ class Pruning(MaskHolder):
             decides results, so a resume may change it.
     """
 
+    structure_known_before_pruning = True
+
     def __init__(
         self,
         method: str = "wanda",
@@ -170,7 +94,10 @@ class Pruning(MaskHolder):
         percdamp: float = 0.01,
         state_dir: str | None = None,
     ) -> None:
-        super().__init__(when, error=PruningConfigError, state_dir=state_dir)
+        super().__init__(
+            when, error=PruningConfigError, state_dir=state_dir, targets=targets, ignore=ignore,
+            keep_originals=keep_originals,
+        )
         if sparsity is None and str(mask_structure).strip() in ("0:0", ""):
             sparsity = 0.5
         self.config = PruningConfig(
@@ -183,27 +110,13 @@ class Pruning(MaskHolder):
             blocksize=blocksize,
             percdamp=percdamp,
         )
-        if not isinstance(calibration, str) or not calibration:
-            raise PruningConfigError(f"calibration={calibration!r} must name a data-module split, e.g. 'utility'")
-        try:
-            parse_split(calibration)
-        except ValueError:
-            raise PruningConfigError(
-                f"Pruning.calibration={calibration!r} is not a calibration split {SPLITS} (or several joined with "
-                "'+'); the references calibrate on 'utility'"
-            ) from None
-        if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples <= 0):
-            raise PruningConfigError(f"num_samples={num_samples!r} must be a positive integer (the paper uses 128) or None")
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size <= 0:
-            raise PruningConfigError(
-                f"batch_size={batch_size!r} must be a positive integer; 1 reproduces the references bit for bit"
-            )
+        split_name(calibration, "Pruning.calibration", "the references calibrate on 'utility'", PruningConfigError)
+        if num_samples is not None:
+            positive_int(num_samples, "num_samples", "the paper uses 128; or None", PruningConfigError)
+        positive_int(batch_size, "batch_size", "1 reproduces the references bit for bit", PruningConfigError)
         self.calibration = calibration
         self.num_samples = None if num_samples is None else int(num_samples)
         self.batch_size = int(batch_size)
-        self.targets = regex_list(targets, "targets")
-        self.ignore = regex_list(ignore, "ignore") or []
-        self.keep_originals = regex_list(keep_originals, "keep_originals")
         self.result: PruningResult | None = None
 
     @property
@@ -227,11 +140,6 @@ class Pruning(MaskHolder):
     def target_sparsity(self) -> float:
         nm = self.config.nm
         return float(self.config.sparsity) if self.config.sparsity is not None else nm[0] / nm[1]
-
-    # --------------------------------------------------------------------------- targeting
-    def resolve_targets(self, model: nn.Module) -> tuple[list[str], list[str]]:
-        """``(names to prune, names whose dense values to keep)`` for ``model`` (an HF model)."""
-        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
 
     # ------------------------------------------------------------------------- calibration
     def calibration_batches(self, trainer: pl.Trainer, device: torch.device) -> list[Batch]:
@@ -309,8 +217,6 @@ class Pruning(MaskHolder):
         notify_stage(trainer, pl_module, "pruned", self)
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from hsr_pl.report.sparsity import print_sparsity_table, sparsity_rows
-
         model = hf_model(pl_module)
         rows = sparsity_rows(model, self._state)
         sparsity = sum(r.zeros for r in rows) / max(sum(r.total for r in rows), 1)

@@ -1,26 +1,17 @@
 """``SafetyRealignment``: HSR's neuron-level step — put back the few pruned weights that matter for
-safety inside the top heads — as a Lightning callback.
+safety inside the top heads.
 
-Thin orchestration around :mod:`hsr_pl.realign` (the maths lives there). Its place in
-``trainer.callbacks`` is after the pruner::
-
-    SafetyHeadAttribution  ->  Pruning (or PrunedCheckpoint)  ->  SafetyRealignment  ->  ExportPretrained
-
-How it sees the *dense* model although it comes after the pruner: the pruner announces, right
-before its first weight change, that it is about to prune (:func:`callbacks.base.notify_before_pruning`);
-this callback then measures the utility and safety importance statistics of the attention
-projections it may restore (one forward pass over each calibration split; per linear a vector,
-not a score matrix) and, when the pruner also moves kept weights (SparseGPT, checkpoints pruned
-elsewhere), copies those projections' dense weights. At its own moment (``when``) it reads the
-masks and original values the pruner left in :class:`hsr_pl.state.HSRState`, the heads (from
-SafetyHeadAttribution, a score file or a list), restores, and reports. During fit the pruner
-re-applies its masks after every step except on restored entries, so restored weights stay
-free to train.
+Orchestration only (the maths is :mod:`hsr_pl.realign`). It sits after the pruner, yet measures
+the dense model: the pruner announces its first weight change (``before_pruning``) and this
+callback then runs its dense pass. At its own moment it reads masks and originals from
+:class:`hsr_pl.state.HSRState`, restores, reports, and publishes a
+:class:`~hsr_pl.state.RealignmentRun` for StageEvaluation. See docs/realignment.md.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -31,52 +22,41 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from hsr_pl.attribution import top_heads
-from hsr_pl.data.vlguard import SPLITS
 from hsr_pl.distributed import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
+from hsr_pl.io import check_output_file
 from hsr_pl.models import get_adapter
 from hsr_pl.realign import (
+    FLAT_KEYS,
     DenseMeasurement,
-    RealignConfig,
+    MarginRule,
     RealignConfigError,
     RealignInputError,
+    RealignMethod,
     RealignResult,
     dense_pass,
+    method_from_flat,
     realign_model,
 )
 from hsr_pl.realign.runner import attention_linears
-from hsr_pl.state import get_state, parse_head_key
+from hsr_pl.report.heads import read_scores, write_json_atomic
+from hsr_pl.report.realignment import print_realignment, realignment_line
+from hsr_pl.state import RealignmentRun, get_state, parse_head_key
+from hsr_pl.validation import json_output_path, non_negative_int, positive_int, split_name
 
 from ._calibration import WeightedAllReduce, calibration_batches, check_counts, comm_device, layer_progress
 from ._common import eval_mode, hf_model
 from ._common import world as dist_world
-from .base import WHEN, HSRCallback, notify_stage
+from ._masks import MaskHolder, mask_holders
+from .base import WHEN, HSRCallback, notify_stage, providers
 
-__all__ = ["SafetyRealignment", "is_pruner"]
+__all__ = ["SafetyRealignment"]
 
 Pair = tuple[int, int]
-
-
-def is_pruner(callback: Callback) -> bool:
-    """Callbacks that fill HSRState's masks (Pruning, PrunedCheckpoint) say so with ``fills_masks``."""
-    return bool(getattr(callback, "fills_masks", False))
-
-
-def _check_split(value: str, name: str) -> str:
-    parts = [p.strip() for p in value.split("+")] if isinstance(value, str) else [value]
-    if not parts or not all(p in SPLITS for p in parts):
-        raise RealignConfigError(f"{name}={value!r} is not a calibration split {SPLITS} (or several joined with '+')")
-    return value
-
-
-def _positive(value: Any, name: str, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise RealignConfigError(f"{name}={value!r} must be a positive integer ({hint})")
-    return value
 
 
 def _parse_heads(heads: Iterable[Any]) -> list[Pair]:
@@ -93,87 +73,147 @@ def _parse_heads(heads: Iterable[Any]) -> list[Pair]:
     return out
 
 
+def _deprecated_keys(
+    order: str | None = None,
+    p: float | str | None = None,
+    q: float | None = None,
+    max_p: float | None = None,
+    budget: int | float | str | None = None,
+    rounds: int | None = None,
+    scope: str | None = None,
+    utility_weight: float | None = None,
+    preserve_structure: bool | None = None,
+    heads_path: str | None = None,
+) -> dict[str, Any]:
+    """SafetyRealignment's keys before ``method`` (issue 17), still accepted: the ones given."""
+    given = dict(order=order, p=p, q=q, max_p=max_p, budget=budget, rounds=rounds, scope=scope,
+                 utility_weight=utility_weight, preserve_structure=preserve_structure, heads_path=heads_path)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+@rank_zero_only
+def _say_deprecated(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 class SafetyRealignment(HSRCallback):
-    """Restore the pruned weights inside the top safety heads that the HSR rule selects.
+    """Restore the pruned weights inside the top safety heads that the realignment method selects.
+
+    Example (after SafetyHeadAttribution and Pruning in ``trainer.callbacks``)::
+
+        - class_path: hsr_pl.callbacks.SafetyRealignment
+          init_args:
+            method: {class_path: hsr_pl.realign.GradientOrder, init_args: {budget: "1‱"}}
+            safety_calibration: safety+over_refusal
+            output: runs/demo/realignment.json
 
     Args:
+        method: how the pruned weights are ranked and how many are restored:
+            :class:`hsr_pl.realign.MarginRule` (default: the paper's rule, ``p: auto``) or
+            :class:`hsr_pl.realign.GradientOrder` (needs a budget).
         top_h: how many of the best-scored heads to use; None takes SafetyHeadAttribution's own
             top-h (or all of ``heads``).
-        p, q, max_p, importance, selection, order, budget, rounds, scope, preserve_structure,
-            utility_weight: see :class:`hsr_pl.realign.RealignConfig` (``p: auto`` = 1 − sparsity;
-            ``importance: auto`` = the pruning method's own score, Wanda's for a checkpoint pruned
-            elsewhere).
+        importance: the score of both importances (``wanda``, ``sparsegpt``, ``magnitude``,
+            ``snip``); ``auto`` = the pruning method's own (Wanda's for a checkpoint pruned elsewhere).
+        selection: which rows / columns belong to a head (see :class:`hsr_pl.realign.RealignConfig`).
         utility_calibration / safety_calibration: data-module splits for D^u (benign answers)
             and D^s (aligned refusals; ``safety+over_refusal`` joins image- and text-borne ones).
         num_samples: samples per split (the paper: 128); batch_size: calibration batch size.
         heads: explicit heads (``["0-3", "2-1"]`` or ``[[0, 3], [2, 1]]``), instead of attribution.
-        heads_path: a ``{"<layer>-<head>": score}`` file (SafetyHeadAttribution's output or the
+        scores_path: a ``{"<layer>-<head>": score}`` file (SafetyHeadAttribution's output or the
             released scripts'); the top ``top_h`` are used.
         output: JSON path for the realignment report (restored counts per module and head).
         when: ``fit_start`` and/or ``validation_start``; realigns once, after the pruner.
         table: print the rich summary table on rank 0.
+        **deprecated: the flat method keys of earlier versions (``order``, ``p``, ``q``, ``max_p``,
+            ``budget``, ``rounds``, ``scope``, ``utility_weight``, ``preserve_structure``) and
+            ``heads_path``; they still work, with one line that shows the new form.
     """
+
+    provides = frozenset({"realignment"})
 
     def __init__(
         self,
+        method: RealignMethod | None = None,
         top_h: int | None = None,
-        p: float | str = "auto",
-        q: float = 0.5,
-        max_p: float = 0.7,
         importance: str = "auto",
         selection: str = "head",
-        order: str = "margin",
-        budget: int | float | str | None = None,
-        rounds: int = 1,
-        scope: str = "heads",
-        preserve_structure: bool = False,
-        utility_weight: float = 0.0,
         utility_calibration: str = "utility",
         safety_calibration: str = "safety",
         num_samples: int = 128,
         batch_size: int = 1,
         heads: list[str] | list[list[int]] | None = None,
-        heads_path: str | None = None,
+        scores_path: str | None = None,
         output: str | None = None,
         when: str | list[str] = WHEN,
         table: bool = True,
+        **deprecated: Any,
     ) -> None:
         super().__init__(when, error=RealignConfigError)
+        method, scores_path = self._upgrade(method, scores_path, _deprecated_keys(**deprecated))
+        if method is not None and not isinstance(method, RealignMethod):
+            raise RealignConfigError(
+                f"method={method!r} is not a realignment method; use hsr_pl.realign.MarginRule or GradientOrder"
+            )
+        self.method = MarginRule() if method is None else method
         self.importance = importance  # "auto" is resolved in setup, when the pruner is known
-        self.config = RealignConfig(
-            p=p, q=q, max_p=max_p, importance="wanda" if importance == "auto" else importance, selection=selection,
-            order=order, budget=budget, rounds=rounds, scope=scope, preserve_structure=preserve_structure, utility_weight=utility_weight,
+        self.config = self.method.realign_config(
+            importance="wanda" if importance == "auto" else importance, selection=selection
         )
-        if top_h is not None and (isinstance(top_h, bool) or not isinstance(top_h, int) or top_h < 0):
-            raise RealignConfigError(f"top_h={top_h!r} must be an integer ≥ 0 or None (use SafetyHeadAttribution's top_h)")
-        self.top_h = top_h
-        self.utility_calibration = _check_split(utility_calibration, "utility_calibration")
-        self.safety_calibration = _check_split(safety_calibration, "safety_calibration")
-        self.num_samples = _positive(num_samples, "num_samples", "calibration samples per split; the paper: 128")
-        self.batch_size = _positive(batch_size, "batch_size", "calibration batch size")
-        if heads is not None and heads_path is not None:
-            raise RealignConfigError("give heads or heads_path, not both")
+        self.top_h = None if top_h is None else non_negative_int(
+            top_h, "top_h", "or None: use SafetyHeadAttribution's top_h", RealignConfigError
+        )
+        self.utility_calibration = split_name(utility_calibration, "utility_calibration", error=RealignConfigError)
+        self.safety_calibration = split_name(safety_calibration, "safety_calibration", error=RealignConfigError)
+        self.num_samples = positive_int(num_samples, "num_samples", "calibration samples per split; the paper: 128",
+                                        RealignConfigError)
+        self.batch_size = positive_int(batch_size, "batch_size", "calibration batch size", RealignConfigError)
+        if heads is not None and scores_path is not None:
+            raise RealignConfigError("give heads or scores_path, not both")
         self.heads = None if heads is None else _parse_heads(heads)
-        self.heads_path = None if heads_path is None else Path(heads_path)
+        self.scores_path = None if scores_path is None else Path(scores_path)
         self._file_scores: dict[str, float] | None = None
-        if self.heads_path is not None:
-            if not self.heads_path.is_file():
+        if self.scores_path is not None:
+            if not self.scores_path.is_file():
                 raise RealignConfigError(
-                    f"heads_path={heads_path!r} does not exist; give a {{\"<layer>-<head>\": score}} JSON file "
+                    f"scores_path={scores_path!r} does not exist; give a {{\"<layer>-<head>\": score}} JSON file "
                     "(SafetyHeadAttribution's output) or drop it to use the attribution callback's heads"
                 )
-            from hsr_pl.report.heads import read_scores
-
-            self._file_scores = read_scores(self.heads_path)
+            self._file_scores = read_scores(self.scores_path)
             if self.top_h is None:
-                raise RealignConfigError("heads_path needs top_h: how many of the file's best heads to use")
-        if output is not None and Path(output).suffix != ".json":
-            raise RealignConfigError(f"output={output!r} must be a .json file path")
-        self.output = None if output is None else Path(output)
+                raise RealignConfigError("scores_path needs top_h: how many of the file's best heads to use")
+        self.output = json_output_path(output, "output", "runs/realignment.json", RealignConfigError, look=False)
         self.show_table = bool(table)
         self.dense: DenseMeasurement | None = None
         self.result: RealignResult | None = None
         self.report: dict[str, Any] = {}
+
+    @staticmethod
+    def _upgrade(
+        method: RealignMethod | None, scores_path: str | None, old: dict[str, Any]
+    ) -> tuple[RealignMethod | None, str | None]:
+        """The deprecated keys as ``method`` / ``scores_path``, and one line that shows the new form."""
+        if not old:
+            return method, scores_path
+        flat = {k: old[k] for k in FLAT_KEYS if k in old}
+        if flat and method is not None:
+            raise RealignConfigError(
+                f"give method or the deprecated flat keys {sorted(flat)}, not both; move them into method's init_args"
+            )
+        if "heads_path" in old and scores_path is not None:
+            raise RealignConfigError("give scores_path or its deprecated name heads_path, not both")
+        news = []
+        if flat:
+            method = method_from_flat(**flat)
+            news.append(method.yaml())
+        if "heads_path" in old:
+            scores_path = old["heads_path"]
+            news.append(f"scores_path: {json.dumps(str(scores_path))}")
+        _say_deprecated(
+            f"hsr-pl: SafetyRealignment's keys {', '.join(old)} are deprecated and will be removed; write instead: "
+            + "; ".join(news)
+        )
+        return method, scores_path
 
     # ------------------------------------------------------------------------- settings
     @override
@@ -183,7 +223,7 @@ class SafetyRealignment(HSRCallback):
             "utility_calibration": self.utility_calibration, "safety_calibration": self.safety_calibration,
             "num_samples": self.num_samples, "batch_size": self.batch_size,
             "heads": None if self.heads is None else [list(h) for h in self.heads],
-            "heads_path": None if self.heads_path is None else str(self.heads_path),
+            "scores_path": None if self.scores_path is None else str(self.scores_path),
         }
 
     # ---------------------------------------------------------------------------- heads
@@ -208,7 +248,7 @@ class SafetyRealignment(HSRCallback):
             return []
         raise RealignInputError(
             "SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning in trainer.callbacks, or give "
-            "heads_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
+            "scores_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
         )
 
     def _check_heads(self, heads: Sequence[Pair], adapter) -> None:
@@ -255,7 +295,7 @@ class SafetyRealignment(HSRCallback):
             self._check_heads(heads, adapter)
         head_free = not self.config.needs_heads
         # A StageEvaluation comparing head-free or random-head baselines needs every layer measured.
-        wide = any(getattr(cb, "needs_all_layers", False) for cb in trainer.callbacks)
+        wide = any(cb.needs_all_layers for cb in trainer.callbacks if isinstance(cb, HSRCallback))
         layers = None if head_free or heads is None or wide else sorted({layer for layer, _ in heads})
         start = time.perf_counter()
         with torch.inference_mode(False), eval_mode(model):
@@ -265,7 +305,7 @@ class SafetyRealignment(HSRCallback):
                 model, adapter, self.config.importance,
                 self._progress(trainer, utility, "realignment: utility importance (dense)"),
                 self._progress(trainer, safety, "realignment: safety importance (dense)"),
-                layers=layers, keep_dense=bool(getattr(pruner, "changes_kept_weights", True)),
+                layers=layers, keep_dense=not isinstance(pruner, MaskHolder) or pruner.changes_kept_weights,
                 utility_reduce=self._reduce(utility, pl_module, self.utility_calibration),
                 safety_reduce=self._reduce(safety, pl_module, self.safety_calibration),
             )
@@ -281,9 +321,9 @@ class SafetyRealignment(HSRCallback):
         return _with_progress(batches, description)
 
     # ------------------------------------------------------------------------------ run
-    def _pruner(self, trainer: pl.Trainer) -> Callback | None:
+    def _pruner(self, trainer: pl.Trainer) -> MaskHolder | None:
         callbacks = list(trainer.callbacks)
-        before = [cb for cb in callbacks[: callbacks.index(self)] if is_pruner(cb)]
+        before = mask_holders(callbacks[: callbacks.index(self)])
         return before[-1] if before else None
 
     @override
@@ -300,30 +340,28 @@ class SafetyRealignment(HSRCallback):
                 "a model pruned by another tool) before it"
             )
         if self.importance == "auto" and pruner is not None:
-            self.config = replace(self.config, importance=str(getattr(pruner, "importance", "wanda")))
+            self.config = replace(self.config, importance=pruner.importance)
         if sharded_strategy(trainer) and (self.config.order == "gradient" or self.config.importance == "snip"):
             raise ShardingError(
-                f"SafetyRealignment(order={self.config.order!r}, importance={self.config.importance!r}) under "
-                "ModelParallelStrategy: weight gradients are not gathered on the sharded path; use order 'margin' with "
-                "importance wanda, sparsegpt or magnitude, or strategy ddp"
+                f"SafetyRealignment(method={type(self.method).__name__}, importance={self.config.importance!r}) under "
+                "ModelParallelStrategy: weight gradients are not gathered on the sharded path; use method MarginRule "
+                "with importance wanda, sparsegpt or magnitude, or strategy ddp"
             )
-        if self.config.preserve_structure and pruner is not None and hasattr(pruner, "planned_structure") \
+        if self.config.preserve_structure and pruner is not None and pruner.structure_known_before_pruning \
                 and pruner.planned_structure is None:
             raise RealignConfigError(
                 "preserve_structure needs N:M masks, but Pruning is unstructured (mask_structure '0:0'); set "
                 "Pruning's mask_structure (e.g. '2:4') or drop preserve_structure"
             )
         if self.output is not None:
-            from hsr_pl.io import check_output_file
-
-            protect = [p for p in (self.heads_path, getattr(pl_module, "model_source", None)) if p]
+            protect = [p for p in (self.scores_path, getattr(pl_module, "model_source", None)) if p]
             check_output_file(self.output, "SafetyRealignment output", protect=protect)
-        scorers = [cb for cb in callbacks[:mine] if hasattr(cb, "top") and hasattr(cb, "scores")]
+        scorers = providers(callbacks[:mine], "head_scores")
         if self.config.needs_heads and self.heads is None and self._file_scores is None and not scorers \
                 and trainer.ckpt_path is None:
             raise RealignInputError(
                 "SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning in trainer.callbacks, or give "
-                "heads_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
+                "scores_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
             )
 
     @override
@@ -337,7 +375,7 @@ class SafetyRealignment(HSRCallback):
         if heads is not None:
             self._check_heads(heads, adapter)
         pruner = self._pruner(trainer)
-        if pruner is None or not hasattr(pruner, "resolve_targets"):
+        if pruner is None:
             return
         if self.config.order == "gradient" and self.config.scope == "all":
             return  # its scope is whatever has kept originals
@@ -354,7 +392,7 @@ class SafetyRealignment(HSRCallback):
     def _check_order(self, trainer: pl.Trainer) -> None:
         callbacks = list(trainer.callbacks)
         mine = callbacks.index(self)
-        pruners = [i for i, cb in enumerate(callbacks) if is_pruner(cb)]
+        pruners = [i for i, cb in enumerate(callbacks) if isinstance(cb, MaskHolder)]
         if any(i > mine for i in pruners):
             raise RealignInputError(
                 "SafetyRealignment comes before the pruner in trainer.callbacks; order them SafetyHeadAttribution, "
@@ -374,7 +412,7 @@ class SafetyRealignment(HSRCallback):
             )
         heads = self._heads_or_error(trainer, pl_module)
         self._check_heads(heads, adapter)
-        if self.dense is None and (self.config.order == "margin" or self.config.preserve_structure):
+        if self.dense is None and self.method.needs_dense:
             raise RealignInputError(
                 "SafetyRealignment has no dense-model statistics: the pruner ran without it (it measures them when "
                 "the pruner announces its first weight change); keep Pruning/PrunedCheckpoint and SafetyRealignment "
@@ -410,23 +448,28 @@ class SafetyRealignment(HSRCallback):
         }
         state.realignment = dict(self.report)
         self._report(trainer)
+        # In memory, for whoever re-runs variants from the same pruned weights while it is notified.
+        state.realignment_run = RealignmentRun(
+            config=self.config, result=self.result, settings=self.settings(), dense=self.dense,
+            calibration=lambda kind: self._batches(
+                trainer, pl_module, self.safety_calibration if kind == "safety" else self.utility_calibration
+            ),
+        )
         notify_stage(trainer, pl_module, "realigned", self)
-        self.dense = None  # the statistics served their purpose; free them (and the dense copies)
+        # The statistics and the data served their purpose; free them (and the dense copies).
+        state.realignment_run = replace(state.realignment_run, dense=None, calibration=None)
+        self.dense = None
 
     def _report(self, trainer: pl.Trainer) -> None:
-        from hsr_pl.report.realignment import print_realignment, realignment_line
-
         if trainer.is_global_zero:
             if self.show_table:
                 print_realignment(self.report)
             if self.output is not None:
-                from hsr_pl.report.heads import write_json_atomic
-
                 write_json_atomic(self.output, self.report)
         if not self.report["restored_params"]:
             rank_zero_warn(
                 "SafetyRealignment restored no weight: the rule's candidates inside the heads were all kept by the "
-                "pruner. Try p: auto, a larger max_p, more heads, or order: gradient with a budget."
+                "pruner. Try MarginRule's p: auto or a larger max_p, more heads, or the GradientOrder method with a budget."
             )
         rank_zero_info(f"hsr-pl: realignment {realignment_line(self.report)}")
         for logger in trainer.loggers:

@@ -1,16 +1,9 @@
 """``PrunedCheckpoint``: repair mode — the pruner is a checkpoint that another tool pruned.
 
-The trainer's model is the *original* (dense) checkpoint, so SafetyHeadAttribution scores it and
-SafetyRealignment measures its importance as usual. At its moment this callback loads the pruned
-checkpoint (:func:`hsr_pl.models.checkpoints.load_like`: same class, dense or compressed-tensors
-sparse, refusing quantized, incomplete or differently shaped ones), infers the pruned set of
-every target linear, ``pruned = (pruned weight == 0) & (original weight != 0)``, keeps the
-original values there, and then copies *every* parameter of the pruned checkpoint into the model
-— kept weights stay as the pruner left them (SparseGPT moves them), and modules the tool pruned
-outside the targets (some tools prune the vision tower or lm_head) are reported and kept as
-pruned. From then on the flow is the ordinary one: realignment restores, ExportPretrained saves::
-
-    SafetyHeadAttribution -> PrunedCheckpoint(path=...) -> SafetyRealignment -> ExportPretrained
+The trainer's model is the original (dense) checkpoint; at its moment this callback loads the
+pruned one (:func:`hsr_pl.models.checkpoints.load_like`), infers the pruned set
+``(pruned == 0) & (original != 0)`` of every target linear, keeps the originals there and copies
+every parameter of the pruned checkpoint into the model. See docs/realignment.md (repair mode).
 """
 
 from __future__ import annotations
@@ -26,42 +19,26 @@ from typing_extensions import override
 
 from hsr_pl.models.checkpoints import CheckpointError, load_like, pruned_set
 from hsr_pl.pruning import PruningConfigError
+from hsr_pl.pruning.masks import detect_structure
 from hsr_pl.state import get_state
 
 from ._common import hf_model
 from ._masks import MaskHolder
 from .base import WHEN, notify_before_pruning, notify_stage
-from .pruning import regex_list, resolve_targets
 
-__all__ = ["PrunedCheckpoint", "detect_structure"]
+__all__ = ["PrunedCheckpoint"]
 
 # Exact-zero fraction above which a module outside the targets is reported as pruned by the tool.
 OUTSIDE_ZERO_FRACTION = 0.05
 
 
-def detect_structure(masks: dict[str, torch.Tensor]) -> tuple[int, int] | None:
-    """``(N, M)`` when every mask prunes exactly N of every M consecutive inputs (M in 4, 8, 16)."""
-    if not masks:
-        return None
-    for m in (4, 8, 16):
-        counts = set()
-        for mask in masks.values():
-            rows, cols = mask.shape
-            if cols % m:
-                counts = None
-                break
-            counts |= set(mask.reshape(rows, cols // m, m).sum(-1).unique().tolist())
-            if len(counts) > 1:
-                break
-        if counts is not None and len(counts) == 1:
-            n = counts.pop()
-            if 0 < n < m:
-                return int(n), m
-    return None
-
-
 class PrunedCheckpoint(MaskHolder):
     """Take the masks from a checkpoint pruned by any tool, then hand on like ``Pruning``.
+
+    Example (in place of Pruning; the trainer's model is the original checkpoint)::
+
+        - class_path: hsr_pl.callbacks.PrunedCheckpoint
+          init_args: {path: /models/llava-v1.6-vicuna-7b-wanda50, when: validation_start}
 
     Args:
         path: folder of the pruned checkpoint (``save_pretrained`` layout, dense with exact zeros
@@ -73,9 +50,9 @@ class PrunedCheckpoint(MaskHolder):
     """
 
     supports_sharding = False  # copies / compares whole weights: no FSDP2 path yet
-
-    changes_kept_weights = True  # another tool may have moved kept weights (SparseGPT does)
-    importance = "wanda"  # realignment's ``importance: auto``: the tool's score is unknown; Wanda's is the paper's
+    # MaskHolder's defaults hold: another tool may have moved kept weights (SparseGPT does), its score
+    # is unknown (realignment's ``importance: auto`` takes Wanda's, the paper's), and the N:M structure
+    # is known only once the checkpoint is loaded.
 
     def __init__(
         self,
@@ -86,7 +63,10 @@ class PrunedCheckpoint(MaskHolder):
         when: str | list[str] = WHEN,
         state_dir: str | None = None,
     ) -> None:
-        super().__init__(when, error=PruningConfigError, state_dir=state_dir)
+        super().__init__(
+            when, error=PruningConfigError, state_dir=state_dir, targets=targets, ignore=ignore,
+            keep_originals=keep_originals,
+        )
         if not isinstance(path, str) or not path:
             raise PruningConfigError("PrunedCheckpoint needs path=<folder of the pruned checkpoint>")
         folder = Path(path).expanduser()
@@ -95,18 +75,15 @@ class PrunedCheckpoint(MaskHolder):
         if not (folder / "config.json").is_file():
             raise PruningConfigError(f"PrunedCheckpoint(path={path!r}) has no config.json; give the folder save_pretrained wrote")
         self.path = str(folder)
-        self.targets = regex_list(targets, "targets")
-        self.ignore = regex_list(ignore, "ignore") or []
-        self.keep_originals = regex_list(keep_originals, "keep_originals")
         self.report: dict[str, Any] = {}
 
     @override
     def settings(self) -> dict[str, Any]:
         return {"path": self.path, "targets": self.targets, "ignore": self.ignore, "keep_originals": self.keep_originals}
 
-    def resolve_targets(self, model: torch.nn.Module) -> tuple[list[str], list[str]]:
-        """``(names compared with the checkpoint, names whose dense values to keep)``."""
-        return resolve_targets(model, self.targets, self.ignore, self.keep_originals)
+    @override
+    def input_paths(self) -> list[str]:
+        return [self.path]
 
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

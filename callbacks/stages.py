@@ -1,19 +1,11 @@
-"""``StageEvaluation``: measure the model dense, pruned and realigned in one run — and against the
-baselines, along a restored-weights curve.
+"""``StageEvaluation``: measure the model dense, pruned and realigned in one run, against the
+baselines and along a restored-weights curve.
 
-It follows the flow through the HSR callbacks' notices: ``before_pruning`` (the model is still
-dense), ``on_stage("pruned")`` and ``on_stage("realigned")``. At each it evaluates the data
-module's evaluation sets with :func:`hsr_pl.evaluation.runner.evaluate` (the same generation and
-metrics as ``validate``). After realignment it can run the baselines the paper argues against with
-the same restored-weight count, and a budget sweep, each from the same pruned weights; then it
-puts the realigned model back, so ``validate``'s own loop and ExportPretrained see it unchanged.
-At the end of validation rank 0 prints the stage table and one closing line, and writes
-``summary.json`` (and PNG plots with the ``plot`` extra) into ``output_dir``
-(default ``trainer.default_root_dir``).
-
-The baselines and the curve re-run realignment from a copy of the pruned weights: meant for
-models that fit in memory twice (the embedded organism, small models); the stage evaluation
-alone costs three evaluation passes and nothing else.
+It follows the HSR callbacks' notices (``before_pruning``, ``on_stage("pruned" | "realigned")``),
+evaluates with :func:`hsr_pl.evaluation.runner.evaluate`, and re-runs realignment variants
+(:func:`hsr_pl.realign.baselines.realign_variant`) from a copy of the pruned weights with what
+SafetyRealignment publishes in ``HSRState.realignment_run``; then it puts the realigned model back.
+The copies make it a tool for models that fit in memory twice. See docs/realignment.md.
 """
 
 from __future__ import annotations
@@ -32,37 +24,23 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from hsr_pl.evaluation.judges import make_judge
 from hsr_pl.evaluation.metrics import safety_restoration_rate
 from hsr_pl.evaluation.runner import evaluate, headline
+from hsr_pl.io import check_output_file
 from hsr_pl.models import get_adapter
-from hsr_pl.realign import (
-    RealignConfig,
-    RealignConfigError,
-    head_slice_mask,
-    language_model_parameters,
-    random_heads,
-    random_restore_masks,
-    realign_model,
-    restore_masks,
-)
-from hsr_pl.realign.runner import attention_linears
-from hsr_pl.state import get_state
+from hsr_pl.realign import RealignConfigError, RealignInputError, language_model_parameters
+from hsr_pl.realign.baselines import BASELINES, CURVE_METHODS, UNBUDGETED, realign_variant
+from hsr_pl.report.heads import write_json_atomic
+from hsr_pl.report.stages import closing_line, print_stage_table, save_curve_png, save_stage_png
+from hsr_pl.state import RealignmentRun, get_state
+from hsr_pl.validation import choice, positive_int
 
 from ._calibration import layer_progress
 from ._common import hf_model
-from .base import HSRCallback
+from .base import HSRCallback, providers
 
-__all__ = ["BASELINES", "StageEvaluation"]
-
-BASELINES = ("random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule")
-"""Baselines the paper argues against (and its own rule): ``random`` — HSR's count of pruned weights
-drawn anywhere (every linear with kept originals); ``random_in_heads`` — drawn inside the same heads'
-slices; ``none`` — HSR's settings without the head restriction; ``whole_heads`` — every pruned weight
-of the heads; ``reference`` — the released script's selection, truncated to HSR's count by the margin
-order; ``random_heads`` — HSR's settings on as many random heads; ``paper_rule`` — the paper's rule
-(margin order, no budget) on HSR's heads."""
-CURVE_METHODS = ("hsr", "paper_rule", "random", "random_in_heads", "none", "random_heads", "reference")
-
+__all__ = ["StageEvaluation"]
 
 def _rsr(dense: float | None, pruned: float | None, now: float | None) -> float | None:
     if None in (dense, pruned, now):
@@ -73,6 +51,11 @@ def _rsr(dense: float | None, pruned: float | None, now: float | None) -> float 
 
 class StageEvaluation(HSRCallback):
     """Evaluate dense / pruned / realigned on the same held-out sets; baselines; the RSR curve.
+
+    Example (with Pruning and SafetyRealignment, all at ``validation_start``)::
+
+        - class_path: hsr_pl.callbacks.StageEvaluation
+          init_args: {judge: keyword-gcg-nocase, baselines: true, curve_budgets: [25, 100, 400]}
 
     Args:
         judge: the headline judge (its rates fill ``asr`` and ``rsr`` in summary.json).
@@ -102,28 +85,23 @@ class StageEvaluation(HSRCallback):
         seed: int = 0,
         output_dir: str | None = None,
     ) -> None:
-        super().__init__("validation_start")
+        super().__init__("validation_start", error=RealignConfigError)
         self.judge = judge
         self.strict_judge = strict_judge
         self.baselines = bool(baselines)
-        budgets = list(curve_budgets or [])
-        if any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in budgets):
-            raise RealignConfigError(f"curve_budgets={curve_budgets!r} must be positive integers (weights)")
+        budgets = [positive_int(b, "curve_budgets entry", "a number of weights", RealignConfigError)
+                   for b in curve_budgets or []]
         self.curve_budgets = sorted(set(budgets))
-        methods = list(curve_methods or CURVE_METHODS)
-        bad = [m for m in methods if m not in CURVE_METHODS]
-        if bad:
-            raise RealignConfigError(f"curve_methods has {bad}; choose from {list(CURVE_METHODS)}")
-        self.curve_methods = methods
+        self.curve_methods = [choice(m, "curve_methods entry", CURVE_METHODS, error=RealignConfigError)
+                              for m in curve_methods or CURVE_METHODS]
         self.curve_sets = curve_sets
         self.baseline_sets = baseline_sets
         self.seed = int(seed)
         self.output_dir = output_dir
         self.results: dict[str, Any] = {}
         self._pruned: dict[str, Any] | None = None
-        self._realign = None
-        self._safety = None
-        self._utility = None
+        self._run: RealignmentRun | None = None  # SafetyRealignment's hand-over (HSRState.realignment_run)
+        self._batches: dict[str, list] = {}  # calibration batches of the gradient-order variants, loaded once
         self._start = time.perf_counter()
         self.summary: dict[str, Any] = {}
 
@@ -143,8 +121,6 @@ class StageEvaluation(HSRCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before any work: the flow it follows must be there, and where it writes must be writable.
-        from .realignment import SafetyRealignment, is_pruner
-
         super().setup(trainer, pl_module, stage)  # no sharded path: ModelParallelStrategy is refused
         if trainer.world_size > 1:
             raise RealignConfigError(
@@ -152,13 +128,11 @@ class StageEvaluation(HSRCallback):
                 "trainer.devices: 1 (the HSR callbacks themselves run under DDP), or drop it"
             )
         callbacks = list(trainer.callbacks)
-        if not any(is_pruner(cb) for cb in callbacks) or not any(isinstance(cb, SafetyRealignment) for cb in callbacks):
+        if not providers(callbacks, "masks") or not providers(callbacks, "realignment"):
             raise RealignConfigError(
                 "StageEvaluation follows a dense -> pruned -> realigned run: put Pruning (or PrunedCheckpoint) and "
                 "SafetyRealignment in trainer.callbacks with it"
             )
-        from hsr_pl.io import check_output_file
-
         folder = Path(self.output_dir or trainer.default_root_dir)
         source = getattr(pl_module, "model_source", None)
         check_output_file(folder / "summary.json", "StageEvaluation output_dir", protect=[source] if source else [])
@@ -192,8 +166,6 @@ class StageEvaluation(HSRCallback):
             return evaluate(pl_module, loaders, on_batch=on_batch if step is not None else None)
 
     def _judges(self, pl_module) -> list[str]:
-        from hsr_pl.evaluation.judges import make_judge
-
         names = [make_judge(j, refusal=pl_module.hparams.refusal).name for j in (pl_module.hparams.judges or ["keyword-gcg"])]
         if self.judge not in names:
             raise RealignConfigError(
@@ -220,13 +192,17 @@ class StageEvaluation(HSRCallback):
         elif stage == "realigned":
             rank_zero_info("hsr-pl: evaluating the realigned model")
             self.results["realigned"] = self._evaluate(trainer, pl_module, "realigned")
-            self._realign = source
+            run = get_state(pl_module).realignment_run
+            if run is None:
+                raise RealignInputError("StageEvaluation heard 'realigned' but HSRState has no realignment_run to compare")
+            self._run = replace(run, dense=None, calibration=None)  # what the summary needs later
             if self._pruned is not None:
                 realigned = self._snapshot(pl_module)
                 try:
-                    self._compare(trainer, pl_module, source)
+                    self._compare(trainer, pl_module, run)
                 finally:
                     self._put_back(pl_module, realigned)
+                    self._batches = {}
 
     def _snapshot(self, pl_module) -> dict[str, Any]:
         state = get_state(pl_module)
@@ -244,82 +220,34 @@ class StageEvaluation(HSRCallback):
         get_state(pl_module).load_state_dict(copy.deepcopy(snap["state"]))
 
     # --------------------------------------------------------------------- baselines, curve
-    def _variant(self, trainer, pl_module, source, name: str, budget: int | None, only=None) -> dict[str, Any]:
+    def _variant(self, trainer, pl_module, run: RealignmentRun, name: str, budget: int | None, only=None) -> dict[str, Any]:
         """Realign the pruned model one way, evaluate, and return the counts and results."""
         self._put_back(pl_module, self._pruned)
         model = hf_model(pl_module)
-        adapter = get_adapter(model)
-        state = get_state(pl_module)
-        cfg: RealignConfig = source.config
-        heads = list(source.result.heads)
-        k = source.result.restored if budget is None else budget  # the random baselines' count
         with torch.inference_mode(False):
-            if name in ("random", "random_in_heads"):
-                eligible = {}
-                by_layer: dict[int, list[int]] = {}
-                for layer, head in heads:
-                    by_layer.setdefault(layer, []).append(head)
-                linears = attention_linears(adapter)
-                for lname in state.originals:
-                    free = state.pruned[lname]
-                    if name == "random_in_heads":
-                        if lname not in linears or linears[lname][0] not in by_layer:
-                            continue
-                        layer, role, _ = linears[lname]
-                        free = free & head_slice_mask(
-                            role, tuple(free.shape), adapter.geometry(layer), by_layer[layer], cfg.selection
-                        )
-                    eligible[lname] = free
-                restored = restore_masks(model, state, random_restore_masks(eligible, k, self.seed))
-            else:
-                variant = self._config(cfg, name, budget)
-                chosen = heads
-                if name == "random_heads":
-                    pool = [(layer, h) for layer in adapter.layer_indices() for h in range(adapter.geometry(layer).num_heads)]
-                    chosen = random_heads([p for p in pool if p not in heads] or pool, len(heads), self.seed)
-                safety = utility = None
-                if variant.order == "gradient":
-                    if self._safety is None:
-                        self._safety = source._batches(trainer, pl_module, source.safety_calibration)
-                    safety = self._safety
-                    if variant.utility_weight:
-                        if self._utility is None:
-                            self._utility = source._batches(trainer, pl_module, source.utility_calibration)
-                        utility = self._utility
-                result = realign_model(model, adapter, state, variant, chosen, dense=source.dense, safety_batches=safety,
-                                       utility_batches=utility)
-                restored = result.restored
+            restored = realign_variant(
+                model, get_adapter(model), get_state(pl_module), run.config, run.result.heads, name, budget,
+                count=run.result.restored, seed=self.seed, dense=run.dense,
+                calibration=lambda kind: self._calibration(run, kind),
+            )
         label = f"{name}" + ("" if budget is None else f" @ {budget} weights")
         return {"restored_params": restored, "eval": self._evaluate(trainer, pl_module, label, only)}
 
-    @staticmethod
-    def _config(cfg: RealignConfig, name: str, budget: int | None) -> RealignConfig:
-        if name == "hsr":
-            return replace(cfg, budget=budget)
-        if name == "paper_rule":
-            return replace(cfg, order="margin", budget=budget, rounds=1, scope="heads", utility_weight=0.0)
-        if name == "none":
-            if cfg.order == "gradient":
-                return replace(cfg, scope="all", budget=budget)
-            return replace(cfg, selection="none", budget=budget)
-        if name == "whole_heads":
-            return replace(cfg, selection="whole_heads", order="margin", budget=None, rounds=1, scope="heads",
-                           utility_weight=0.0)
-        if name == "reference":
-            return replace(cfg, selection="reference", order="margin", budget=budget, rounds=1, scope="heads",
-                           utility_weight=0.0)
-        if name == "random_heads":
-            return replace(cfg, budget=budget)
-        raise RealignConfigError(f"unknown method {name!r}")
+    def _calibration(self, run: RealignmentRun, kind: str) -> list:
+        if kind not in self._batches:  # loaded once for every gradient-order variant
+            if run.calibration is None:
+                raise RealignInputError("SafetyRealignment published no calibration loader for the gradient-order variants")
+            self._batches[kind] = run.calibration(kind)
+        return self._batches[kind]
 
-    def _compare(self, trainer, pl_module, source) -> None:
+    def _compare(self, trainer, pl_module, run: RealignmentRun) -> None:
         if self.baselines:
             self.results["baselines"] = {}
             for name in BASELINES:
                 # whole_heads and the paper's rule restore their own rule's whole set; the others HSR's count
-                budget = None if name in ("whole_heads", "paper_rule") else source.result.restored
+                budget = None if name in UNBUDGETED else run.result.restored
                 rank_zero_info(f"hsr-pl: baseline {name}")
-                self.results["baselines"][name] = self._variant(trainer, pl_module, source, name, budget,
+                self.results["baselines"][name] = self._variant(trainer, pl_module, run, name, budget,
                                                                 only=self.baseline_sets)
         if self.curve_budgets:
             harmful = self.curve_sets or [e.name for e in trainer.datamodule.eval_sets if e.kind == "harmful"]
@@ -327,10 +255,10 @@ class StageEvaluation(HSRCallback):
             for method in self.curve_methods:
                 points = []
                 for budget in self.curve_budgets:
-                    row = self._variant(trainer, pl_module, source, method, budget, only=harmful)
+                    row = self._variant(trainer, pl_module, run, method, budget, only=harmful)
                     points.append({"budget": budget, **row})
                 if method == "paper_rule":  # and its own, unbudgeted point
-                    points.append({"budget": None, **self._variant(trainer, pl_module, source, method, None, only=harmful)})
+                    points.append({"budget": None, **self._variant(trainer, pl_module, run, method, None, only=harmful)})
                 self.results["curve"][method] = points
                 rank_zero_info(f"hsr-pl: curve {method}: {[p['restored_params'] for p in points]}")
 
@@ -346,8 +274,8 @@ class StageEvaluation(HSRCallback):
     def build_summary(self, trainer, pl_module) -> dict[str, Any]:
         judges = self._judges(pl_module)
         state = get_state(pl_module)
-        source = self._realign
-        if source is None or not {"dense", "pruned", "realigned"} <= set(self.results):
+        run = self._run
+        if run is None or not {"dense", "pruned", "realigned"} <= set(self.results):
             raise RealignConfigError(
                 "StageEvaluation saw no full dense -> pruned -> realigned run: put it with Pruning (or "
                 "PrunedCheckpoint) and SafetyRealignment in trainer.callbacks, all acting at validation_start"
@@ -356,7 +284,7 @@ class StageEvaluation(HSRCallback):
         dense, pruned = stages["dense"], stages["pruned"]
         model = hf_model(pl_module)
         lm = language_model_parameters(model, get_adapter(model))
-        restored = source.result.restored
+        restored = run.result.restored
 
         def rsr(asr: float | None, judge: str | None = None) -> float | None:
             if judge is None:
@@ -365,11 +293,11 @@ class StageEvaluation(HSRCallback):
 
         summary: dict[str, Any] = {
             "judge": self.judge, "judges": judges, "model": getattr(pl_module, "model_source", None) or type(model).__name__,
-            "method": state.method, "sparsity": state.sparsity, "top_h": len(source.result.heads),
-            "heads": [list(h) for h in source.result.heads], "lm_params": lm, "restored_params": restored,
+            "method": state.method, "sparsity": state.sparsity, "top_h": len(run.result.heads),
+            "heads": [list(h) for h in run.result.heads], "lm_params": lm, "restored_params": restored,
             "restored_ratio_lm": restored / lm, "rsr": rsr(stages["realigned"]["asr"]),
             "harmful_sets": [n for n, r in self.results["dense"].items() if r["kind"] == "harmful"],
-            "realignment": {k: v for k, v in source.settings().items()},
+            "realignment": dict(run.settings),
             **stages,
         }
         if self.strict_judge and self.strict_judge in judges:
@@ -397,8 +325,6 @@ class StageEvaluation(HSRCallback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or "realigned" not in self.results:
             return
-        from hsr_pl.report.stages import closing_line, print_stage_table, save_curve_png, save_stage_png
-
         self.summary = self.build_summary(trainer, pl_module)
         folder = Path(self.output_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -411,8 +337,6 @@ class StageEvaluation(HSRCallback):
             self.summary["plots"] = [p.name for p in folder.glob("*.png")]
         except ImportError:
             rank_zero_info("hsr-pl: matplotlib not installed; no PNG plots (pip install 'hsr-pl[plot]')")
-        from hsr_pl.report.heads import write_json_atomic
-
         write_json_atomic(folder / "summary.json", json.loads(json.dumps(self.summary, default=float)))
         rank_zero_info(f"hsr-pl: {closing_line(self.summary)}")
         rank_zero_info(f"hsr-pl: summary written to {folder / 'summary.json'}")

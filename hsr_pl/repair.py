@@ -9,9 +9,12 @@ callbacks run at the start of a zero-step ``fit`` (no generation at all); with t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import lightning.pytorch as pl
 
 from hsr_pl.callbacks import ExportPretrained, PrunedCheckpoint, SafetyHeadAttribution, SafetyRealignment
 from hsr_pl.data import VLGuardDataModule
@@ -27,7 +30,7 @@ def repair(
     *,
     train_path: str,
     image_root: str | None = None,
-    heads_path: str | None = None,
+    scores_path: str | None = None,
     top_h: int = 10,
     attribution: Mapping[str, Any] | None = None,
     realignment: Mapping[str, Any] | None = None,
@@ -37,32 +40,38 @@ def repair(
     devices: int | str = 1,
     overwrite: bool = False,
     num_samples: int = 128,
+    heads_path: str | None = None,
 ) -> dict:
     """Realign ``pruned`` (a checkpoint pruned by any tool) against ``original`` and save it to ``output``.
 
     Args:
         train_path / image_root: VLGuard-format calibration data (utility, safety splits).
-        heads_path: a ``{"<layer>-<head>": score}`` file; default: scan the original model with
+        scores_path: a ``{"<layer>-<head>": score}`` file; default: scan the original model with
             SafetyHeadAttribution (``attribution`` holds its arguments, e.g. ``{"positions": "response"}``).
-        realignment: arguments of SafetyRealignment (``p``, ``q``, ``budget``, ``order`` …).
+        realignment: arguments of SafetyRealignment (``method``, ``selection``, ``importance`` …).
+        heads_path: the deprecated name of ``scores_path`` (one line says so).
         eval_sets: evaluation sets as in VLGuardDataModule; evaluates the repaired model.
     Returns:
         the realignment manifest written beside the weights (``realignment.json``).
     """
-    import json
+    if heads_path is not None:
+        if scores_path is not None:
+            raise ValueError("repair(): give scores_path or its deprecated name heads_path, not both")
+        import sys
 
-    import lightning.pytorch as pl
-
+        print(f"hsr-pl: repair(heads_path=...) is deprecated and will be removed; write scores_path={heads_path!r}",
+              file=sys.stderr)
+        scores_path = heads_path
     evaluate = bool(eval_sets)
     when = "validation_start" if evaluate else "fit_start"
     callbacks: list[pl.Callback] = []
-    if heads_path is None:
+    if scores_path is None:
         settings = {"positions": "response", "num_samples": num_samples, **dict(attribution or {})}
         callbacks.append(SafetyHeadAttribution(top_h=top_h, when=when, heatmap=False, **settings))
     callbacks.append(PrunedCheckpoint(pruned, when=when))
     options = {"num_samples": num_samples, **dict(realignment or {})}
-    if heads_path is not None:
-        options.update(heads_path=heads_path, top_h=top_h)
+    if scores_path is not None:
+        options.update(scores_path=scores_path, top_h=top_h)
     callbacks.append(SafetyRealignment(when=when, **options))
     callbacks.append(ExportPretrained(output, when="validation_end" if evaluate else "fit_end", overwrite=overwrite))
     module = LVLMModule(original, dtype=dtype)

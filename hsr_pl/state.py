@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +31,10 @@ from torch import Tensor, nn
 from .distributed import is_sharded, local_rows
 from .state_file import FORMAT, pack_bits, unpack_bits
 
-__all__ = ["HSRState", "get_state", "head_key", "parse_head_key", "tensor_version"]
+if TYPE_CHECKING:  # types only: hsr_pl.realign imports this module
+    from .realign import DenseMeasurement, RealignConfig, RealignResult
+
+__all__ = ["HSRState", "RealignmentRun", "get_state", "head_key", "parse_head_key", "tensor_version"]
 
 ATTR = "hsr_state"
 
@@ -48,6 +53,27 @@ def parse_head_key(key: str) -> tuple[int, int]:
 
 
 @dataclass
+class RealignmentRun:
+    """What SafetyRealignment hands on in memory (never checkpointed), so a later step can re-run
+    realignment variants from the same pruned weights (StageEvaluation's baselines and curve).
+
+    Attributes:
+        config: the resolved settings the run used (``importance: auto`` already decided).
+        result: its plans, heads and counts.
+        settings: the callback's settings, as its report and checkpoints record them.
+        dense: the dense-model statistics; set only while the ``realigned`` notice runs.
+        calibration: ``calibration("safety" | "utility")`` gives the run's calibration batches
+            (loaded on demand); set only while the ``realigned`` notice runs.
+    """
+
+    config: RealignConfig
+    result: RealignResult
+    settings: dict[str, Any]
+    dense: DenseMeasurement | None = None
+    calibration: Callable[[str], list[dict[str, Tensor]]] | None = None
+
+
+@dataclass
 class HSRState:
     """Masks, originals, head scores and restorations shared by the callbacks.
 
@@ -63,6 +89,8 @@ class HSRState:
         method: the pruning method's name.
         structure: ``(N, M)`` when the masks are N:M, None when unstructured.
         realignment: SafetyRealignment's report (restored counts, settings), for the manifest.
+        realignment_run: SafetyRealignment's in-memory hand-over (:class:`RealignmentRun`); not
+            part of ``state_dict``.
     """
 
     pruned: dict[str, Tensor] = field(default_factory=dict)
@@ -74,6 +102,7 @@ class HSRState:
     method: str | None = None
     structure: tuple[int, int] | None = None
     realignment: dict = field(default_factory=dict)
+    realignment_run: RealignmentRun | None = field(default=None, repr=False, compare=False)
     # {name: _DeviceKeep}: packed keep-masks on the weights' devices (see apply_masks).
     _device_keep: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -34,31 +34,9 @@ CALLBACK_SHARED = {"base", "__init__"}
 # as (importer, imported module). The lead empties both sets after merging that branch: a violation
 # not named here fails the test, and so does a named one that no longer occurs.
 # Rule (b): a callback module importing another callback module.
-KNOWN_CALLBACK_IMPORTS: set[tuple[str, str]] = {
-    ("hsr_pl.callbacks.repair", "hsr_pl.callbacks.pruning"),  # regex_list / resolve_targets
-    ("hsr_pl.callbacks.stages", "hsr_pl.callbacks.realignment"),  # SafetyRealignment, is_pruner
-}
+KNOWN_CALLBACK_IMPORTS: set[tuple[str, str]] = set()
 # Rule (c): first-party imports inside callback methods, without an optional dependency to keep optional.
-KNOWN_FUNCTION_LEVEL: set[tuple[str, str]] = {
-    ("hsr_pl.callbacks.base", "hsr_pl.distributed"),
-    ("hsr_pl.callbacks.export", "hsr_pl"),
-    ("hsr_pl.callbacks.export", "hsr_pl.distributed"),
-    ("hsr_pl.callbacks.export", "hsr_pl.models.organism"),
-    ("hsr_pl.callbacks.head_attribution", "hsr_pl.attribution.naive"),
-    ("hsr_pl.callbacks.head_attribution", "hsr_pl.distributed"),
-    ("hsr_pl.callbacks.head_attribution", "hsr_pl.io"),
-    ("hsr_pl.callbacks.head_attribution", "hsr_pl.module"),
-    ("hsr_pl.callbacks.head_attribution", "hsr_pl.report.heads"),
-    ("hsr_pl.callbacks.pruning", "hsr_pl.report.sparsity"),
-    ("hsr_pl.callbacks.realignment", "hsr_pl.io"),
-    ("hsr_pl.callbacks.realignment", "hsr_pl.report.heads"),
-    ("hsr_pl.callbacks.realignment", "hsr_pl.report.realignment"),
-    ("hsr_pl.callbacks.stages", "hsr_pl.callbacks.realignment"),
-    ("hsr_pl.callbacks.stages", "hsr_pl.evaluation.judges"),
-    ("hsr_pl.callbacks.stages", "hsr_pl.io"),
-    ("hsr_pl.callbacks.stages", "hsr_pl.report.heads"),
-    ("hsr_pl.callbacks.stages", "hsr_pl.report.stages"),
-}
+KNOWN_FUNCTION_LEVEL: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True)

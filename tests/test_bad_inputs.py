@@ -474,15 +474,15 @@ CASES = [
          r"SafetyRealignment comes before the pruner in trainer.callbacks; order them SafetyHeadAttribution, Pruning"),
     case("realign-no-pruner", lambda i: flow(i, REALIGN % ""), r"SafetyRealignment has no pruner before it .*add Pruning"),
     case("realign-no-heads", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment}\n"),
-         r"SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning .*or give heads_path="),
-    case("realign-p-above-max-p", lambda i: flow(i, PRUNE + REALIGN % ", p: 0.9"), r"p=0.9 must lie in \(0, max_p=0.7\)"),
-    case("realign-gradient-no-budget", lambda i: flow(i, PRUNE + REALIGN % ", order: gradient"),
+         r"SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning .*or give scores_path="),
+    case("realign-p-above-max-p", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.MarginRule, init_args: {p: 0.9}}"), r"p=0.9 must lie in \(0, max_p=0.7\)"),
+    case("realign-gradient-no-budget", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder}"),
          r"order='gradient' .*needs a budget \(e.g. budget: 100 or '1‱'\)"),
-    case("realign-bad-budget", lambda i: flow(i, PRUNE + REALIGN % ", budget: lots"),
+    case("realign-bad-budget", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.MarginRule, init_args: {budget: lots}}"),
          r"budget='lots' is not a number; use e.g. 100, 1e-4, '1‱' or '0.01%'"),
-    case("realign-heads-path-missing", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
-                                                      f"init_args: {{heads_path: '{i.root / 'no.json'}', top_h: 2}}}}\n"),
-         r"heads_path=.*no.json' does not exist"),
+    case("realign-scores-path-missing", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
+                                                      f"init_args: {{scores_path: '{i.root / 'no.json'}', top_h: 2}}}}\n"),
+         r"scores_path=.*no.json' does not exist"),
     case("realign-head-out-of-range", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
                                                      "init_args: {heads: ['7-0'], num_samples: 4}}\n"),
          r"head 7-0 does not exist in this model \(2 self-attention layers\); use head scores computed for this model",
@@ -490,10 +490,10 @@ CASES = [
     case("realign-originals-not-kept", lambda i: flow(i, "    - {class_path: hsr_pl.callbacks.Pruning, init_args: "
                                                       "{num_samples: 4, keep_originals: ['mlp']}}\n" + REALIGN % ""),
          r"Pruning keeps no original values of 4 attention projection\(s\) .*drop its keep_originals", allowed=("load",)),
-    case("realign-structure-unstructured", lambda i: flow(i, PRUNE + REALIGN % ", preserve_structure: true"),
+    case("realign-structure-unstructured", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.MarginRule, init_args: {preserve_structure: true}}"),
          r"preserve_structure needs N:M masks, but Pruning is unstructured .*set Pruning's mask_structure"),
-    case("realign-heads-path-not-utf8", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
-                                                       f"init_args: {{heads_path: '{i.file('h.json', NOT_UTF8)}', top_h: 2}}}}\n"),
+    case("realign-scores-path-not-utf8", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
+                                                       f"init_args: {{scores_path: '{i.file('h.json', NOT_UTF8)}', top_h: 2}}}}\n"),
          r"h.json is not UTF-8 text \(byte 0xff at offset 0\)"),
     case("two-pruners", lambda i: flow(i, PRUNE + PRUNE),
          r"trainer.callbacks holds 2 pruners \(Pruning, Pruning\); the HSR flow prunes once: keep one"),
@@ -810,10 +810,10 @@ def test_a_full_disk_in_code_not_ours_is_one_line():
 def test_pruning_with_a_pruned_checkpoint_is_refused_as_two_pruners():
     """Two mask fillers of different types pass Lightning's duplicate check; ``setup`` refuses them."""
     from hsr_pl.callbacks import Pruning
-    from hsr_pl.callbacks.base import check_one_pruner
+    from hsr_pl.callbacks.base import HSRCallback, check_one_pruner
 
-    class PrunedCheckpoint:  # stands in for the real one (which needs a pruned model folder)
-        fills_masks = True
+    class PrunedCheckpoint(HSRCallback):  # stands in for the real one (which needs a pruned model folder)
+        provides = frozenset({"masks"})
 
     check_one_pruner([Pruning(num_samples=4), object()])
     with pytest.raises(ValueError, match=r"holds 2 pruners \(Pruning, PrunedCheckpoint\); the HSR flow prunes once"):

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from hsr_pl.callbacks import ExportPretrained
-from hsr_pl.callbacks.export import ExportError, save_pretrained_atomic
 from hsr_pl.data import SyntheticDataModule
 from hsr_pl.data.synthetic_module import SYNTHETIC_EVAL_SETS, ensure_synthetic
+from hsr_pl.export import ExportError, save_pretrained_atomic
 from hsr_pl.module import LVLMModule
 from hsr_pl.state import get_state
 

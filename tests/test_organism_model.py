@@ -116,7 +116,7 @@ def test_load_without_checkpoint_says_how_to_train(tmp_path):
 def test_ship_organism_replaces_only_through_its_explicit_step(tmp_path):
     import json
 
-    from hsr_pl.callbacks.export import save_pretrained_atomic
+    from hsr_pl.export import save_pretrained_atomic
     from hsr_pl.models.organism import build_organism, ship_organism
 
     model, processor = build_organism(seed=3)

@@ -99,7 +99,7 @@ class CountPrunes:
         (dict(ignore=[3]), "list of regex strings"),
         (dict(num_samples=0), "num_samples=0"),
         (dict(batch_size=0), "batch_size=0"),
-        (dict(calibration=""), "must name a data-module split"),
+        (dict(calibration=""), "Pruning.calibration='' is not a calibration split"),
         (dict(calibration="nope"), "Pruning.calibration='nope' is not a calibration split"),
         (dict(calibration="utility+harmful"), "is not a calibration split"),
     ],

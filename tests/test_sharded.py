@@ -199,11 +199,17 @@ def _model_parallel_trainer():
                       logger=False, enable_checkpointing=False, enable_progress_bar=False)
 
 
+def _gradient_order(budget: int):
+    from hsr_pl.realign import GradientOrder
+
+    return GradientOrder(budget=budget)
+
+
 @pytest.mark.parametrize(
     "make, words",
     [
         (lambda c: c.Pruning(method="snip"), "method='snip'"),
-        (lambda c: c.SafetyRealignment(heads=["0-1"], order="gradient", budget=10), "order='gradient'"),
+        (lambda c: c.SafetyRealignment(heads=["0-1"], method=_gradient_order(10)), "method=GradientOrder"),
         (lambda c: c.SafetyRealignment(heads=["0-1"], importance="snip"), "importance='snip'"),
         (lambda c: c.SafetyHeadAttribution(engine="gradient"), "engine='gradient'"),
         (lambda c: c.StageEvaluation(), "StageEvaluation has no sharded"),
@@ -250,7 +256,7 @@ def test_fsdp2_recipes_parse(tmp_path, capsys):
 
 def test_export_shard_size_is_checked():
     from hsr_pl.callbacks import ExportPretrained
-    from hsr_pl.callbacks.export import ExportError
+    from hsr_pl.export import ExportError
 
     assert ExportPretrained("x", max_shard_size="500MiB").max_shard_bytes == 500 * 1024**2
     assert ExportPretrained("x", max_shard_size="5GB").max_shard_bytes == 5 * 10**9

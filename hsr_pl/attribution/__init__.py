@@ -21,6 +21,7 @@ from hsr_pl.state import parse_head_key
 
 from .ablation import ABLATION_MODES, HeadAblation, HeadScaling, o_proj_input_means
 from .common import ProgressFn, resolve_targets
+from .errors import HeadAttributionError
 from .exact import exact_head_scores
 from .gradient import gradient_head_scores
 from .naive import naive_head_scores
@@ -36,6 +37,7 @@ from .scores import (
 from .sharding import assign_heads
 
 __all__ = [
+    "HeadAttributionError",
     "ABLATION_MODES",
     "ENGINES",
     "POSITIONS",

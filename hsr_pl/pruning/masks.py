@@ -28,6 +28,7 @@ from .errors import PruningConfigError
 __all__ = [
     "UNSTRUCTURED",
     "check_sparsity",
+    "detect_structure",
     "matrix_mask",
     "nm_mask",
     "parse_nm",
@@ -128,3 +129,24 @@ def select_mask(
     if granularity == "matrix":
         return matrix_mask(scores, sparsity)
     raise PruningConfigError(f"granularity={granularity!r} is unknown; use 'row' or 'matrix'")
+
+
+def detect_structure(masks: dict[str, Tensor]) -> tuple[int, int] | None:
+    """``(N, M)`` when every mask prunes exactly N of every M consecutive inputs (M in 4, 8, 16)."""
+    if not masks:
+        return None
+    for m in (4, 8, 16):
+        counts = set()
+        for mask in masks.values():
+            rows, cols = mask.shape
+            if cols % m:
+                counts = None
+                break
+            counts |= set(mask.reshape(rows, cols // m, m).sum(-1).unique().tolist())
+            if len(counts) > 1:
+                break
+        if counts is not None and len(counts) == 1:
+            n = counts.pop()
+            if 0 < n < m:
+                return int(n), m
+    return None

@@ -7,7 +7,8 @@ safety inside the selected heads. Pure tensor code; the Lightning callback
 * :mod:`.importance` — utility / safety importance from dense-model statistics;
 * :mod:`.select` — budgets, the margin and gradient orders, N:M structure swaps;
 * :mod:`.plan` — the per-linear plan; :mod:`.runner` — the model-level driver;
-* :mod:`.baselines` — the random baselines; :mod:`.config` — validated settings.
+* :mod:`.methods` — the method configurations (``MarginRule``, ``GradientOrder``) users choose;
+* :mod:`.baselines` — the baselines and their variants; :mod:`.config` — validated settings.
 
 The pruned set of a model pruned by another tool is read by :mod:`hsr_pl.models.checkpoints`.
 
@@ -25,6 +26,7 @@ from .importance import (
     loss_gradients,
     refusal_gradients,
 )
+from .methods import FLAT_KEYS, GradientOrder, MarginRule, RealignMethod, method_from_flat
 from .plan import LinearPlan, LinearView, build_pools, plan_restoration
 from .rule import candidate_mask, top_fraction_mask
 from .runner import (
@@ -50,6 +52,11 @@ from .select import (
 from .slices import SELECTIONS, entry_heads, head_slice_mask
 
 __all__ = [
+    "FLAT_KEYS",
+    "GradientOrder",
+    "MarginRule",
+    "RealignMethod",
+    "method_from_flat",
     "IMPORTANCE_KINDS",
     "ORDERS",
     "SCOPES",

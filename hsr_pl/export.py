@@ -1,0 +1,215 @@
+"""Writing a model folder that appears all at once and never replaces what hsr-pl did not write.
+
+* :func:`save_pretrained_atomic` — ``save_pretrained`` of model and processor into a temporary
+  sibling that replaces the target in one rename (safetensors and JSON only, fsynced);
+* :func:`save_sharded_atomic` — the same for an FSDP2-sharded model, gathered one tensor at a time
+  and streamed into safetensors shards with an index;
+* :func:`check_export_target` — what is refused before any work (see docs/errors.md);
+* :func:`parse_size` — ``max_shard_size`` strings (``5GB``, ``500MiB``) as bytes.
+
+The Lightning callback :class:`hsr_pl.callbacks.ExportPretrained` only decides when and what.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hsr_pl import distributed  # module attribute: the fail-fast tests patch iter_full_state there
+from hsr_pl.io import (
+    OutputPathError,
+    atomic_folder,
+    check_output_folder,
+    file_mode,
+    folder_mode,
+    folder_owner,
+    write_json_atomic,
+)
+
+__all__ = [
+    "MARKER",
+    "OWNER",
+    "ExportError",
+    "check_export_target",
+    "parse_size",
+    "save_pretrained_atomic",
+    "save_sharded_atomic",
+]
+
+MARKER = "hsr_summary.json"  # every hsr-pl export writes it; its presence proves a folder is ours
+
+
+class ExportError(OutputPathError):
+    """An export target that would lose data; the message names the fix."""
+
+
+OWNER = "hsr-pl ExportPretrained"
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _ours(target: Path) -> bool:
+    """Written by an hsr-pl export: its owner marker, or (older exports) its hsr_summary.json."""
+    return folder_owner(target) == OWNER or (target / MARKER).is_file()
+
+
+def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = ()) -> Path:
+    """Raise :class:`ExportError` unless writing ``dirpath`` can only replace an earlier export.
+
+    Stricter than :func:`hsr_pl.io.check_output_folder` for inputs: the target may neither be, hold,
+    nor lie inside a protected folder (writing into a model's folder changes that model too).
+    """
+    target = _resolved(dirpath)
+    for source in protected:
+        if source is None:
+            continue
+        src = _resolved(source)
+        if _overlaps(target, src):
+            raise ExportError(
+                f"export dirpath {dirpath} overlaps the input {src}; writing there would change the model it was "
+                "loaded from: choose a new folder (e.g. runs/realigned)"
+            )
+    try:
+        check_output_folder(target, OWNER, label="dirpath", overwrite=overwrite or (target.is_dir() and _ours(target)))
+    except OutputPathError as exc:
+        raise ExportError(str(exc)) from None
+    return target
+
+
+def _write_companions(tmp: Path, processor, summary: dict | None, manifest: dict | None) -> None:
+    """What sits beside the weights in every export: processor, summary, manifest; user modes."""
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    write_json_atomic(tmp / MARKER, summary or {})
+    if manifest is not None:
+        write_json_atomic(tmp / "realignment.json", manifest)
+    for path in tmp.rglob("*"):
+        os.chmod(path, folder_mode() if path.is_dir() else file_mode())
+
+
+def save_pretrained_atomic(
+    model,
+    processor,
+    dirpath: str | os.PathLike,
+    summary: dict | None = None,
+    *,
+    manifest: dict | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """``model.save_pretrained`` + ``processor.save_pretrained`` into ``dirpath`` in one rename.
+
+    ``summary`` becomes ``hsr_summary.json`` (written always), ``manifest`` ``realignment.json``.
+    See :func:`check_export_target` for what is refused; the folder is built by
+    :func:`hsr_pl.io.atomic_folder` (fsynced, umask modes, owner marker, one rename).
+    """
+    target = check_export_target(dirpath, overwrite=overwrite, protected=protected)
+    replace_ours = overwrite or (target.is_dir() and _ours(target))
+    with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _write_companions(tmp, processor, summary, manifest)
+    return target
+
+
+def _write_streamed(model, folder: Path | None, max_shard_bytes: int) -> dict[str, Any]:
+    """Every tensor of the sharded ``model``, gathered one at a time; with ``folder`` (the writing
+    rank) they go into ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_bytes``
+    (a larger tensor gets a shard of its own) and ``model.safetensors.index.json``. Every rank
+    must call this (each gather is a collective); only the writer keeps the tensors."""
+    from safetensors.torch import save_file
+
+    pending: dict[str, Any] = {}
+    pending_bytes = 0
+    parts: list[list[str]] = []
+    total = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if not pending:
+            return
+        save_file(pending, str(folder / f"part-{len(parts):05d}.safetensors"), metadata={"format": "pt"})
+        parts.append(list(pending))
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in distributed.iter_full_state(model, keep=folder is not None):
+        if folder is None:
+            continue
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > max_shard_bytes:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        total += size
+    if folder is None:
+        return {}
+    flush()
+    weight_map = {}
+    for i, names in enumerate(parts):
+        final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(folder / f"part-{i:05d}.safetensors", folder / final)
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(folder / "model.safetensors.index.json", index)
+    return index
+
+
+def save_sharded_atomic(
+    model,
+    processor,
+    dirpath: str | os.PathLike,
+    summary: dict | None = None,
+    *,
+    manifest: dict | None = None,
+    overwrite: bool = False,
+    protected: Iterable[str | os.PathLike] = (),
+    writer: bool = True,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """:func:`save_pretrained_atomic` for an FSDP2-sharded model: every rank takes part in the
+    gathers, one tensor at a time (no rank holds the full model), and the ``writer`` rank streams
+    them to CPU into safetensors shards with an index, plus config, processor, summary and
+    manifest, in one atomic rename. Returns the target on every rank."""
+    target = check_export_target(dirpath, overwrite=overwrite, protected=protected)
+    if not writer:
+        _write_streamed(model, None, max_shard_bytes)
+        return target
+    replace_ours = overwrite or (target.is_dir() and _ours(target))
+
+    with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp, \
+            distributed.undo_on_abort(lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a peer failing mid-gather
+        _write_streamed(model, tmp, max_shard_bytes)
+        model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        _write_companions(tmp, processor, summary, manifest)
+    return target
+
+
+_UNITS = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "B": 1}
+
+
+def parse_size(value: int | str) -> int:
+    """``max_shard_size`` as bytes: an int, or ``"<number><unit>"`` with KB/MB/GB/KiB/MiB/GiB."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                number = float(text[: -len(unit)])
+            except ValueError:
+                break
+            if number > 0:
+                return int(number * _UNITS[unit])
+            break
+    raise ExportError(f"max_shard_size={value!r} is not a size; use e.g. 5GB, 500MiB or a byte count")
