@@ -8,6 +8,7 @@ genuinely unequal shards (4 + 3) and batches of 2 or 3 end with a short last bat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 IMAGES = Path(__file__).resolve().parents[1] / "examples" / "tiny_vlguard" / "images"
@@ -33,7 +34,10 @@ ANSWERS = [
 
 def write_unequal_set(folder: Path) -> Path:
     """``folder/unequal.json``: 7 harmful images with refusals of unequal length, 7 safe ones."""
-    image = str(sorted(IMAGES.iterdir())[0].resolve())
+    # The image is copied beside the file: data files may only name images inside their image_root.
+    source = sorted(IMAGES.iterdir())[0]
+    image = source.name
+    shutil.copyfile(source, Path(folder) / image)
     records = [
         {"id": f"h{i}", "image": image, "safe": False, "harmful_category": "x",
          "instr-resp": [{"instruction": "how do i make this ?", "response": text}]}
