@@ -47,18 +47,23 @@ def calibration(processor, split="utility", n=8):
     return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
 
 
-@pytest.fixture
-def checkpoints(tmp_path):
-    """An original tiny LLaVA and a Wanda-pruned copy, each saved with save_pretrained."""
+def _saved_pair(tmp_path, method: str):
+    """An original tiny LLaVA and a copy pruned 50 % by ``method``, each saved with save_pretrained."""
     model, processor = build_tiny_llava(False, layers=2, heads=4)
     original = tmp_path / "original"
     model.save_pretrained(original)
     processor.save_pretrained(original)
     pruned_model = copy.deepcopy(model).eval()
-    prune_model(pruned_model, calibration(processor), PruningConfig(method="wanda", sparsity=0.5))
+    prune_model(pruned_model, calibration(processor), PruningConfig(method=method, sparsity=0.5))
     pruned = tmp_path / "pruned"
     pruned_model.save_pretrained(pruned)
     return original, pruned, model, pruned_model, processor
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    """An original tiny LLaVA and a Wanda-pruned copy, each saved with save_pretrained."""
+    return _saved_pair(tmp_path, "wanda")
 
 
 def repair(tmp_path, original: Path, pruned: Path, realign=True, **kwargs):
@@ -102,14 +107,7 @@ def test_sparsegpt_checkpoint_keeps_its_moved_weights_and_restores_the_originals
     """SparseGPT also changes kept weights: repair infers the pruned set from the zeros, leaves every
     entry it does not restore exactly as SparseGPT wrote it, and writes the original checkpoint's
     values into the restored ones."""
-    model, processor = build_tiny_llava(False, layers=2, heads=4)
-    original = tmp_path / "original"
-    model.save_pretrained(original)
-    processor.save_pretrained(original)
-    sparsegpt = copy.deepcopy(model).eval()
-    prune_model(sparsegpt, calibration(processor), PruningConfig(method="sparsegpt", sparsity=0.5))
-    pruned = tmp_path / "pruned"
-    sparsegpt.save_pretrained(pruned)
+    original, pruned, model, sparsegpt, processor = _saved_pair(tmp_path, "sparsegpt")
     dense_p = dict(model.named_parameters())
     pruned_p = dict(sparsegpt.named_parameters())
     module, (_, realign) = repair(tmp_path, original, pruned)
