@@ -2,8 +2,9 @@
 rules, torchmetrics metrics, the per-set metric groups and the out-of-loop evaluation runner.
 
 Who imports whom (no circle): ``base`` and ``guard_formats`` and ``scoring`` import nothing here;
-``guard_judges`` imports ``base`` and ``guard_formats``; ``judges`` (with :func:`make_judge`) imports
-those; ``metrics`` imports ``base`` and ``scoring``; ``groups`` imports ``judges`` and ``metrics``.
+``guard_judges`` imports ``base`` and ``guard_formats``; ``refusal_any`` imports ``base`` and
+``organism``; ``judges`` (with :func:`make_judge`) imports those; ``metrics`` imports ``base`` and
+``scoring``; ``groups`` imports ``judges`` and ``metrics``.
 """
 
 from .base import Judge
@@ -13,6 +14,7 @@ from .judges import (
     CoherentComplianceJudge,
     KeywordJudge,
     LLMJudge,
+    RefusalAnyJudge,
     StrictRefusalJudge,
     VLGuardKeywordJudge,
     make_judge,
@@ -45,6 +47,7 @@ __all__ = [
     "KeywordJudge",
     "LLMJudge",
     "OverRefusalRate",
+    "RefusalAnyJudge",
     "StrictRefusalJudge",
     "UtilityAccuracy",
     "VLGuardKeywordJudge",
