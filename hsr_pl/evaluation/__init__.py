@@ -4,12 +4,14 @@ rules, torchmetrics metrics, the per-set metric groups and the out-of-loop evalu
 Who imports whom (no circle): ``base`` and ``guard_formats`` and ``scoring`` import nothing here;
 ``guard_judges`` imports ``base`` and ``guard_formats``; ``refusal_any`` imports ``base`` and
 ``organism``; ``judges`` (with :func:`make_judge`) imports those; ``metrics`` imports ``base`` and
-``scoring``; ``groups`` imports ``judges`` and ``metrics``.
+``scoring``; ``groups`` imports ``judges`` and ``metrics``; ``intervals`` (bootstrap intervals)
+imports nothing here.
 """
 
 from .base import Judge
 from .groups import EvalSetMetrics, build_eval_metrics
 from .guard_judges import ClassifierJudge, GuardJudge, make_guard_judge
+from .intervals import Interval, bootstrap_ci
 from .judges import (
     CoherentComplianceJudge,
     KeywordJudge,
@@ -42,6 +44,7 @@ __all__ = [
     "CoherentComplianceJudge",
     "EvalSetMetrics",
     "GuardJudge",
+    "Interval",
     "Judge",
     "JudgeAgreement",
     "KeywordJudge",
@@ -51,6 +54,7 @@ __all__ = [
     "StrictRefusalJudge",
     "UtilityAccuracy",
     "VLGuardKeywordJudge",
+    "bootstrap_ci",
     "build_eval_metrics",
     "evaluate",
     "headline",
