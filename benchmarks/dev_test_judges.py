@@ -51,10 +51,7 @@ def main() -> None:
             for name in SETS:
                 set_name = f"dev_{name}" if part == "dev" else name
                 for judge in JUDGES:
-                    found = [k for k in metrics if set_name in k.split("/") and k.endswith(f"asr[{judge}]")]
-                    if len(found) != 1:
-                        raise KeyError(f"no single ASR metric of {set_name} under {judge}: {sorted(metrics)}")
-                    key = found[0]
+                    key = f"{set_name}/asr/{judge}"
                     rate, n = metrics[key], 300
                     k = round(rate * n)
                     ci = bootstrap_ci([1] * k + [0] * (n - k), seed=0)
