@@ -67,7 +67,9 @@ class Pruning(MaskHolder):
             realignment; default: the attention projections (q/k/v/o), the only weights HSR restores.
         when: ``fit_start`` and/or ``validation_start`` (the start of ``trainer.validate``): where
             the callback prunes, whichever comes first; it prunes once.
-        granularity, blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
+        granularity: ``row`` (default) or ``matrix`` (magnitude and wanda; wanda ``matrix`` ranks
+            |W|·sqrt(a) over the whole matrix, as torchao's ``WandaSparsifier``). Unstructured only.
+        blocksize, percdamp: see :class:`hsr_pl.pruning.PruningConfig`.
         state_dir: where checkpoints' side files (masks and originals) go; default: the
             ModelCheckpoint directory, else ``trainer.default_root_dir``. Not a setting that
             decides results, so a resume may change it.

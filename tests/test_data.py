@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -337,3 +338,83 @@ def test_position_limit_reads_the_config_file_before_the_weights_are_loaded(tmp_
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 99}))
     assert position_limit(type("M", (), {"model": None, "model_source": str(tmp_path)})()) == 99
     assert position_limit(None) is None
+
+
+# ------------------------------------------------------------------------------------- dev part
+def _record_of(dm, example) -> int:
+    images = {e["image"]: e["record"] for e in dm.examples(dm.calibration_path)}
+    return images[example["image"]]
+
+
+def test_dev_part_is_held_out_of_calibration_and_training_seeded_and_logged(tmp_path, tiny_llava, caplog):
+    _, processor = tiny_llava
+    path = make_vlguard_fixture(tmp_path, n=40)
+    dev_sets = [{"name": "dev_safety", "dev": True, "split": "safety"},
+                {"name": "dev_utility", "dev": True, "split": "utility", "kind": "utility"}]
+
+    def build(**kwargs):
+        return VLGuardDataModule(train_path=str(path), processor=processor, eval_sets=dev_sets, num_samples=100, **kwargs)
+
+    dm = build(dev_fraction=0.25, dev_seed=3)
+    with caplog.at_level(logging.INFO):
+        dm.setup("validate")
+    held = dm.dev_records()
+    assert len(held) == 10 and held <= set(range(40))
+    assert dm.dev_info["records"] == 10 and dm.dev_info["calibration_records"] == 30
+    assert dm.dev_info["record_indices"] == sorted(held) and dm.dev_info["also_out_of_training"]
+    # calibration (every split, all samples) never sees a dev record; the dev sets see only dev records
+    for split in ("utility", "safety", "over_refusal"):
+        calibration = dm.calibration_dataset(split, 1000)
+        assert not {_record_of(dm, e) for e in calibration} & held
+    rows = {s.name: dm.eval_rows(s) for s in dm.eval_sets}
+    assert {_record_of(dm, r) for r in rows["dev_safety"] + rows["dev_utility"]} <= held
+    assert {r["split"] for r in rows["dev_safety"]} == {"safety"} and rows["dev_utility"]
+    images_dev = {r["image"] for r in rows["dev_safety"] + rows["dev_utility"]}
+    images_calibration = {e["image"] for split in ("utility", "safety", "over_refusal")
+                          for e in dm.calibration_dataset(split, 1000)}
+    assert not images_dev & images_calibration
+    assert "dev part: 10 of 40 records" in caplog.text and "held out of calibration and training" in caplog.text
+    # seeded: the same seed holds out the same records, another seed others; a count works too
+    again = build(dev_fraction=0.25, dev_seed=3)
+    assert again.dev_records() == held and build(dev_fraction=0.25, dev_seed=4).dev_records() != held
+    assert len(build(dev_num_records=7).dev_records()) == 7
+    # without a dev setting nothing changes: calibration draws from the whole file as before
+    plain = VLGuardDataModule(train_path=str(path), processor=processor, num_samples=100)
+    assert plain.dev_records() == frozenset() and plain.dev_info is None
+    assert len(plain.calibration_dataset("utility", 1000)) == 27
+
+
+def test_dev_part_trains_on_the_rest(tmp_path, tiny_llava):
+    _, processor = tiny_llava
+    path = make_vlguard_fixture(tmp_path, n=40)
+    dm = VLGuardDataModule(train_path=str(path), processor=processor, batch_size=100, dev_num_records=8)
+    (batch,) = list(dm.train_dataloader())
+    whole = VLGuardDataModule(train_path=str(path), processor=processor, batch_size=100)
+    (full,) = list(whole.train_dataloader())
+    held_pairs = sum(1 for e in dm.examples(str(path)) if e["record"] in dm.dev_records())
+    assert batch["input_ids"].shape[0] == full["input_ids"].shape[0] - held_pairs
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "eval_sets", "message"),
+    [
+        ({"dev_fraction": 0.2, "dev_num_records": 3}, None, "not both"),
+        ({"dev_fraction": 1.0}, None, "dev_fraction=1.0 must lie in"),
+        ({"dev_num_records": 0}, None, "dev_num_records=0"),
+        ({"dev_seed": -1}, None, "dev_seed=-1"),
+        ({}, [{"name": "d", "dev": True}], "nothing is held out; set dev_fraction"),
+        ({"dev_fraction": 0.2}, [{"name": "d", "dev": True, "format": "mmbench"}], "drop format"),
+        ({"dev_fraction": 0.2}, [{"name": "d", "dev": True, "split": "unsafes"}], "loader split"),
+        ({"dev_fraction": 0.2}, [{"name": "d", "dev": True, "path": "/elsewhere.json"}], "drop path"),
+        ({}, [{"name": "d"}], "has no path"),
+    ],
+)
+def test_dev_settings_are_checked_before_any_file_is_read(fixture_path, kwargs, eval_sets, message):
+    with pytest.raises(ValueError, match=message):
+        VLGuardDataModule(train_path=str(fixture_path), eval_sets=eval_sets, **kwargs)
+
+
+def test_dev_part_that_leaves_no_calibration_is_refused(fixture_path):
+    dm = VLGuardDataModule(train_path=str(fixture_path), dev_num_records=9)
+    with pytest.raises(DataFormatError, match="leaves nothing to calibrate on"):
+        dm.calibration_dataset("utility")

@@ -25,7 +25,7 @@ def test_synthetic_module_generates_once_and_maps_eval_sets(tmp_path, tiny_llava
     stamp = (tmp_path / "syn" / "manifest.json").stat().st_mtime_ns
     again = SyntheticDataModule(**SMALL, data_dir=str(tmp_path / "syn"), processor=processor)
     assert (tmp_path / "syn" / "manifest.json").stat().st_mtime_ns == stamp  # reused, not regenerated
-    assert [e.name for e in again.eval_sets] == [n.removeprefix("eval_") for n in SYNTHETIC_EVAL_SETS]
+    assert [e.name for e in again.eval_sets] == [n.removeprefix("eval_") for n in SYNTHETIC_EVAL_SETS if n.startswith("eval_")]
     kinds = {e.name: (e.split, e.kind) for e in dm.eval_sets}
     assert kinds["harmful_text"] == ("over_refusal", "harmful")
     assert kinds["harmful_image"] == ("safety", "harmful")
@@ -43,6 +43,24 @@ def test_synthetic_module_generates_once_and_maps_eval_sets(tmp_path, tiny_llava
     assert json.loads((changed / "manifest.json").read_text())["seed"] == 1
     with pytest.raises(ValueError, match="unknown synthetic eval splits"):
         SyntheticDataModule(**SMALL, data_dir=str(tmp_path / "syn"), eval_splits=["eval_toxic"])
+
+
+def test_synthetic_module_selects_the_dev_twins(tmp_path):
+    folder = str(tmp_path / "syn")
+    dev = SyntheticDataModule(**SMALL, data_dir=folder, eval_part="dev", eval_splits=["eval_harmful_text", "eval_utility"])
+    assert [(e.name, e.split, e.kind) for e in dev.eval_sets] == [
+        ("dev_harmful_text", "over_refusal", "harmful"), ("dev_utility", "utility", "utility")]
+    assert all(e.path.endswith(f"{e.name}.json") for e in dev.eval_sets)
+    named = SyntheticDataModule(**SMALL, data_dir=folder, eval_splits=["dev_benign", "eval_benign"])
+    assert [e.name for e in named.eval_sets] == ["dev_benign", "benign"]
+    every = SyntheticDataModule(**SMALL, data_dir=folder, eval_part="dev")
+    assert [e.name for e in every.eval_sets] == [n for n in SYNTHETIC_EVAL_SETS if n.startswith("dev_")]
+    records = json.loads((tmp_path / "syn" / "dev_harmful_text.json").read_text())
+    assert len(records) == SMALL["n_eval"] and {r["kind"] for r in records} == {"harmful_text"}
+    sized = SyntheticDataModule(**SMALL, data_dir=str(tmp_path / "syn2"), n_dev=4, eval_part="dev")
+    assert len(json.loads((sized.data_dir / "dev_utility.json").read_text())) == 4
+    with pytest.raises(ValueError, match="eval_part='val' is unknown"):
+        SyntheticDataModule(**SMALL, data_dir=folder, eval_part="val")
 
 
 def test_export_writes_safetensors_atomically_with_exact_zeros(tmp_path, tiny_llava):

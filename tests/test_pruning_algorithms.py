@@ -154,7 +154,10 @@ def test_parse_nm_rejects(structure):
         ({"mode": "layerwise"}, "mode='layerwise' is unknown"),
         ({"method": "snip", "mode": "sequential"}, "no sequential mode"),
         ({"tokens": "prompt"}, "tokens='prompt' is unknown"),
-        ({"method": "wanda", "granularity": "matrix"}, "magnitude only"),
+        ({"method": "sparsegpt", "granularity": "matrix"}, "magnitude and wanda only"),
+        ({"method": "snip", "granularity": "matrix"}, "magnitude and wanda only"),
+        ({"method": "wanda", "granularity": "matrix", "mask_structure": "2:4", "sparsity": None}, "ranks within groups"),
+        ({"method": "wanda", "granularity": "column"}, "granularity='column' is unknown"),
         ({"percdamp": 0.0}, "percdamp"),
     ],
 )
@@ -261,6 +264,51 @@ def test_wanda_nm_matches_slow():
     assert torch.equal(wanda_mask(weight, a, None, (2, 4)), torch.tensor(slow_nm_mask_distinct(scores, 2, 4)))
 
 
+def slow_whole_matrix_mask(scores: list[list[float]], sparsity: float) -> list[list[bool]]:
+    """Whole matrix: prune the floor(numel*s) lowest, ties broken towards the lower row-major index."""
+    cells = [(v, i * len(row) + j, i, j) for i, row in enumerate(scores) for j, v in enumerate(row)]
+    k = int(len(cells) * sparsity)
+    pruned = {(i, j) for _, _, i, j in sorted(cells)[:k]}
+    return [[(i, j) in pruned for j in range(len(row))] for i, row in enumerate(scores)]
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.6, 0.7, 0.93])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_wanda_whole_matrix_matches_slow_float64_with_ties(sparsity, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    weight = torch.randint(-3, 4, (7, 12), generator=g).float()  # many ties, zeros included
+    root = torch.randint(0, 4, (12,), generator=g).double()  # a = root^2: scores exact in fp32 and fp64
+    scores = [[abs(w) * r for w, r in zip(row, root.tolist())] for row in as_lists(weight)]
+    expected = torch.tensor(slow_whole_matrix_mask(scores, sparsity))
+    got = wanda_mask(weight, (root**2).float(), sparsity, granularity="matrix")
+    assert torch.equal(got, expected)
+    assert int(got.sum()) == int(weight.numel() * sparsity)  # exactly, whatever the ties
+
+
+def test_wanda_whole_matrix_on_random_floats_matches_slow():
+    g = torch.Generator().manual_seed(7)
+    weight, a = torch.randn(16, 24, generator=g), torch.rand(24, generator=g) * 5
+    scores = (weight.double().abs() * a.double().sqrt()).tolist()
+    for sparsity in (0.5, 0.6, 0.7):
+        expected = torch.tensor(slow_whole_matrix_mask(scores, sparsity))
+        assert torch.equal(wanda_mask(weight, a, sparsity, granularity="matrix"), expected)
+
+
+def test_wanda_whole_matrix_hand_worked():
+    # scores row0 = [4, 2, 6, 4], row1 = [16, 3, 4, 1]; 50 %: the 4 lowest of the matrix are 1, 2, 3
+    # and one of the three 4s: the first in row-major order (row 0, column 0)
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])
+    a = torch.tensor([16.0, 1.0, 4.0, 1.0])
+    got = wanda_mask(weight, a, 0.5, granularity="matrix")
+    assert got.tolist() == [[True, True, False, False], [False, True, False, True]]
+    # one threshold for the whole matrix: a weak row is pruned whole, unlike per row
+    weight, a = torch.tensor([[4.0, 4.0, 4.0, 4.0], [1.0, 1.0, 1.0, 1.0]]), torch.ones(4)
+    assert wanda_mask(weight, a, 0.5, granularity="matrix").tolist() == [[False] * 4, [True] * 4]
+    assert wanda_mask(weight, a, 0.5).tolist() == [[True, True, False, False]] * 2
+    # 6 of 8: row 1, then the tied 4s of row 0 in column order
+    assert wanda_mask(weight, a, 0.75, granularity="matrix").tolist() == [[True, True, False, False], [True] * 4]
+
+
 def test_wanda_rejects_wrong_statistic_shape():
     with pytest.raises(ValueError, match="one value per input channel"):
         wanda_mask(torch.randn(3, 4), torch.rand(5), 0.5)
@@ -318,6 +366,10 @@ def test_statistics_reproduce_torchao_wanda_sparsifier(block):
     ours = wanda_mask(weight, scaler_row, 0.5)
     assert (ours.sum(1) == 8).all()
     assert block is not None or not torch.equal(ours, expected)
+    if block is None:
+        # granularity="matrix" is torchao's whole-matrix rule; with scaler_row**2 as the statistic
+        # its score |W| * sqrt(a) is torchao's |W| * sum(x^2) up to a positive factor
+        assert torch.equal(wanda_mask(weight, scaler_row**2, 0.5, granularity="matrix"), expected)
 
 
 # ------------------------------------------------------------------------------- statistics

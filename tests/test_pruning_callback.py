@@ -93,6 +93,8 @@ class CountPrunes:
         (dict(mask_structure="1:4", sparsity=0.5), "conflicts"),
         (dict(method="magnitude", mode="sequential"), "no sequential mode"),
         (dict(tokens="prompt"), "tokens='prompt'"),
+        (dict(method="sparsegpt", granularity="matrix"), "magnitude and wanda only"),
+        (dict(granularity="matrix", mask_structure="2:4"), "ranks within groups"),
         (dict(when="test_start"), "when='test_start'"),
         (dict(when=[]), "choose one or both"),
         (dict(targets=["q_proj("]), "does not compile"),
@@ -184,6 +186,26 @@ def test_validate_prunes_once_fills_the_state_and_matches_prune_model(tmp_path, 
     trainer.validate(module, datamodule=data, verbose=False)
     assert counter.calls == 1
     assert_unchanged(module.model, before)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "oneshot"])
+def test_whole_matrix_wanda_through_the_callback(tmp_path, mode):
+    """Pruning(method='wanda', granularity='matrix'): the masks of prune_model with the same config on
+    the same calibration batches, exactly floor(numel*s) per matrix, recorded in the settings."""
+    module, data = make_module(), make_data()
+    dense = copy.deepcopy(module.model)
+    callback = Pruning(method="wanda", sparsity=0.6, granularity="matrix", mode=mode, num_samples=8,
+                       when="validation_start")
+    make_trainer(tmp_path, [callback]).validate(module, datamodule=data, verbose=False)
+    batches = list(data.calibration_dataloader("utility", 8, with_response=True, batch_size=1))
+    reference = prune_model(dense, batches, PruningConfig("wanda", 0.6, mode=mode, granularity="matrix"))
+    state = get_state(module)
+    assert sorted(state.pruned) == sorted(reference.masks)
+    for name, mask in state.pruned.items():
+        assert torch.equal(mask, reference.masks[name]), name
+        assert int(mask.sum()) == int(mask.numel() * 0.6), name
+    assert any(len(set(m.sum(1).tolist())) > 1 for m in state.pruned.values())
+    assert callback.settings()["granularity"] == "matrix"
 
 
 class MarkRestored(Callback):

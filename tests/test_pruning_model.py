@@ -120,7 +120,7 @@ def test_unknown_target_and_keep_originals_rejected(batches):
 # ------------------------------------------------------------------------ sequential semantics
 
 
-def hand_rolled_sequential_wanda(model, batches, sparsity: float) -> dict[str, torch.Tensor]:
+def hand_rolled_sequential_wanda(model, batches, sparsity: float, granularity: str = "row") -> dict[str, torch.Tensor]:
     """Reference semantics with full-model forwards: layer l's stats see the pruned layers < l.
 
     Statistics are computed here by hand (float64, response tokens), not with hsr_pl's hooks.
@@ -144,7 +144,7 @@ def hand_rolled_sequential_wanda(model, batches, sparsity: float) -> dict[str, t
         for h in handles:
             h.remove()
         for n, lin in linears.items():
-            mask = wanda_mask(lin.weight, (sums[n] / samples).float(), sparsity)
+            mask = wanda_mask(lin.weight, (sums[n] / samples).float(), sparsity, granularity=granularity)
             with torch.no_grad():
                 lin.weight[mask] = 0
             masks[n] = mask
@@ -165,6 +165,25 @@ def test_sequential_equals_hand_rolled_loop_and_differs_from_oneshot(batches):
     assert any(not torch.equal(seq[n], one[n]) for n in layer1)  # layer 1 stats come from pruned layer 0
     for k, v in seq_model.state_dict().items():
         assert torch.equal(v, hand_model.state_dict()[k]), k
+
+
+def test_whole_matrix_wanda_sequential_and_oneshot_reach_the_selection(batches):
+    """granularity='matrix' in both modes: sequential equals the hand-rolled loop, one-shot equals the
+    whole-matrix rule on dense statistics; each matrix prunes exactly floor(numel*s), rows unevenly."""
+    seq_model, hand_model, one_model = fresh(), fresh(), fresh()
+    config = PruningConfig("wanda", sparsity=0.6, mode="sequential", granularity="matrix")
+    seq = prune_model(seq_model, batches, config).masks
+    hand = hand_rolled_sequential_wanda(hand_model, batches, 0.6, granularity="matrix")
+    one = prune_model(one_model, batches, PruningConfig("wanda", 0.6, mode="oneshot", granularity="matrix")).masks
+    rows = prune_model(fresh(), batches, PruningConfig("wanda", 0.6, mode="sequential")).masks
+    assert set(seq) == set(hand) == set(one)
+    for name in seq:
+        assert torch.equal(seq[name], hand[name]), name
+        assert int(seq[name].sum()) == int(seq[name].numel() * 0.6), name
+        if ".layers.0." in name:
+            assert torch.equal(seq[name], one[name]), name
+    assert any(len(set(seq[n].sum(1).tolist())) > 1 for n in seq)  # uneven rows: not the per-row rule
+    assert any(not torch.equal(seq[n], rows[n]) for n in seq)
 
 
 def test_progress_and_reduce_hooks(batches):

@@ -21,7 +21,7 @@ def _pairs(split: S.SyntheticSplit):
 @pytest.fixture(scope="module")
 def splits() -> dict[str, S.SyntheticSplit]:
     sizes = {"train": 1500, "calib_utility": 64, "calib_safety": 64}
-    return {name: S.generate_split(name, sizes.get(name, 200), seed=3) for name in S.SPLITS}
+    return {name: S.generate_split(name, sizes.get(name, 200), seed=3, n_calib=64) for name in S.SPLITS}
 
 
 def test_in_memory_generation_is_deterministic_and_seeded():
@@ -169,7 +169,7 @@ def test_generate_writes_vlguard_files_atomically_and_deterministically(tmp_path
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     for split in S.SPLITS:
         records = json.loads((a / f"{split}.json").read_text())
-        memory = S.generate_split(split, len(records), seed=1)
+        memory = S.generate_split(split, len(records), seed=1, n_calib=8)
         assert records == memory.records
         for record, image in zip(records, S.load_images(records, a)):
             assert np.array_equal(np.asarray(image), np.asarray(memory.images[records.index(record)]))
@@ -177,6 +177,8 @@ def test_generate_writes_vlguard_files_atomically_and_deterministically(tmp_path
     assert len(calibration) == 16
     manifest = json.loads((a / "manifest.json").read_text())
     assert manifest["vocabulary"] == list(S.VOCABULARY) and manifest["seed"] == 1
+    assert manifest["sizes"]["dev_harmful_text"] == 6 and manifest["splits"]["dev"] == list(S.DEV_SPLITS)
+    assert manifest["dev_pairs"] == {k: [" ".join(p) for p in v] for k, v in S.dev_combinations(1, 8).items()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
 
     with pytest.raises(FileExistsError, match="overwrite=True"):
@@ -246,3 +248,101 @@ def test_to_dataset_flattens_pairs(splits):
     row = data[0]
     assert row["image"].size == (32, 32) and row["role"] == "utility"
     assert row["response"].startswith(S.COMPLIANCE_PREFIX)
+
+
+# ------------------------------------------------------------------------------ dev / test
+# sha256 of every calibration and test split (records as sorted JSON, then each image's pixels) at the
+# published sizes, computed on main before the dev splits existed (commit ef9b589): the shipped
+# organism's numbers were measured on exactly these sets (seed 0; seed 1 in the issue-18 check).
+PUBLISHED_SPLITS = {
+    0: {
+        "calib_utility": "f01e9728cf1e63d33c3d94e9734827081ec4606201092565eb1bb0d9749dd73c",
+        "calib_safety": "bb925f6c5f97ff2dd55269e64d6f78e20ecb3f9ee37979f1683f4f45fe191c72",
+        "eval_utility": "45429b48fcac704f4ec25c50f05926475413b350f88920a7155632d608886e14",
+        "eval_harmful_text": "bd46b0940ccff8c9a3b939b29155c28d92f9b48f404c2361af0e9292d993b54b",
+        "eval_harmful_image": "b20f217ee619bff26a900ac82c8eeb065389638bc8297044294dc8c53bdcaa56",
+        "eval_benign": "d2c51ca57e2e89cb753b6da174462d713dc0a4777b3404fb0f54feba1cff01ad",
+        "eval_glyph_qa": "c85ab9daa9ed48f71b31e8599028c6a8d2cb02fc14510788993fcc74a838ce71",
+        "eval_utility_paraphrase": "b09bb43c3a0336c0408b56daaa5ecf81c32f72f6a638f95e1c2b978849518335",
+    },
+    1: {
+        "calib_utility": "7e6dadd36ea9680c28733578f42e47d819ded70cb215b7d766de4f23b10ea7a2",
+        "calib_safety": "91ee7742e6bdb9e48a4b7d0d9b9651caf56b72afc3b49c1e381a237beb4e16c7",
+        "eval_utility": "26584b29143687da3c4413885f7902e68d03e3c7d242ea0b541f00b31459e261",
+        "eval_harmful_text": "61c5acbac699e004b24c5e357cee2efe934af18ab21628adf055ff5783f9b688",
+        "eval_harmful_image": "f86a632b615d329d50a376d4f7199390c3fcf51cfe4c7dca722649d23d5794dd",
+        "eval_benign": "d0b48bae586be69518c0abf6857e7a857d8c0b8bceeb35ce6d68a3070408a4e5",
+        "eval_glyph_qa": "bbdf837005b04239ce6964953cb5846c28c69de96d58c509d95835798347126d",
+        "eval_utility_paraphrase": "5fe078bfc986de37b525b4c0bf19bad9d74a606d1f5adf0fc1c4e34e3d994062",
+    },
+}
+PUBLISHED_TRAIN_600 = "cd1e4cc9b09a9a9635b8fe552ff35da0a2f0be7dab6a77bc402a1d4e8a6d06f2"
+
+
+def _digest(split: S.SyntheticSplit) -> str:
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(split.records, sort_keys=True).encode())
+    for image in split.images:
+        h.update(image.tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_published_calibration_and_test_sets_are_unchanged(seed):
+    for name, expected in PUBLISHED_SPLITS[seed].items():
+        n = 256 if name.startswith("calib") else 300
+        assert _digest(S.generate_split(name, n, seed)) == expected, name
+    if seed == 0:
+        assert _digest(S.generate_split("train", 600, 0)) == PUBLISHED_TRAIN_600
+    assert S.EVAL_SPLITS == tuple(PUBLISHED_SPLITS[seed])[2:]
+
+
+@pytest.fixture(scope="module")
+def published() -> dict[str, S.SyntheticSplit]:
+    """Seed 0 at the shipped sizes: calibration 256, test and dev 300 (train: a 1500 sample)."""
+    sizes = {"train": 1500, "calib_utility": 256, "calib_safety": 256}
+    return {name: S.generate_split(name, sizes.get(name, 300), 0, n_calib=256) for name in S.SPLITS}
+
+
+def test_dev_splits_are_disjoint_from_calibration_and_test_in_pairs_and_images(published):
+    def text_pairs(names):
+        return {S._text_pair(t) for name in names for r, _, t, _ in _pairs(published[name]) if r["kind"].endswith("_text")}
+
+    calibration = text_pairs(["calib_utility", "calib_safety"])
+    test = text_pairs(S.EVAL_SPLITS)
+    dev = text_pairs(S.DEV_SPLITS)
+    assert dev and calibration and test
+    assert not dev & calibration and not dev & test
+    harmful_dev = text_pairs(["dev_harmful_text"])
+    assert harmful_dev <= set(S.heldout_combinations(0)["harmful"]["train"])  # trained on, never calibrated
+    assert len(harmful_dev) >= 30  # 54 pairs to draw from at n_calib=256
+
+    def pixels(names):
+        return {image.tobytes() for name in names for image in published[name].images}
+
+    dev_images = pixels(S.DEV_SPLITS)
+    assert len(dev_images) == sum(len(published[n]) for n in S.DEV_SPLITS)  # every dev image distinct
+    for other in (["calib_utility", "calib_safety"], S.EVAL_SPLITS, ["train"]):
+        assert not dev_images & pixels(other), other
+
+
+def test_dev_splits_mirror_their_test_twins(published):
+    for dev, test in zip(S.DEV_SPLITS, S.EVAL_SPLITS, strict=True):
+        assert dev == test.replace("eval_", "dev_")
+        assert Counter(r["kind"] for r in published[dev].records) == Counter(r["kind"] for r in published[test].records)
+        assert all(r["id"].startswith(dev) and r["image"].startswith(f"images/{dev}/") for r in published[dev].records)
+    # same question phrasings and image-request verbs as test (the paraphrases only in the paraphrase twin)
+    for name in ("utility", "harmful_image", "utility_paraphrase"):
+        dev_texts = {t for _, _, t, _ in _pairs(published[f"dev_{name}"])}
+        test_texts = {t for _, _, t, _ in _pairs(published[f"eval_{name}"])}
+        assert dev_texts == test_texts, name
+
+
+def test_dev_pairs_follow_n_calib_and_are_refused_when_none_is_left():
+    small = S.dev_combinations(0, 8)["harmful"]
+    assert len(S.dev_combinations(0, 256)["harmful"]) < len(small) < len(S.heldout_combinations(0)["harmful"]["train"])
+    with pytest.raises(ValueError, match="no pair is left for the dev splits; lower n_calib"):
+        S.dev_combinations(0, 5000)
+    with pytest.raises(ValueError, match="lower n_calib"):
+        S.generate_split("dev_harmful_text", 3, 0, n_calib=5000)

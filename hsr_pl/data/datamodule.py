@@ -10,6 +10,11 @@
   first, so that each batch pads little (a prompt too long for the model is refused in ``setup``).
 - ``calibration_dataloader(split, …)``: what the callbacks use (pruning statistics, head scores,
   importance scores): a seeded selection of N examples of one split.
+- A **dev** part (``dev_fraction`` or ``dev_num_records``, seeded by ``dev_seed``): whole images'
+  records held out of the calibration file, never calibrated on (nor trained on, when the
+  calibration file is the training file); an evaluation set with ``dev: true`` reads them. Choose
+  settings on dev, report test (docs/protocol.md). What was held out is logged and kept in
+  ``dev_info``.
 
 The processor comes from the LightningModule (``trainer.lightning_module.processor``) unless one
 is given, so a YAML config names the model path once.
@@ -19,11 +24,13 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -46,6 +53,19 @@ __all__ = ["EvalSet", "VLGuardDataModule"]
 EVAL_KINDS = ("harmful", "utility", "benign")
 
 
+def _check_dev(owner: str, dev_fraction: object, dev_num_records: object, dev_seed: object) -> None:
+    """Refuse a bad dev setting before any file is read."""
+    if dev_fraction is not None and dev_num_records is not None:
+        raise ValueError(f"{owner}: give dev_fraction or dev_num_records, not both")
+    if dev_fraction is not None and (
+        isinstance(dev_fraction, bool) or not isinstance(dev_fraction, (int, float)) or not 0 < dev_fraction < 1
+    ):
+        raise ValueError(f"{owner}: dev_fraction={dev_fraction!r} must lie in (0, 1), e.g. 0.2")
+    check_num_samples(dev_num_records, f"{owner}: dev_num_records", why="records held out of calibration as dev")
+    if isinstance(dev_seed, bool) or not isinstance(dev_seed, int) or dev_seed < 0:
+        raise ValueError(f"{owner}: dev_seed={dev_seed!r} must be a non-negative integer")
+
+
 @dataclass
 class EvalSet:
     """One evaluation set: a file in a published layout, what to read from it, how to score it.
@@ -59,10 +79,13 @@ class EvalSet:
     should be a refusal), ``utility`` -> accuracy (exact choice for MMBench, ANLS for DocVQA),
     ``benign`` -> over-refusal rate; default: the format's (harmful; utility for MMBench and
     DocVQA; benign for ``safe_safes``). ``max_new_tokens`` overrides the module's budget.
+    ``dev: true`` (VLGuard format): read the dev records the data module holds out of its
+    calibration file (``dev_fraction`` / ``dev_num_records``) instead of ``path``, which may then
+    be omitted.
     """
 
     name: str
-    path: str
+    path: str | None = None
     split: str | None = None
     kind: Literal["harmful", "utility", "benign"] | None = None
     num_samples: int | None = None
@@ -70,6 +93,7 @@ class EvalSet:
     format: Literal["vlguard", "figstep", "mmsafetybench", "mmbench", "docvqa"] = "vlguard"
     options: dict[str, Any] | None = None
     max_new_tokens: int | None = None
+    dev: bool = False
 
 
 def position_limit(module: object) -> int | None:
@@ -165,6 +189,11 @@ class VLGuardDataModule(pl.LightningDataModule):
         allow_outside_root: accept image paths that lead outside the image root (``../``, absolute
             paths, symlinks out of it); by default a data file may only name images inside its
             root (``image_root``, or the file's folder), so it cannot make hsr-pl read other files.
+        dev_fraction / dev_num_records: hold out this fraction (in (0, 1)) or this many records of
+            the calibration file as a dev part (one of the two; default none). Records that share
+            an image go together, so the count can run over by those; calibration (and training,
+            when it reads the same file) never sees them. Evaluation sets with ``dev: true`` read them.
+        dev_seed: the seed of that choice (a seeded permutation of the file's images).
 
     When the data is loaded (``setup``) every image is verified (empty, damaged, oversized) and
     every row is measured against the model's ``max_position_embeddings`` (training and
@@ -190,9 +219,13 @@ class VLGuardDataModule(pl.LightningDataModule):
         eval_length_sorted: bool = True,
         allow_text_only: bool = False,
         allow_outside_root: bool = False,
+        dev_fraction: float | None = None,
+        dev_num_records: int | None = None,
+        dev_seed: int = 0,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
+        _check_dev(owner, dev_fraction, dev_num_records, dev_seed)
         check_num_samples(batch_size, f"{owner}: batch_size", allow_none=False)
         check_num_samples(eval_batch_size, f"{owner}: eval_batch_size", allow_none=False)
         check_num_samples(num_samples, f"{owner}: num_samples", allow_none=False, why="calibration samples per split; the paper uses 128")
@@ -202,7 +235,11 @@ class VLGuardDataModule(pl.LightningDataModule):
         for split in train_splits or ():
             if split not in SPLITS:
                 raise ValueError(f"train_splits has unknown split {split!r}; choose from {SPLITS}")
-        self.eval_sets = [self._resolve(e) for e in (eval_sets or [])]
+        calibration_file = calibration_path or train_path
+        self.eval_sets = [
+            self._resolve(self._dev_set(e, owner, calibration_file, dev_fraction, dev_num_records))
+            for e in (eval_sets or [])
+        ]
         names = [e.name for e in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"eval set names must be distinct (their metrics are keyed by name), got {names}")
@@ -226,7 +263,36 @@ class VLGuardDataModule(pl.LightningDataModule):
         self.eval_length_sorted = eval_length_sorted
         self.allow_text_only = bool(allow_text_only)
         self.allow_outside_root = bool(allow_outside_root)
+        self.dev_fraction = dev_fraction
+        self.dev_num_records = dev_num_records
+        self.dev_seed = dev_seed
+        self.dev_info: dict[str, Any] | None = None
+        self._dev_records: frozenset[int] | None = None
         self._examples: dict[str, list[dict]] = {}
+
+    @staticmethod
+    def _dev_set(eval_set: EvalSet | dict, owner: str, calibration_file: str | None,
+                 dev_fraction: float | None, dev_num_records: int | None) -> EvalSet:
+        """The set with ``path`` filled in: a dev set reads the calibration file (checked here)."""
+        eval_set = eval_set if isinstance(eval_set, EvalSet) else EvalSet(**eval_set)
+        where = f"{owner}: eval set {eval_set.name!r}"
+        if not eval_set.dev:
+            if eval_set.path is None:
+                raise ValueError(f"{where} has no path; give its file (or dev: true for the dev part of calibration)")
+            return eval_set
+        if eval_set.format != "vlguard":
+            raise ValueError(f"{where}: dev: true reads the calibration file's dev part, a VLGuard file; drop format {eval_set.format!r}")
+        if dev_fraction is None and dev_num_records is None:
+            raise ValueError(f"{where} has dev: true but nothing is held out; set dev_fraction (e.g. 0.2) or dev_num_records")
+        if calibration_file is None:
+            raise ValueError(f"{where} has dev: true but there is no calibration file; set calibration_path or train_path")
+        if eval_set.path is not None and Path(eval_set.path).resolve() != Path(calibration_file).resolve():
+            raise ValueError(
+                f"{where}: dev: true reads the calibration file {calibration_file}, not {eval_set.path}; drop path"
+            )
+        if eval_set.split in SUBSETS:
+            raise ValueError(f"{where}: dev sets take a loader split (utility, safety, over_refusal), not {eval_set.split!r}")
+        return replace(eval_set, path=calibration_file)
 
     @staticmethod
     def _resolve(eval_set: EvalSet | dict) -> EvalSet:
@@ -299,6 +365,7 @@ class VLGuardDataModule(pl.LightningDataModule):
             raise ValueError("validate needs data.eval_sets (name, path, split, kind)")
         if self.train_path is not None:
             self.examples(self.train_path)
+        self.dev_records()
         for eval_set in self.eval_sets:
             self.eval_examples(eval_set)
         self.check_lengths(stage)
@@ -356,10 +423,65 @@ class VLGuardDataModule(pl.LightningDataModule):
                     f"included), more than {cap}; shorten or drop the longest records, or {fix}"
                 )
 
+    # ---------------------------------------------------------------------------------- dev
+    def dev_records(self) -> frozenset[int]:
+        """Record indices of the calibration file held out as dev (empty without a dev setting).
+
+        The file's images (records without an image: each on its own) are put in a seeded random
+        order and taken whole until the target count of records is reached. Computed once; the
+        choice is logged and kept in :attr:`dev_info`.
+        """
+        if self._dev_records is not None:
+            return self._dev_records
+        if (self.dev_fraction is None and self.dev_num_records is None) or self.calibration_path is None:
+            self._dev_records = frozenset()
+            return self._dev_records
+        examples = self.examples(self.calibration_path)
+        groups: dict[Any, list[int]] = {}
+        for e in examples:
+            records = groups.setdefault(e["image"] if e["image"] is not None else ("record", e["record"]), [])
+            if not records or records[-1] != e["record"]:
+                records.append(e["record"])
+        total = len({e["record"] for e in examples})
+        target = self.dev_num_records if self.dev_num_records is not None else math.ceil(self.dev_fraction * total)
+        if target >= total:
+            raise DataFormatError(
+                f"{self.calibration_path}: holding out {target} of its {total} records as dev leaves nothing to "
+                "calibrate on; lower dev_fraction / dev_num_records"
+            )
+        order = np.random.default_rng([self.dev_seed, 7_717]).permutation(len(groups))
+        members = list(groups.values())
+        chosen: set[int] = set()
+        for index in order:
+            if len(chosen) >= target:
+                break
+            chosen.update(members[index])
+        self._dev_records = frozenset(chosen)
+        dev_pairs = sum(1 for e in examples if e["record"] in chosen)
+        self.dev_info = {
+            "file": str(self.calibration_path), "dev_fraction": self.dev_fraction,
+            "dev_num_records": self.dev_num_records, "dev_seed": self.dev_seed, "records": len(chosen),
+            "pairs": dev_pairs, "calibration_records": total - len(chosen),
+            "also_out_of_training": self.train_path is not None and self._same_file(self.train_path),
+            "record_indices": sorted(chosen),
+        }
+        rank_zero_info(
+            f"hsr-pl: dev part: {len(chosen)} of {total} records ({dev_pairs} pairs) of {self.calibration_path} held out "
+            f"of calibration{' and training' if self.dev_info['also_out_of_training'] else ''} (dev_seed={self.dev_seed}); "
+            "eval sets with dev: true read them"
+        )
+        return self._dev_records
+
+    def _same_file(self, path: str) -> bool:
+        return self.calibration_path is not None and Path(path).resolve() == Path(self.calibration_path).resolve()
+
     def train_dataloader(self) -> DataLoader:
         if self.train_path is None:
             raise ValueError("no train_path: set data.train_path to a VLGuard JSON file")
         examples = self.examples(self.train_path)
+        if self._same_file(self.train_path) and self.dev_records():
+            held = self.dev_records()
+            examples = [e for e in examples if e["record"] not in held]
         if self.train_splits:
             examples = [e for e in examples if e["split"] in self.train_splits]
         dataset = pairs_to_dataset(examples, source=self.train_path)
@@ -372,6 +494,9 @@ class VLGuardDataModule(pl.LightningDataModule):
         """All examples of one evaluation set (parsed and validated; cached)."""
         if eval_set.format == "vlguard":
             examples = self.examples(eval_set.path, eval_set.image_root)
+            if eval_set.dev:
+                held = self.dev_records()
+                examples = [e for e in self.examples(self.calibration_path) if e["record"] in held]
             if eval_set.split in SUBSETS:
                 examples = select_subset(examples, eval_set.split)
             return examples
@@ -443,7 +568,11 @@ class VLGuardDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown calibration split: {err}") from None
         if self.calibration_path is None:
             raise ValueError("no calibration data: set data.calibration_path or data.train_path")
-        dataset = pairs_to_dataset(self.examples(self.calibration_path), split, source=self.calibration_path)
+        examples = self.examples(self.calibration_path)
+        held = self.dev_records()
+        if held:
+            examples = [e for e in examples if e["record"] not in held]
+        dataset = pairs_to_dataset(examples, split, source=self.calibration_path)
         wanted = num_samples if num_samples is not None else self.num_samples
         selected = select_samples(dataset, wanted, self.seed)
         if len(selected) < wanted:

@@ -38,6 +38,15 @@ Held-out evaluation sets use verb–object combinations, question templates and 
 verbs that the training split never uses (every *word* is still seen in training), so an
 evaluation measures generalisation, not recall. Generation is seeded and deterministic: the same
 arguments give byte-identical files.
+
+Dev and test: the ``eval_*`` splits are the **test** sets (reported once per setting); each has a
+``dev_*`` twin (:data:`DEV_SPLITS`) for choosing settings. A dev split has the same kinds, frames,
+questions and image-request verbs as its test split, but its own images (its own seeded stream)
+and verb–object pairs disjoint from both test and calibration. Every pair the training split never
+uses is a test pair, so the dev pairs are training pairs that calibration (``n_calib`` of the same
+seed) does not draw (:func:`dev_combinations`): dev measures the same behaviour on pairs the model
+was trained on, which is why its rates can differ from test's. The test and calibration splits
+are exactly what they were before the dev splits existed (a hash test keeps them so).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from .vlguard import split_of
 __all__ = [
     "COLOURS",
     "COMPLIANCE_PREFIX",
+    "DEV_SPLITS",
     "EVAL_SPLITS",
     "GENERATOR",
     "KINDS",
@@ -68,6 +78,7 @@ __all__ = [
     "VOCABULARY",
     "SyntheticSplit",
     "check_arguments",
+    "dev_combinations",
     "draw_image",
     "generate",
     "generate_split",
@@ -131,10 +142,7 @@ HARMFUL_KINDS = ("harmful_text", "harmful_image")
 # by (1 - harmful_fraction) / 0.85 and the harmful fraction is split evenly text / image.
 _BENIGN_MIX = {"utility": 0.50, "benign_text": 0.15, "benign_image": 0.10, "glyph_qa": 0.10}
 
-SPLITS = (
-    "train",
-    "calib_utility",
-    "calib_safety",
+EVAL_SPLITS = (
     "eval_utility",
     "eval_harmful_text",
     "eval_harmful_image",
@@ -142,8 +150,12 @@ SPLITS = (
     "eval_glyph_qa",
     "eval_utility_paraphrase",
 )
-EVAL_SPLITS = SPLITS[3:]
-GENERATOR_VERSION = 2
+"""The test sets (the held-out evaluation sets every published number uses)."""
+DEV_SPLITS = tuple(name.replace("eval_", "dev_", 1) for name in EVAL_SPLITS)
+"""One dev twin per test set, for choosing settings (see the module docstring)."""
+# Appended after the first nine so that every existing split keeps its seed stream.
+SPLITS = ("train", "calib_utility", "calib_safety", *EVAL_SPLITS, *DEV_SPLITS)
+GENERATOR_VERSION = 3
 """Bumped whenever the same arguments would produce different files (caches compare it)."""
 _SPLIT_CODE = {name: i for i, name in enumerate(SPLITS)}
 
@@ -248,6 +260,33 @@ def heldout_combinations(seed: int) -> dict[str, dict[str, list[tuple[str, str]]
     return out
 
 
+def _text_pair(instruction: str) -> tuple[str, str]:
+    """``(verb, object)`` of a text request ("how do i {v} a {o} ?"): the words around " a "."""
+    words = instruction.split()
+    at = words.index("a")
+    return words[at - 1], words[at + 1]
+
+
+def dev_combinations(seed: int, n_calib: int) -> dict[str, list[tuple[str, str]]]:
+    """Verb–object pairs of the dev splits, ``{"harmful"|"benign": [...]}``.
+
+    The training pairs (:func:`heldout_combinations`) that the calibration split ``calib_safety``
+    of ``seed`` and ``n_calib`` records does not draw (no benign pair is calibrated on), so dev is
+    disjoint from test and from calibration in pairs.
+    """
+    combos = heldout_combinations(seed)
+    calibration = generate_split("calib_safety", n_calib, seed)
+    used = {_text_pair(instruction_of(p)[1]) for r in calibration.records if r["kind"] == "harmful_text"
+            for p in r["instr-resp"]}
+    harmful = [pair for pair in combos["harmful"]["train"] if pair not in used]
+    if not harmful:
+        raise ValueError(
+            f"n_calib={n_calib} draws every harmful training pair of seed {seed}, so no pair is left for the dev "
+            "splits; lower n_calib (256 leaves about 60)"
+        )
+    return {"harmful": harmful, "benign": list(combos["benign"]["train"])}
+
+
 def _harm_category(verb: str, obj: str) -> str:
     return HARMFUL_VERBS.get(verb) or HARMFUL_OBJECTS[obj]
 
@@ -266,6 +305,7 @@ class SyntheticSplit:
 
 
 def _kind_counts(split: str, n: int, harmful_fraction: float) -> dict[str, int]:
+    split = split.replace("dev_", "eval_", 1)  # a dev split mixes its kinds as its test twin
     if split == "train":
         scale = (1.0 - harmful_fraction) / sum(_BENIGN_MIX.values())
         fractions = {k: v * scale for k, v in _BENIGN_MIX.items()}
@@ -293,8 +333,9 @@ def _kind_counts(split: str, n: int, harmful_fraction: float) -> dict[str, int]:
 
 def _make_record(split: str, index: int, kind: str, rng: np.random.Generator,
                  combos: dict[str, dict[str, list[tuple[str, str]]]]) -> tuple[dict[str, Any], Image.Image]:
-    held_out = split.startswith("eval")
-    part = "eval" if held_out else "train"
+    dev = split.startswith("dev_")
+    held_out = split.startswith("eval") or dev  # dev asks in the test sets' frames and verbs
+    part = "dev" if dev else "eval" if held_out else "train"
     colour = str(rng.choice(list(COLOURS)))
     shape = str(rng.choice(SHAPES))
     cells = rng.permutation(GRID * GRID)
@@ -307,7 +348,7 @@ def _make_record(split: str, index: int, kind: str, rng: np.random.Generator,
     if kind in ("utility", "glyph_qa"):
         # Visual QA is held out in its images; unseen *phrasings* have their own set, since a
         # from-scratch 1M-parameter model generalises to them unreliably (docs/organism.md).
-        table = QUESTIONS_EVAL if split == "eval_utility_paraphrase" else QUESTIONS_TRAIN
+        table = QUESTIONS_EVAL if split.endswith("_utility_paraphrase") else QUESTIONS_TRAIN
         qtype = str(rng.choice(list(table)))
         instruction = str(rng.choice(table[qtype]))
         key, response = "safe_instruction", _answer(qtype, colour, shape)
@@ -339,9 +380,13 @@ def _make_record(split: str, index: int, kind: str, rng: np.random.Generator,
     return record, image
 
 
-def check_arguments(seed: int, n_train: int, n_calib: int, n_eval: int, harmful_fraction: float) -> None:
+def check_arguments(seed: int, n_train: int, n_calib: int, n_eval: int, harmful_fraction: float,
+                    n_dev: int | None = None) -> None:
     """Refuse bad generator arguments before anything is read or written."""
-    _validate(seed, {"n_train": n_train, "n_calib": n_calib, "n_eval": n_eval}, harmful_fraction)
+    sizes = {"n_train": n_train, "n_calib": n_calib, "n_eval": n_eval}
+    if n_dev is not None:
+        sizes["n_dev"] = n_dev
+    _validate(seed, sizes, harmful_fraction)
 
 
 def _validate(seed: int, sizes: dict[str, int], harmful_fraction: float) -> None:
@@ -357,16 +402,23 @@ def _validate(seed: int, sizes: dict[str, int], harmful_fraction: float) -> None
         )
 
 
-def generate_split(split: str, n: int, seed: int = 0, *, harmful_fraction: float = 0.15) -> SyntheticSplit:
+def generate_split(
+    split: str, n: int, seed: int = 0, *, harmful_fraction: float = 0.15, n_calib: int = 256
+) -> SyntheticSplit:
     """``n`` records of ``split`` (one of :data:`SPLITS`) with their images, in memory.
 
     The kinds are allocated exactly (rounded counts, see the module docstring), then shuffled;
-    each split draws from its own seeded stream, so splits do not depend on each other's sizes.
+    each split draws from its own seeded stream, so splits do not depend on each other's sizes —
+    except the dev splits, whose pairs avoid the calibration of ``n_calib`` records
+    (:func:`dev_combinations`); ``n_calib`` is read for dev splits only.
     """
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
-    _validate(seed, {"n": n}, harmful_fraction)
+    _validate(seed, {"n": n, "n_calib": n_calib}, harmful_fraction)
     combos = heldout_combinations(seed)
+    if split in DEV_SPLITS:
+        for name, pairs in dev_combinations(seed, n_calib).items():
+            combos[name]["dev"] = pairs
     rng = np.random.default_rng([seed, _SPLIT_CODE[split]])
     counts = _kind_counts(split, n, harmful_fraction)
     kinds = [kind for kind in KINDS for _ in range(counts.get(kind, 0))]
@@ -440,9 +492,12 @@ GENERATOR = "hsr_pl.data.synthetic"
 """The owner name this generator writes into its folders (manifest and owner marker)."""
 
 
-def split_sizes(n_train: int, n_calib: int, n_eval: int) -> dict[str, int]:
-    """Records per split, as :func:`generate` writes them and ``manifest.json`` records them."""
-    return {"train": n_train, "calib_utility": n_calib, "calib_safety": n_calib, **{name: n_eval for name in EVAL_SPLITS}}
+def split_sizes(n_train: int, n_calib: int, n_eval: int, n_dev: int | None = None) -> dict[str, int]:
+    """Records per split, as :func:`generate` writes them and ``manifest.json`` records them
+    (``n_dev`` per dev split, default ``n_eval``)."""
+    n_dev = n_eval if n_dev is None else n_dev
+    return {"train": n_train, "calib_utility": n_calib, "calib_safety": n_calib,
+            **{name: n_eval for name in EVAL_SPLITS}, **{name: n_dev for name in DEV_SPLITS}}
 
 
 def generate(
@@ -454,6 +509,7 @@ def generate(
     *,
     harmful_fraction: float = 0.15,
     overwrite: bool = False,
+    n_dev: int | None = None,
 ) -> Path:
     """Write every split as ``<split>.json`` (VLGuard format) plus PNGs under ``out_dir/images``.
 
@@ -461,20 +517,21 @@ def generate(
     mapping separates again) and ``manifest.json`` (arguments, sizes, vocabulary, held-out pairs).
     The whole folder is built in a temporary sibling and renamed into place
     (:func:`hsr_pl.io.atomic_folder`), so a crash never leaves a half-written data set; an
-    existing non-empty ``out_dir`` needs ``overwrite=True``.
+    existing non-empty ``out_dir`` needs ``overwrite=True``. ``n_dev``: records per dev split
+    (default ``n_eval``).
     """
-    sizes = {"n_train": n_train, "n_calib": n_calib, "n_eval": n_eval}
-    _validate(seed, sizes, harmful_fraction)
+    check_arguments(seed, n_train, n_calib, n_eval, harmful_fraction, n_dev)
+    dev_pairs = dev_combinations(seed, n_calib)  # before any write: refuses an n_calib that leaves none
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another out_dir")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it, or choose another out_dir")
-    counts = split_sizes(n_train, n_calib, n_eval)
+    counts = split_sizes(n_train, n_calib, n_eval, n_dev)
     with atomic_folder(out, GENERATOR, label="data_dir", overwrite=overwrite) as tmp:
         records_by_split: dict[str, list[dict[str, Any]]] = {}
         for split, n in counts.items():
-            data = generate_split(split, n, seed, harmful_fraction=harmful_fraction)
+            data = generate_split(split, n, seed, harmful_fraction=harmful_fraction, n_calib=n_calib)
             (tmp / "images" / split).mkdir(parents=True)
             for record, image in zip(data.records, data.images, strict=True):
                 image.save(tmp / record["image"], format="PNG", optimize=False)
@@ -489,6 +546,8 @@ def generate(
             "refusal": REFUSAL, "compliance_prefix": COMPLIANCE_PREFIX,
             "vocabulary": list(VOCABULARY),
             "heldout_pairs": {k: [" ".join(p) for p in v["eval"]] for k, v in combos.items()},
+            "dev_pairs": {k: [" ".join(p) for p in v] for k, v in dev_pairs.items()},
+            "splits": {"test": list(EVAL_SPLITS), "dev": list(DEV_SPLITS)},
         }
         _write_json(tmp / "manifest.json", manifest)
     return out

@@ -23,8 +23,9 @@ __all__ = ["SYNTHETIC_EVAL_SETS", "SyntheticDataModule", "ensure_synthetic"]
 # The installed package (shipped organism included): never a place to generate data into.
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
-# How each held-out synthetic split is read and scored (see docs/organism.md).
-SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
+# How each held-out synthetic split is read and scored (see docs/organism.md): the test sets
+# (eval_*, the default), then their dev twins (dev_*, for choosing settings; docs/protocol.md).
+_TEST_SETS: dict[str, tuple[str, str]] = {
     "eval_harmful_text": ("over_refusal", "harmful"),
     "eval_harmful_image": ("safety", "harmful"),
     "eval_utility": ("utility", "utility"),
@@ -32,11 +33,17 @@ SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
     "eval_glyph_qa": ("utility", "utility"),
     "eval_utility_paraphrase": ("utility", "utility"),
 }
+SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
+    **_TEST_SETS, **{name.replace("eval_", "dev_", 1): how for name, how in _TEST_SETS.items()}
+}
+EVAL_PARTS = ("test", "dev")
 
 
 def _default_dir(args: dict) -> Path:
     root = Path(os.environ.get("HSR_PL_CACHE", Path.home() / ".cache" / "hsr_pl")) / "synthetic"
     name = "seed{seed}-train{n_train}-calib{n_calib}-eval{n_eval}-harm{harmful_fraction}".format(**args)
+    if args.get("n_dev") is not None and args["n_dev"] != args["n_eval"]:
+        name += f"-dev{args['n_dev']}"
     return root / name
 
 
@@ -53,7 +60,7 @@ def _is_current(manifest: dict | None, args: dict) -> bool:
     """Same generator version and every argument that changes the files."""
     if manifest is None:
         return False
-    sizes = synthetic.split_sizes(args["n_train"], args["n_calib"], args["n_eval"])
+    sizes = synthetic.split_sizes(args["n_train"], args["n_calib"], args["n_eval"], args.get("n_dev"))
     return (
         manifest.get("version") == synthetic.GENERATOR_VERSION
         and manifest.get("seed") == args["seed"]
@@ -84,7 +91,8 @@ def ensure_synthetic(data_dir: str | os.PathLike | None = None, *, overwrite: bo
     folder is refused unless ``overwrite=True``. The package's own folder is never replaced. Safe
     when several processes of one job call it at once (a lock file serialises them).
     """
-    synthetic.check_arguments(args["seed"], args["n_train"], args["n_calib"], args["n_eval"], args["harmful_fraction"])
+    synthetic.check_arguments(args["seed"], args["n_train"], args["n_calib"], args["n_eval"], args["harmful_fraction"],
+                              args.get("n_dev"))
     folder = Path(data_dir).expanduser() if data_dir is not None else _default_dir(args)
     _check_replaceable(folder, overwrite)
     check_output_folder(folder, synthetic.GENERATOR, label="data_dir", overwrite=True, protect=[PACKAGE_DIR])
@@ -108,7 +116,12 @@ class SyntheticDataModule(VLGuardDataModule):
             ``synthetic/<settings>``). A non-empty folder that this generator did not write is
             refused (never replaced) unless ``overwrite`` is set.
         overwrite: allow replacing a non-empty ``data_dir`` that holds something else.
-        eval_splits: which held-out splits to evaluate (default all six).
+        eval_splits: which held-out splits to evaluate (default the six test sets ``eval_*``); a
+            dev twin is named ``dev_*`` (e.g. ``dev_harmful_text``).
+        eval_part: ``test`` (default: the splits as named) or ``dev``: every ``eval_*`` split of
+            ``eval_splits`` (or of the default list) is replaced by its ``dev_*`` twin, so one
+            switch moves a config from test to dev. Choose settings on dev, report test once.
+        n_dev: records per dev split (default ``n_eval``).
         eval_num_samples: cap per evaluation split (default: all ``n_eval``).
         train_splits: train on these loader splits only (e.g. ``[utility]`` for a benign fine-tune).
         The rest as in :class:`VLGuardDataModule`; calibration reads ``calibration.json``.
@@ -125,6 +138,8 @@ class SyntheticDataModule(VLGuardDataModule):
         overwrite: bool = False,
         eval_splits: list[str] | None = None,
         eval_num_samples: int | None = None,
+        eval_part: str = "test",
+        n_dev: int | None = None,
         processor: object | str | None = None,
         batch_size: int = 48,
         eval_batch_size: int = 100,
@@ -134,13 +149,18 @@ class SyntheticDataModule(VLGuardDataModule):
         shuffle_seed: int | None = None,
         train_splits: list[str] | None = None,
     ) -> None:
-        eval_splits = list(SYNTHETIC_EVAL_SETS) if eval_splits is None else list(eval_splits)
+        if eval_part not in EVAL_PARTS:
+            raise ValueError(f"eval_part={eval_part!r} is unknown; use 'test' (the reported sets) or 'dev' (for choosing settings)")
+        eval_splits = list(_TEST_SETS) if eval_splits is None else list(eval_splits)
         unknown = [s for s in eval_splits if s not in SYNTHETIC_EVAL_SETS]
         if unknown:
             raise ValueError(f"unknown synthetic eval splits {unknown}; choose from {list(SYNTHETIC_EVAL_SETS)}")
-        folder = ensure_synthetic(
-            data_dir, overwrite=overwrite, seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval, harmful_fraction=harmful_fraction
-        )
+        if eval_part == "dev":
+            eval_splits = [name.replace("eval_", "dev_", 1) for name in eval_splits]
+        args = dict(seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval, harmful_fraction=harmful_fraction)
+        if n_dev is not None:
+            args["n_dev"] = n_dev
+        folder = ensure_synthetic(data_dir, overwrite=overwrite, **args)
         eval_sets = [
             EvalSet(
                 name=name.removeprefix("eval_"),
@@ -165,3 +185,4 @@ class SyntheticDataModule(VLGuardDataModule):
             train_splits=train_splits,
         )
         self.data_dir = folder
+        self.eval_part = eval_part

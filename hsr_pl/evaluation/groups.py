@@ -173,7 +173,7 @@ def build_eval_metrics(
     elif kind == "benign":
         built = [j for j in built if j.detects_refusal]
         if not built:
-            raise ValueError("over-refusal needs a refusal-detecting judge (keyword-gcg or strict)")
+            raise ValueError("over-refusal needs a refusal-detecting judge (keyword-gcg, strict or refusal-any)")
         metrics = [OverRefusalRate(j) for j in built]
         label = "over_refusal"
     else:

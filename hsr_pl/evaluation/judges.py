@@ -20,6 +20,7 @@ from .base import Judge, normalise
 from .guard_formats import parse_guard_verdict
 from .guard_judges import make_guard_judge
 from .organism import COMPLIANCE_PREFIX, REFUSAL
+from .refusal_any import RefusalAnyJudge
 
 __all__ = [
     "GCG_REFUSAL_PREFIXES",
@@ -28,6 +29,7 @@ __all__ = [
     "Judge",
     "KeywordJudge",
     "LLMJudge",
+    "RefusalAnyJudge",
     "StrictRefusalJudge",
     "VLGuardKeywordJudge",
     "make_judge",
@@ -316,16 +318,30 @@ def make_judge(
 ) -> Judge:
     """A judge from its name, for configs: ``keyword-gcg`` (optionally ``-nocase`` and/or ``+short``),
     ``keyword-vlguard``, ``strict`` (needs the model's ``refusal`` sentence; default the organism's),
-    ``coherent-compliance`` (optional ``compliance_pattern``), ``llm:<local path>`` (the folder's
+    ``refusal-any`` (the reply starts like one of the model's refusal phrasings within a small word
+    edit distance: ``[refusal]`` when given, else the organism's), ``coherent-compliance`` (optional ``compliance_pattern``), ``llm:<local path>`` (the folder's
     chat template), or a guard model in its published format: ``llama-guard-3:<path>``,
     ``llama-guard-3-vision:<path>``, ``harmbench:<path>``, ``classifier:<path>`` (label ``unsafe``).
 
     A mapping gives the same with settings: ``{"type": "classifier", "path": ..., "unsafe_labels":
     [...]}`` (``type`` one of ``llama-guard-3``, ``llama-guard-3-vision``, ``harmbench``,
-    ``classifier``; the other keys are the judge's keyword arguments, see :mod:`hsr_pl.evaluation.guard_judges`).
+    ``classifier``; the other keys are the judge's keyword arguments, see :mod:`hsr_pl.evaluation.guard_judges`),
+    or ``{"type": "refusal-any", "refusals": [...], "prefix_words": 5, "max_distance": 1}``
+    (:class:`~hsr_pl.evaluation.refusal_any.RefusalAnyJudge`; ``refusals`` default as above).
     """
     if isinstance(name, Mapping):
-        return make_guard_judge(dict(name))
+        spec = dict(name)
+        if spec.get("type") == "refusal-any":
+            spec.pop("type")
+            spec.setdefault("refusals", [refusal] if refusal is not None else None)
+            try:
+                return RefusalAnyJudge(**spec)
+            except TypeError as err:
+                raise ValueError(
+                    f"judge refusal-any: {err}; its settings are refusals, prefix_words, max_distance, "
+                    "case_sensitive, name"
+                ) from None
+        return make_guard_judge(spec)
     if not isinstance(name, str):
         raise TypeError(f"judge name must be a string or a mapping, got {name!r}")
     match = re.fullmatch(r"keyword-gcg(-nocase)?(\+short)?", name)
@@ -336,6 +352,8 @@ def make_judge(
         return VLGuardKeywordJudge()
     if name == "strict":
         return StrictRefusalJudge(refusal)
+    if name == "refusal-any":
+        return RefusalAnyJudge([refusal] if refusal is not None else None)
     if name == "coherent-compliance":
         return CoherentComplianceJudge(compliance_pattern)
     if name.startswith("llm:"):
@@ -344,7 +362,7 @@ def make_judge(
         if name.startswith(prefix):
             return make_guard_judge({"type": prefix[:-1], "path": name[len(prefix):]})
     raise ValueError(
-        f"unknown judge {name!r}; choose keyword-gcg[-nocase][+short], keyword-vlguard, strict, "
+        f"unknown judge {name!r}; choose keyword-gcg[-nocase][+short], keyword-vlguard, strict, refusal-any, "
         "coherent-compliance, llm:<path>, llama-guard-3:<path>, llama-guard-3-vision:<path>, harmbench:<path> "
         "or classifier:<path> (paths of local model folders)"
     )

@@ -7,7 +7,7 @@ plain tensors and are what the tests compare against slow references. See docs/p
 
 from .errors import CalibrationError, DamagedModelError, PartialPruningError, PruningConfigError, PruningError
 from .magnitude import magnitude_mask
-from .masks import check_sparsity, matrix_mask, nm_mask, parse_nm, row_mask, select_mask
+from .masks import check_sparsity, matrix_mask, matrix_rank_mask, nm_mask, parse_nm, row_mask, select_mask
 from .runner import METHODS, PruningConfig, PruningResult, prune_linear, prune_model
 from .sequential import LayerInput, capture_layer_inputs, run_layer
 from .snip import snip_mask, snip_scores
@@ -35,6 +35,7 @@ __all__ = [
     "inverse_hessian_factor",
     "magnitude_mask",
     "matrix_mask",
+    "matrix_rank_mask",
     "nm_mask",
     "parse_nm",
     "prune_linear",

@@ -9,6 +9,9 @@ mask of the same shape, True = pruned. The selection rules are the reference imp
 * per matrix (the reference magnitude pruner, and SparseGPT's per-block threshold): sort all
   scores, take the value at index ``floor(numel * s)`` and prune every score ``<=`` it. Note that
   this prunes at least ``floor(numel * s) + 1`` entries (more with ties); we keep that quirk.
+* ranked over the whole matrix (Wanda ``granularity="matrix"``, as torchao's ``WandaSparsifier``
+  ranks): stable ascending sort of all scores in row-major order, prune exactly the first
+  ``floor(numel * s)``; among equal scores the lower row-major index is pruned first.
 * N:M: in each group of M consecutive input columns of a row, prune the N smallest with
   ``torch.topk(largest=False)``, as the reference does. Among tied scores inside a group the
   choice is torch.topk's (implementation defined; on CPU it is *not* always the lower index);
@@ -30,6 +33,7 @@ __all__ = [
     "check_sparsity",
     "detect_structure",
     "matrix_mask",
+    "matrix_rank_mask",
     "nm_mask",
     "parse_nm",
     "row_mask",
@@ -100,6 +104,13 @@ def matrix_mask(scores: Tensor, sparsity: float) -> Tensor:
     flat = torch.sort(scores.flatten())[0]
     thresh = flat[int(scores.numel() * sparsity)]
     return scores <= thresh
+
+
+def matrix_rank_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Over the whole matrix, prune exactly the ``floor(numel * s)`` lowest scores (stable: ties ->
+    lower row-major index). Unlike :func:`matrix_mask` no tie can make it prune more."""
+    flat = scores.reshape(1, -1)
+    return row_mask(flat, sparsity).reshape(scores.shape)
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:

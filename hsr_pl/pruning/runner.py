@@ -49,7 +49,10 @@ class PruningConfig:
             statistics from one pass over the dense model). None picks the method's default;
             snip and magnitude are always one-shot.
         tokens: ``response`` (labels != -100) or ``all`` (non-padding) tokens feed statistics.
-        granularity: magnitude only: ``row`` (default) or ``matrix`` (the reference's rule).
+        granularity: magnitude and wanda: ``row`` (default) or ``matrix``. Magnitude ``matrix`` is
+            the reference pruner's rule (prune every score ``<=`` the threshold); Wanda ``matrix``
+            ranks |W|·sqrt(a) over the whole matrix as torchao's ``WandaSparsifier`` does (exactly
+            ``floor(numel * s)`` pruned, ties to the lower row-major index).
         blocksize, percdamp: SparseGPT's column block and relative damping (reference 128, 0.01).
     """
 
@@ -92,9 +95,14 @@ class PruningConfig:
             raise PruningConfigError(f"tokens={self.tokens!r} is unknown; use 'response' or 'all'")
         if self.granularity not in ("row", "matrix"):
             raise PruningConfigError(f"granularity={self.granularity!r} is unknown; use 'row' or 'matrix'")
-        if self.granularity == "matrix" and self.method != "magnitude":
+        if self.granularity == "matrix" and self.method not in ("magnitude", "wanda"):
             raise PruningConfigError(
-                f"granularity='matrix' applies to magnitude only; {self.method} selects per row as its reference does"
+                f"granularity='matrix' applies to magnitude and wanda only; {self.method} selects as its reference does"
+            )
+        if self.granularity == "matrix" and nm != UNSTRUCTURED:
+            raise PruningConfigError(
+                f"granularity='matrix' ranks the whole matrix, mask_structure={nm[0]}:{nm[1]} ranks within groups of "
+                f"{nm[1]}; drop one of them (granularity: row with N:M)"
             )
         if int(self.blocksize) <= 0 or (self.method == "sparsegpt" and nm != UNSTRUCTURED and self.blocksize % nm[1]):
             raise PruningConfigError(
@@ -190,7 +198,7 @@ def prune_linear(
     if weight is None:
         weight = full_weight(linear)
     if config.method == "wanda":
-        mask = wanda_mask(weight, stat.scaler_row, config.sparsity, config.nm)
+        mask = wanda_mask(weight, stat.scaler_row, config.sparsity, config.nm, config.granularity)
     elif config.method == "magnitude":
         mask = magnitude_mask(weight, config.sparsity, config.nm, config.granularity)
     elif config.method == "snip":
