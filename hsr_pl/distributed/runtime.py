@@ -92,8 +92,12 @@ def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: floa
     key, seen = f"{_ERROR_KEY}{_STEPS[0]}", f"{_SEEN_KEY}{_STEPS[0]}/"
     inside = threading.Event()
     inside.set()
+    # The peer's error as the watchdog read it: once we acknowledge it, rank 0 may exit and take the
+    # store with it, so our own collective's "connection closed" must not need the store any more.
+    known: list[str] = []
     watchdog = threading.Thread(
-        target=_watch, args=(store, rank, what, inside, grace, poll, key, seen), name="hsr-pl-fail-fast", daemon=True
+        target=_watch, args=(store, rank, what, inside, grace, poll, key, seen, known), name="hsr-pl-fail-fast",
+        daemon=True,
     )
     watchdog.start()
     try:
@@ -103,7 +107,7 @@ def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: floa
         raise
     except BaseException as exc:
         inside.clear()
-        first = _peer_error(store, 0.0, key)
+        first = known[0] if known else _peer_error(store, 0.0, key)
         if first is None and _looks_collective(exc):
             first = _peer_error(store, grace, key)
         if first is not None and not first.startswith(f"rank {rank}:"):
@@ -124,7 +128,8 @@ def fail_fast(what: str, *, grace: float = 2.0, linger: float = 10.0, poll: floa
 
 
 def _watch(
-    store, rank: int, what: str, inside: threading.Event, grace: float, poll: float, key: str, seen: str
+    store, rank: int, what: str, inside: threading.Event, grace: float, poll: float, key: str, seen: str,
+    known: list[str],
 ) -> None:
     """The watchdog of :func:`fail_fast`: ends this process when a peer failed and this rank
     stays stuck in the step."""
@@ -133,6 +138,7 @@ def _watch(
         first = _peer_error(store, 0.0, key) if inside.is_set() else None
         if first is None or first.startswith(f"rank {rank}:"):
             continue
+        known.append(first)  # before the acknowledgement, which lets the failing rank (and the store) go
         _mark_seen(store, rank, seen)
         deadline = time.monotonic() + grace
         while inside.is_set() and time.monotonic() < deadline:
