@@ -43,7 +43,8 @@ def wide_console(console: Console | None, table: Table) -> Console:
     at 80 columns, so widen the console to the table's natural width there."""
     console = console or Console()
     if not console.is_terminal:
-        console.width = max(console.width, console.measure(table).maximum)
+        natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+        console.width = max(console.width, natural)
     return console
 
 

@@ -1,0 +1,206 @@
+"""Repair mode, what real third-party checkpoints hit (issue #20): problems refused in setup from
+config.json and the safetensors headers (before the head scan, nothing written), explicit mask
+files, N:M checkpoints kept N:M by default, and what the manifest records."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_repair import TRAIN, calibration, make_data, repair
+
+from hsr_pl.callbacks import PrunedCheckpoint, SafetyHeadAttribution, SafetyRealignment
+from hsr_pl.models.checkpoints import CheckpointError
+from hsr_pl.models.mask_files import MASK_FILE, pack_bits, write_mask_file
+from hsr_pl.models.tiny import build_tiny_llava
+from hsr_pl.module import LVLMModule
+from hsr_pl.pruning import PruningConfig, prune_model
+from hsr_pl.report.manifest import realignment_manifest
+from hsr_pl.state import get_state
+
+
+@pytest.fixture
+def folders(tmp_path):
+    model, processor = build_tiny_llava(False, layers=2, heads=4)
+    original = tmp_path / "original"
+    model.save_pretrained(original)
+    processor.save_pretrained(original)
+    pruned_model = copy.deepcopy(model).eval()
+    prune_model(pruned_model, calibration(processor), PruningConfig(method="wanda", sparsity=0.5))
+    pruned = tmp_path / "pruned"
+    pruned_model.save_pretrained(pruned)
+    return original, pruned, model, pruned_model, processor
+
+
+def scan_then_repair(tmp_path: Path, original: Path, pruned: Path) -> Path:
+    """The full flow with a head scan first; returns where the scan would write its scores."""
+    heads = tmp_path / "runs" / "heads.json"
+    module = LVLMModule(str(original), max_new_tokens=1)
+    callbacks = [SafetyHeadAttribution(positions="response", num_samples=2, top_h=2, when="validation_start",
+                                       heatmap=False, output=str(heads)),
+                 PrunedCheckpoint(str(pruned), when="validation_start"),
+                 SafetyRealignment(num_samples=8, when="validation_start", table=False)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                         default_root_dir=tmp_path / "runs", callbacks=callbacks)
+    trainer.validate(module, datamodule=make_data(module.processor), verbose=False)
+    return heads
+
+
+def variant(pruned: Path, tmp_path: Path, name: str, edit) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(pruned, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file(edit(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_header_problems_are_refused_in_setup_before_the_head_scan(tmp_path, folders, monkeypatch):
+    original, pruned, _, _, _ = folders
+    scanned = []
+    monkeypatch.setattr(SafetyHeadAttribution, "run", lambda *a, **k: scanned.append(1))
+    q = next(k for k in load_file(str(pruned / "model.safetensors")) if k.endswith("layers.0.self_attn.q_proj.weight"))
+
+    def parametrized(t):  # torchao before squash_mask: the weight lives in parametrizations.*
+        t[q.replace(".weight", ".parametrizations.weight.original")] = t.pop(q)
+        return t
+
+    def reshaped(t):
+        t[q] = t[q][:-1].contiguous()
+        return t
+
+    cases = {
+        "torchao parametrizations .*squash_mask": variant(pruned, tmp_path, "unsquashed", parametrized),
+        "matrix shapes differ": variant(pruned, tmp_path, "reshaped", reshaped),
+        "as F16, narrower than the original": variant(pruned, tmp_path, "half", lambda t: {k: v.half() for k, v in t.items()}),
+        "as I8 \\(quantized\\?\\)": variant(pruned, tmp_path, "int8", lambda t: {**t, q: t[q].to(torch.int8)}),
+    }
+    for pattern, folder in cases.items():
+        with pytest.raises(CheckpointError, match=pattern):
+            scan_then_repair(tmp_path, original, folder)
+    with pytest.raises(CheckpointError, match="look swapped"):  # the dense model given as the pruned one
+        scan_then_repair(tmp_path, pruned_as_original(tmp_path, original, pruned), original)
+    other, _ = build_tiny_llava(False, layers=3, heads=4)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointError, match="num_hidden_layers=3 but the original has 2"):
+        scan_then_repair(tmp_path, original, tmp_path / "other")
+    assert not scanned and not (tmp_path / "runs" / "heads.json").exists()
+
+
+def pruned_as_original(tmp_path: Path, original: Path, pruned: Path) -> Path:
+    """The pruned weights in a folder that also holds the processor (so it loads as the model)."""
+    folder = tmp_path / "pruned_with_processor"
+    shutil.copytree(pruned, folder)
+    for file in original.iterdir():
+        if file.is_file() and not (folder / file.name).exists():
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ mask files
+def test_pack_bits_equals_the_loop():
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(5, 13, generator=g) > 0.5
+    want = torch.zeros(5, 2, dtype=torch.uint8)
+    for r in range(5):
+        for c in range(13):
+            if mask[r, c]:
+                want[r, c // 8] |= 1 << (c % 8)
+    assert torch.equal(pack_bits(mask), want)
+
+
+@pytest.mark.parametrize(("meaning", "packing"), [("kept", "bits"), ("pruned", "bool")])
+def test_a_mask_file_gives_the_pruned_set_when_zeros_cannot(tmp_path, folders, meaning, packing):
+    """GPTQ after pruning (llm-compressor ≥ 0.13) overwrites the pruned zeros: the mask file tells."""
+    original, pruned, dense, pruned_model, _ = folders
+    names = list(get_state_targets(dense))
+    modules = dict(pruned_model.named_modules())
+    tool_pruned = {f"{n}.weight": modules[n].weight.detach() == 0 for n in names}
+    g = torch.Generator().manual_seed(0)
+    overwritten = copy.deepcopy(pruned_model)
+    with torch.no_grad():
+        for n in names:
+            w = dict(overwritten.named_modules())[n].weight
+            w[w == 0] = 1e-3 * torch.randn(int((w == 0).sum()), generator=g)  # no zero left
+    folder = tmp_path / "gptq"
+    overwritten.save_pretrained(folder)
+    with pytest.raises(CheckpointError, match="has no pruned weight"):  # zeros alone cannot tell
+        repair(tmp_path, original, folder)
+    masks = {k: (~m if meaning == "kept" else m) for k, m in tool_pruned.items()}
+    write_mask_file(folder / MASK_FILE, masks, meaning=meaning, packing=packing)
+    module, (loader, _) = repair(tmp_path, original, folder)
+    state = get_state(module)
+    for n in names:
+        assert torch.equal(state.pruned[n], tool_pruned[f"{n}.weight"]), n
+    assert loader.report["masks"].endswith(MASK_FILE) and loader.report["nonzero_where_masked"] > 0
+
+
+def test_a_mask_file_without_its_metadata_or_a_target_is_refused(tmp_path, folders):
+    original, pruned, dense, _, _ = folders
+    bare = tmp_path / "bare.safetensors"
+    save_file({"x": torch.zeros(2, 2, dtype=torch.uint8)}, str(bare))
+    with pytest.raises(CheckpointError, match="lacks the metadata"):
+        PrunedCheckpoint(str(pruned), masks=str(bare))
+    names = list(get_state_targets(dense))
+    partial = tmp_path / "partial.safetensors"
+    write_mask_file(partial, {f"{names[0]}.weight": torch.ones(64, 64, dtype=torch.bool)})
+    with pytest.raises(CheckpointError, match="has no mask for"):
+        repair(tmp_path, original, pruned, masks=str(partial))
+
+
+def get_state_targets(model):
+    from hsr_pl.models import get_adapter
+
+    return get_adapter(model).target_linears()
+
+
+# ------------------------------------------------------------------------ N:M and the manifest
+def test_a_2_4_checkpoint_stays_2_4_by_default_and_the_manifest_says_so(tmp_path, folders):
+    original, _, dense, _, processor = folders
+    nm = copy.deepcopy(dense).eval()
+    prune_model(nm, calibration(processor), PruningConfig(method="wanda", sparsity=None, mask_structure="2:4"))
+    folder = tmp_path / "pruned24"
+    nm.save_pretrained(folder)
+    module, (_, realign) = repair(tmp_path, original, folder)
+    state = get_state(module)
+    assert realign.report["restored_params"] > 0 and realign.report["settings"]["preserve_structure"] is True
+    for name, param in module.model.named_parameters():
+        if name.removesuffix(".weight") in state.pruned:
+            groups = (param.detach() != 0).reshape(param.shape[0], -1, 4).sum(-1)
+            assert int(groups.max()) <= 2, name  # at most 2 of every 4 non-zero: still 2:4
+    after = realignment_manifest(module, state)["pruning"]["after_restoring"]
+    assert after["still_n_m"] is True and after["structure"] == "2:4"
+    total = sum(m.numel() for m in state.pruned.values())
+    zeros = sum(int((dict(module.model.named_modules())[n].weight == 0).sum()) for n in state.pruned)
+    assert after["sparsity"] == pytest.approx(zeros / total)  # the exported weights' zeros, counted
+    # preserve_structure: false still restores freely; the manifest then says the export is not 2:4.
+    from hsr_pl.realign import MarginRule
+
+    module = LVLMModule(str(original), max_new_tokens=1)
+    callbacks = [PrunedCheckpoint(str(folder), when="validation_start"),
+                 SafetyRealignment(heads=["0-1", "1-2"], num_samples=8, when="validation_start", table=False,
+                                   method=MarginRule(preserve_structure=False))]
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, limit_val_batches=1, callbacks=callbacks).validate(
+        module, datamodule=make_data(module.processor), verbose=False)
+    after = realignment_manifest(module, get_state(module))["pruning"]["after_restoring"]
+    assert after["still_n_m"] is False and after["structure"] is None
+
+
+def test_unstructured_repair_reports_the_sparsity_after_restoring(tmp_path, folders):
+    original, pruned, _, _, _ = folders
+    module, (_, realign) = repair(tmp_path, original, pruned)
+    state = get_state(module)
+    after = realignment_manifest(module, state)["pruning"]["after_restoring"]
+    total = sum(m.numel() for m in state.pruned.values())
+    before = sum(int(m.sum()) for m in state.pruned.values())
+    assert after["sparsity"] == pytest.approx((before - realign.report["restored_params"]) / total)
+    assert after["still_n_m"] is None
+    assert json.dumps(realignment_manifest(module, state))  # JSON-able
+    assert TRAIN.is_file()
