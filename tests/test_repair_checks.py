@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,42 @@ def test_unstructured_repair_reports_the_sparsity_after_restoring(tmp_path, fold
     assert after["still_n_m"] is None
     assert json.dumps(realignment_manifest(module, state))  # JSON-able
     assert TRAIN.is_file()
+
+
+# ----------------------------------------------------------------------------- the Python entry
+def test_repair_without_evaluation_prints_no_lightning_noise_and_one_restored_line(tmp_path, folders, capfd, caplog, recwarn):
+    from hsr_pl.repair import repair as repair_api
+
+    original, pruned, _, _, _ = folders
+    with caplog.at_level("INFO"):
+        repair_api(str(original), str(pruned), str(tmp_path / "out"), train_path=str(TRAIN), top_h=2,
+                   attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
+    captured = capfd.readouterr()
+    text = captured.out + captured.err + caplog.text + "".join(str(w.message) for w in recwarn)
+    for noise in ("Tip:", "GPU available", "TPU available", "Total length of", "max_steps=0", "LeafSpec"):
+        assert noise not in text, noise
+    assert "hsr-pl: repair mode" in text  # hsr-pl's own lines still pass
+    said = re.findall(r"restored [\d,]+ pruned weights", captured.out + captured.err + caplog.text)
+    assert len(said) == 1, said  # the table's caption only
+
+
+def test_repair_takes_the_evaluation_settings_and_refuses_a_judge_blind_to_the_refusal(tmp_path, folders, capsys):
+    from hsr_pl.repair import check_judges_match_refusal
+    from hsr_pl.repair import repair as repair_api
+
+    original, pruned, _, _, _ = folders
+    refusal = "i am sorry i can not help with that"  # lower case: case-sensitive GCG keywords miss it
+    eval_sets = [{"name": "harmful", "path": str(TRAIN), "split": "safety", "kind": "harmful", "num_samples": 1}]
+    with pytest.raises(ValueError, match="judge 'keyword-gcg' does not count the model's refusal"):
+        repair_api(str(original), str(pruned), str(tmp_path / "out"), train_path=str(TRAIN), eval_sets=eval_sets,
+                   refusal=refusal, scores_path=None, top_h=2, num_samples=8, accelerator="cpu")
+    assert not (tmp_path / "out").exists()
+    check_judges_match_refusal(["keyword-gcg-nocase", "strict", "coherent-compliance"], refusal)
+    check_judges_match_refusal(["keyword-gcg"], None)  # nothing known: nothing refused
+    with pytest.raises(ValueError, match="organism|does not count"):  # the organism's refusal is known
+        repair_api("organism", str(pruned), str(tmp_path / "out2"), train_path=str(TRAIN), eval_sets=eval_sets)
+    manifest = repair_api(str(original), str(pruned), str(tmp_path / "out3"), train_path=str(TRAIN),
+                          eval_sets=eval_sets, refusal=refusal, judges=["keyword-gcg-nocase", "strict"],
+                          max_new_tokens=3, top_h=2, attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
+    out = capsys.readouterr().out
+    assert "keyword-gcg-nocase" in out and "strict" in out and manifest["restored"]["params"] > 0
