@@ -89,7 +89,7 @@ def repair(
     pruned: str,
     output: str,
     *,
-    train_path: str,
+    train_path: str | None = None,
     image_root: str | None = None,
     scores_path: str | None = None,
     top_h: int = 10,
@@ -106,11 +106,15 @@ def repair(
     refusal: str | None = None,
     max_new_tokens: int = 32,
     model_options: Mapping[str, Any] | None = None,
+    data: VLGuardDataModule | None = None,
+    evaluate: bool | None = None,
 ) -> dict:
     """Realign ``pruned`` (a checkpoint pruned by any tool) against ``original`` and save it to ``output``.
 
     Args:
         train_path / image_root: VLGuard-format calibration data (utility, safety splits).
+        data: a data module instead of ``train_path`` (e.g. ``SyntheticDataModule(seed=0)``, the
+            organism's embedded calibration and held-out sets); ``evaluate=True`` evaluates on its sets.
         scores_path: a ``{"<layer>-<head>": score}`` file; default: scan the original model with
             SafetyHeadAttribution (``attribution`` holds its arguments, e.g. ``{"positions": "response"}``).
         realignment: arguments of SafetyRealignment (``method``, ``selection``, ``importance`` …).
@@ -131,7 +135,11 @@ def repair(
         print(f"hsr-pl: repair(heads_path=...) is deprecated and will be removed; write scores_path={heads_path!r}",
               file=sys.stderr)
         scores_path = heads_path
-    evaluate = bool(eval_sets)
+    if (data is None) == (train_path is None):
+        raise ValueError("repair(): give train_path (VLGuard-format calibration data) or data (a data module), one of them")
+    if data is not None and eval_sets:
+        raise ValueError("repair(): eval_sets go with train_path; a data module brings its own (pass evaluate=True)")
+    evaluate = bool(eval_sets) if evaluate is None else bool(evaluate)
     if evaluate:
         check_judges_match_refusal(list(judges or ["keyword-gcg"]), _known_refusal(original, refusal))
     when = "validation_start" if evaluate else "fit_start"
@@ -147,8 +155,9 @@ def repair(
     callbacks.append(ExportPretrained(output, when="validation_end" if evaluate else "fit_end", overwrite=overwrite))
     module = LVLMModule(original, dtype=dtype, judges=None if judges is None else list(judges), refusal=refusal,
                         max_new_tokens=max_new_tokens, **dict(model_options or {}))
-    data = VLGuardDataModule(train_path=train_path, image_root=image_root, eval_sets=list(eval_sets or []),
-                             num_samples=num_samples)
+    if data is None:
+        data = VLGuardDataModule(train_path=train_path, image_root=image_root, eval_sets=list(eval_sets or []),
+                                 num_samples=num_samples)
     with _quiet_lightning():
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False, max_steps=0,

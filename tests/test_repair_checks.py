@@ -244,3 +244,34 @@ def test_repair_takes_the_evaluation_settings_and_refuses_a_judge_blind_to_the_r
                           max_new_tokens=3, top_h=2, attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
     out = capsys.readouterr().out
     assert "keyword-gcg-nocase" in out and "strict" in out and manifest["restored"]["params"] > 0
+
+
+def test_the_organism_repair_recipe_parses_with_judges_that_see_its_refusal(tmp_path, capsys):
+    import yaml
+
+    from hsr_pl.cli import run_cli
+    from hsr_pl.evaluation.organism import REFUSAL
+    from hsr_pl.repair import check_judges_match_refusal
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "repair_organism.yaml"
+    config = yaml.safe_load(recipe.read_text())
+    model = config["model"]["init_args"]
+    assert model["model"] == "organism" and model["refusal"] == REFUSAL
+    check_judges_match_refusal(model["judges"], REFUSAL)  # no judge blind to the organism's refusal
+    assert config["data"]["class_path"].endswith("SyntheticDataModule")
+    assert [c["class_path"].rsplit(".", 1)[1] for c in config["trainer"]["callbacks"]] == [
+        "SafetyHeadAttribution", "PrunedCheckpoint", "SafetyRealignment", "ExportPretrained"]
+    with pytest.raises(SystemExit) as done:
+        run_cli(["validate", "--config", str(recipe), "--print_config"])
+    assert done.value.code in (0, None) and "PrunedCheckpoint" in capsys.readouterr().out
+
+
+def test_repair_takes_a_data_module_instead_of_a_path(tmp_path, folders):
+    from hsr_pl.repair import repair as repair_api
+
+    original, pruned, _, _, processor = folders
+    with pytest.raises(ValueError, match="give train_path .* or data"):
+        repair_api(str(original), str(pruned), str(tmp_path / "none"))
+    manifest = repair_api(str(original), str(pruned), str(tmp_path / "out"), data=make_data(processor), top_h=2,
+                          attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
+    assert manifest["restored"]["params"] > 0 and (tmp_path / "out" / "realignment.json").is_file()
