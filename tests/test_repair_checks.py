@@ -275,3 +275,36 @@ def test_repair_takes_a_data_module_instead_of_a_path(tmp_path, folders):
     manifest = repair_api(str(original), str(pruned), str(tmp_path / "out"), data=make_data(processor), top_h=2,
                           attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
     assert manifest["restored"]["params"] > 0 and (tmp_path / "out" / "realignment.json").is_file()
+
+
+def test_the_gradient_gain_of_a_swapped_out_sparsegpt_entry_uses_the_value_a_restore_writes(tiny_llava):
+    """SparseGPT moves kept weights; an N:M swap records the moved value as the entry's original, and
+    a later restore writes that value back. The gain −g·w must score that value, not the dense one."""
+    from hsr_pl.models import get_adapter
+    from hsr_pl.realign.runner import DenseMeasurement, _views, attention_linears
+    from hsr_pl.state import HSRState
+
+    model, _ = tiny_llava
+    adapter = get_adapter(model)
+    linears = attention_linears(adapter)
+    name = next(iter(linears))
+    linear = linears[name][2]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        dense = linear.weight.detach().clone()
+        pruned = torch.rand(dense.shape, generator=g) < 0.5
+        state = HSRState()
+        state.record_pruning(name, pruned, dense)
+        moved = dense + 0.1 * torch.randn(dense.shape, generator=g)  # SparseGPT's update of kept weights
+        moved[pruned] = 0
+        swap = (~pruned) & (torch.rand(dense.shape, generator=g) < 0.05)
+        state.add_pruned(name, swap, moved)  # an N:M swap-out of a kept (moved) weight
+        moved[swap] = 0
+        linear.weight.copy_(moved)
+    measurement = DenseMeasurement("wanda", dense={name: dense})
+    (view,) = _views(adapter, state, [name], linears, measurement, {name: pruned}, gains=True)
+    written = state.original_weight(name, linear.weight.detach())  # what _apply writes on restore
+    assert torch.equal(view.restore_values[swap], written[swap].float())
+    assert not torch.equal(view.restore_values[swap], dense[swap].float())  # the test tells the two apart
+    assert torch.equal(view.restore_values[pruned], dense[pruned].float())
+    assert torch.equal(view.dense, dense.float())  # the importance scores still read the dense model
