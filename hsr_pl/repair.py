@@ -161,7 +161,9 @@ def repair(
     with _quiet_lightning():
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False, max_steps=0,
-            enable_model_summary=False, callbacks=callbacks, default_root_dir=str(Path(output).parent),
+            # without evaluation, a data module's held-out sets are not generated from (no sanity check)
+            num_sanity_val_steps=0, limit_val_batches=None if evaluate else 0, enable_model_summary=False,
+            callbacks=callbacks, default_root_dir=str(Path(output).parent),
         )
         if evaluate:
             trainer.validate(module, datamodule=data, verbose=False)

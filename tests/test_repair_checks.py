@@ -266,7 +266,7 @@ def test_the_organism_repair_recipe_parses_with_judges_that_see_its_refusal(tmp_
     assert done.value.code in (0, None) and "PrunedCheckpoint" in capsys.readouterr().out
 
 
-def test_repair_takes_a_data_module_instead_of_a_path(tmp_path, folders):
+def test_repair_takes_a_data_module_instead_of_a_path(tmp_path, folders, capsys):
     from hsr_pl.repair import repair as repair_api
 
     original, pruned, _, _, processor = folders
@@ -275,6 +275,7 @@ def test_repair_takes_a_data_module_instead_of_a_path(tmp_path, folders):
     manifest = repair_api(str(original), str(pruned), str(tmp_path / "out"), data=make_data(processor), top_h=2,
                           attribution={"num_samples": 2}, num_samples=8, accelerator="cpu")
     assert manifest["restored"]["params"] > 0 and (tmp_path / "out" / "realignment.json").is_file()
+    assert "keyword-gcg" not in capsys.readouterr().out  # its held-out sets were not evaluated (no sanity check)
 
 
 def test_the_gradient_gain_of_a_swapped_out_sparsegpt_entry_uses_the_value_a_restore_writes(tiny_llava):
