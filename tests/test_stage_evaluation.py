@@ -67,6 +67,7 @@ def test_stages_baselines_curve_and_the_realigned_model_put_back(tmp_path):
             assert key in summary[stage], (stage, key)
         assert set(summary[stage]["judges"]) == {"keyword-gcg-nocase", "strict"}
     assert summary["restored_params"] == 12 == realign.report["restored_params"]
+    assert summary["sparsity_after_restoring"] < summary["sparsity"] and "rsr_reason" in summary
     assert summary["heads"] == [[0, 1], [1, 2]] and summary["method"] == "wanda"
     base = summary["baselines"]
     assert set(base) == {"random", "random_in_heads", "none", "whole_heads", "released_slices", "random_heads", "margin_rule"}

@@ -104,3 +104,13 @@ def test_whole_heads_is_left_out_under_preserve_structure_with_its_reason():
         variant_config(cfg, "whole_heads", None)
     assert left_out_baselines(RealignConfig(order="gradient", budget=10)) == {}
     assert variant_config(RealignConfig(), "whole_heads", None).selection == "whole_heads"
+
+
+def test_the_renamed_baselines_and_their_old_names():
+    from hsr_pl.callbacks import StageEvaluation
+    from hsr_pl.realign.baselines import BASELINES
+
+    assert "released_slices" in BASELINES and "margin_rule" in BASELINES
+    assert "reference" not in BASELINES and "paper_rule" not in BASELINES  # they never used the published p
+    stages = StageEvaluation(curve_methods=["paper_rule", "reference", "hsr"])
+    assert stages.curve_methods == ["margin_rule", "released_slices", "hsr"]
