@@ -412,7 +412,14 @@ class SafetyRealignment(HSRCallback):
             )
         heads = self._heads_or_error(trainer, pl_module)
         self._check_heads(heads, adapter)
-        if self.dense is None and self.method.needs_dense:
+        if self.method.preserve_structure is None and state.structure is not None and not self.config.preserve_structure:
+            # N:M masks stay N:M unless the method says preserve_structure: false (sparse kernels need them).
+            self.config = replace(self.config, preserve_structure=True)
+            rank_zero_info(
+                f"hsr-pl: the pruned masks are {state.structure[0]}:{state.structure[1]}; realignment keeps them so "
+                "(preserve_structure: false in the method restores freely)"
+            )
+        if self.dense is None and (self.method.needs_dense or self.config.preserve_structure):
             raise RealignInputError(
                 "SafetyRealignment has no dense-model statistics: the pruner ran without it (it measures them when "
                 "the pruner announces its first weight change); keep Pruning/PrunedCheckpoint and SafetyRealignment "
@@ -471,7 +478,8 @@ class SafetyRealignment(HSRCallback):
                 "SafetyRealignment restored no weight: the rule's candidates inside the heads were all kept by the "
                 "pruner. Try MarginRule's p: auto or a larger max_p, more heads, or the GradientOrder method with a budget."
             )
-        rank_zero_info(f"hsr-pl: realignment {realignment_line(self.report)}")
+        if not (self.show_table and trainer.is_global_zero):  # the table's caption already says it
+            rank_zero_info(f"hsr-pl: realignment {realignment_line(self.report)}")
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"realign/restored": self.report["restored_params"], "realign/ratio_lm": self.report["restored_ratio_lm"]},

@@ -14,10 +14,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hsr_pl.models.checkpoints import CheckpointError, load_like, pruned_set
+from hsr_pl.models.checkpoints import CheckpointError, check_pruned_folder, load_like, pruned_set
+from hsr_pl.models.mask_files import MASK_FILE, check_mask_file, read_mask_file
 from hsr_pl.pruning import PruningConfigError
 from hsr_pl.pruning.masks import detect_structure
 from hsr_pl.state import get_state
@@ -26,10 +27,17 @@ from ._common import hf_model
 from ._masks import MaskHolder
 from .base import WHEN, notify_before_pruning, notify_stage
 
-__all__ = ["PrunedCheckpoint"]
+__all__ = ["PrunedCheckpoint", "outside_line"]
 
 # Exact-zero fraction above which a module outside the targets is reported as pruned by the tool.
 OUTSIDE_ZERO_FRACTION = 0.05
+
+
+def outside_line(outside: dict[str, float]) -> str:
+    """One readable line naming every module the tool pruned outside the targets (none left out)."""
+    listed = ", ".join(f"{n} ({100 * f:.2f} %)" for n, f in outside.items())
+    return (f"hsr-pl: warning: the tool also pruned {len(outside)} module(s) outside the targets, kept as the tool "
+            f"left them (realignment does not touch them; realignment.json lists them): {listed}")
 
 
 class PrunedCheckpoint(MaskHolder):
@@ -45,6 +53,9 @@ class PrunedCheckpoint(MaskHolder):
             or compressed-tensors ``sparse-bitmask`` / ``sparse-24-bitmask``).
         targets / ignore / keep_originals: regexes as for :class:`hsr_pl.callbacks.Pruning`
             (default: every decoder-layer linear; originals kept for q/k/v/o).
+        masks: a mask file (docs/realignment.md, "Mask files"): the pruned set when zeros cannot tell it
+            (e.g. llm-compressor runs GPTQ after pruning, which overwrites the pruned zeros). Default:
+            ``<path>/pruning_masks.safetensors`` when it exists, else inferred from the zeros.
         when: ``fit_start`` and/or ``validation_start``.
         state_dir: where checkpoints' side files go (as for :class:`hsr_pl.callbacks.Pruning`).
     """
@@ -62,6 +73,7 @@ class PrunedCheckpoint(MaskHolder):
         keep_originals: str | list[str] | None = None,
         when: str | list[str] = WHEN,
         state_dir: str | None = None,
+        masks: str | None = None,
     ) -> None:
         super().__init__(
             when, error=PruningConfigError, state_dir=state_dir, targets=targets, ignore=ignore,
@@ -75,15 +87,29 @@ class PrunedCheckpoint(MaskHolder):
         if not (folder / "config.json").is_file():
             raise PruningConfigError(f"PrunedCheckpoint(path={path!r}) has no config.json; give the folder save_pretrained wrote")
         self.path = str(folder)
+        if masks is None and (folder / MASK_FILE).is_file():
+            masks = str(folder / MASK_FILE)
+        self.masks = None if masks is None else str(Path(masks).expanduser())
+        if self.masks is not None:
+            check_mask_file(Path(self.masks))
         self.report: dict[str, Any] = {}
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # What config.json and the safetensors headers can tell, before the head scan and any file written.
+        source = getattr(pl_module, "model_source", None)
+        original = Path(source).expanduser() if isinstance(source, str) and Path(source).expanduser().is_dir() else None
+        check_pruned_folder(original, Path(self.path))
+
+    @override
     def settings(self) -> dict[str, Any]:
-        return {"path": self.path, "targets": self.targets, "ignore": self.ignore, "keep_originals": self.keep_originals}
+        return {"path": self.path, "targets": self.targets, "ignore": self.ignore, "keep_originals": self.keep_originals,
+                "masks": self.masks}
 
     @override
     def input_paths(self) -> list[str]:
-        return [self.path]
+        return [self.path] + ([self.masks] if self.masks else [])
 
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,9 +120,14 @@ class PrunedCheckpoint(MaskHolder):
         theirs = dict(pruned_model.named_parameters())
         modules = dict(model.named_modules())
         masks = {}
+        given = None if self.masks is None else read_mask_file(Path(self.masks), {
+            f"{n}.weight": tuple(modules[n].weight.shape) for n in targets})
         for name in targets:
             original = modules[name].weight.detach()
-            masks[name] = pruned_set(original.cpu(), theirs[f"{name}.weight"].detach().cpu())
+            if given is not None:
+                masks[name] = given[f"{name}.weight"]
+            else:
+                masks[name] = pruned_set(original.cpu(), theirs[f"{name}.weight"].detach().cpu())
         pruned_count = sum(int(m.sum()) for m in masks.values())
         if pruned_count == 0:
             raise CheckpointError(
@@ -113,7 +144,6 @@ class PrunedCheckpoint(MaskHolder):
                 state.record_pruning(name, masks[name], modules[name].weight.detach() if name in keep_set else None)
             for name, param in model.named_parameters():
                 param.data.copy_(theirs[name].detach().to(param.device, param.dtype))
-        del pruned_model, theirs
         total = sum(m.numel() for m in masks.values())
         state.sparsity = pruned_count / total
         state.method = f"checkpoint:{self.path}"
@@ -123,19 +153,21 @@ class PrunedCheckpoint(MaskHolder):
             "path": self.path, "format": info["format"], "recipe_yaml": info["recipe"], "targets": len(targets),
             "pruned_params": pruned_count, "sparsity": state.sparsity,
             "structure": None if state.structure is None else list(state.structure),
-            "pruned_outside_targets": outside, "seconds": round(time.perf_counter() - start, 3),
+            "pruned_outside_targets": outside, "masks": self.masks or "inferred from zeros",
+            "seconds": round(time.perf_counter() - start, 3),
         }
+        if given is not None:
+            self.report["nonzero_where_masked"] = sum(
+                int((theirs[f"{n}.weight"].detach().cpu()[m] != 0).sum()) for n, m in masks.items())
+        state.source = dict(self.report)
         if outside:
-            listed = ", ".join(f"{n} ({100 * f:.0f} %)" for n, f in list(outside.items())[:4])
-            rank_zero_warn(
-                f"PrunedCheckpoint: the tool also pruned {len(outside)} module(s) outside the targets: {listed}; they "
-                "stay as the tool left them and realignment does not touch them"
-            )
+            rank_zero_info(outside_line(outside))
         structure = "" if state.structure is None else f", {state.structure[0]}:{state.structure[1]}"
         rank_zero_info(
             f"hsr-pl: repair mode: {self.path} ({info['format']}) pruned {pruned_count:,} of {total:,} target weights "
             f"({100 * state.sparsity:.2f} %{structure}); the model now holds the pruned weights"
         )
+        del pruned_model, theirs
         notify_stage(trainer, pl_module, "pruned", self)
 
     @staticmethod
@@ -150,6 +182,12 @@ class PrunedCheckpoint(MaskHolder):
             if zeros >= OUTSIDE_ZERO_FRACTION:
                 out[name] = zeros
         return out
+
+    @override
+    def on_restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_restored(trainer, pl_module)
+        if self.report:
+            get_state(pl_module).source = dict(self.report)
 
     @override
     def extra_state(self) -> dict[str, Any]:

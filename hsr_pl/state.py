@@ -89,6 +89,8 @@ class HSRState:
         method: the pruning method's name.
         structure: ``(N, M)`` when the masks are N:M, None when unstructured.
         realignment: SafetyRealignment's report (restored counts, settings), for the manifest.
+        source: what the pruner found (PrunedCheckpoint: the tool's format, recipe, modules pruned
+            outside the targets), for the manifest.
         realignment_run: SafetyRealignment's in-memory hand-over (:class:`RealignmentRun`); not
             part of ``state_dict``.
     """
@@ -102,6 +104,7 @@ class HSRState:
     method: str | None = None
     structure: tuple[int, int] | None = None
     realignment: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
     realignment_run: RealignmentRun | None = field(default=None, repr=False, compare=False)
     # {name: _DeviceKeep}: packed keep-masks on the weights' devices (see apply_masks).
     _device_keep: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -198,6 +201,7 @@ class HSRState:
             "method": self.method,
             "structure": None if self.structure is None else list(self.structure),
             "realignment": dict(self.realignment),
+            "source": dict(self.source),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -211,6 +215,7 @@ class HSRState:
         structure = state.get("structure")
         self.structure = None if structure is None else (int(structure[0]), int(structure[1]))
         self.realignment = dict(state.get("realignment", {}))
+        self.source = dict(state.get("source", {}))
         self.invalidate_masks()
 
     def metadata(self) -> dict:

@@ -25,3 +25,13 @@ def tiny_llava_gqa():
     from hsr_pl.models.tiny import build_tiny
 
     return build_tiny("llava", gqa=True)
+
+
+def require_torchao():
+    """torchao for the cross-checks (the ``xcheck`` extra): skipped where it is not installed, but
+    CI (``HSR_REQUIRE_XCHECK=1``, set by .ci/run, which installs the extra) fails instead of skipping."""
+    if os.environ.get("HSR_REQUIRE_XCHECK"):
+        import torchao
+
+        return torchao
+    return pytest.importorskip("torchao", reason="the torchao cross-check needs the xcheck extra")

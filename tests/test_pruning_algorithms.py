@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from conftest import require_torchao
 from torch import nn
 
 from hsr_pl.pruning import (
@@ -318,6 +319,7 @@ def test_wanda_rejects_wrong_statistic_shape():
 
 
 def _torchao_wanda(weight: torch.Tensor, inputs: list[torch.Tensor], block: int | None):
+    require_torchao()
     from torchao.sparsity import WandaSparsifier
 
     model = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))

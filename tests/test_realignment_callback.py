@@ -540,7 +540,9 @@ def test_export_writes_the_manifest_and_reloads_with_plain_transformers(tmp_path
     folder = tmp_path / "realigned"
     manifest = json.loads((folder / "realignment.json").read_text())
     assert manifest["restored"]["params"] == 30 == sum(manifest["restored"]["per_module"].values())
-    assert manifest["pruning"] == {"method": "wanda", "sparsity": 0.5, "structure": None}
+    after = manifest["pruning"].pop("after_restoring")
+    assert manifest["pruning"] == {"method": "wanda", "sparsity": 0.5, "structure": None, "checkpoint": None}
+    assert after["sparsity"] == (after["target_params"] * 0.5 - manifest["restored"]["params"]) / after["target_params"]
     assert [[h["layer"], h["head"]] for h in manifest["heads"]] == [list(p) for p in attribution.top]
     assert all(h["score"] == attribution.scores[f"{h['layer']}-{h['head']}"] for h in manifest["heads"])
     assert manifest["rule"] == {"p": "auto", "q": 0.5, "max_p": 0.7, "top_h": len(attribution.top), "selection": "head",

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import require_torchao
 from safetensors.torch import load_file, save_file
 
 from hsr_pl.callbacks import PrunedCheckpoint, Pruning, SafetyRealignment
@@ -29,6 +30,7 @@ from hsr_pl.models.checkpoints import (
 from hsr_pl.models.tiny import build_tiny_llava
 from hsr_pl.module import LVLMModule
 from hsr_pl.pruning import PruningConfig, prune_model
+from hsr_pl.report.manifest import realignment_manifest
 from hsr_pl.state import get_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,7 @@ def test_repair_equals_pruning_in_process(tmp_path, checkpoints):
 
 
 def test_torchao_wanda_sparsifier_checkpoint(tmp_path, checkpoints):
+    require_torchao()
     from torchao.sparsity import WandaSparsifier
 
     original, _, dense, _, processor = checkpoints
@@ -162,7 +165,7 @@ def test_torchao_wanda_sparsifier_checkpoint(tmp_path, checkpoints):
     unsquashed.mkdir()
     save_file(torch_state, str(unsquashed / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(original / "config.json", unsquashed / "config.json")
-    with pytest.raises(CheckpointError, match="call squash_mask"):
+    with pytest.raises(CheckpointError, match="torchao parametrizations.*squash_mask"):
         repair(tmp_path, original, unsquashed)
     sparsifier.squash_mask()
     squashed = tmp_path / "torchao"
@@ -266,8 +269,12 @@ def test_compressed_tensors_checkpoints_are_decoded(tmp_path, checkpoints, fmt, 
     assert loader.report["format"] == fmt and loader.report["recipe_yaml"]
     state = get_state(module)
     theirs = dict(pruned_model.named_modules())
+    extra = 0  # a 2:4 checkpoint stays 2:4 by default: each restore swaps out a kept weight (pruned now)
     for name, mask in state.pruned.items():
-        assert torch.equal(mask, (theirs[name].weight == 0) & (dict(dense.named_modules())[name].weight != 0)), name
+        tool = (theirs[name].weight == 0) & (dict(dense.named_modules())[name].weight != 0)
+        assert torch.equal(mask & tool, tool), name
+        extra += int((mask & ~tool).sum())
+    assert extra == realign.report["swapped_out_params"] == (realign.report["restored_params"] if fmt == "sparse-24-bitmask" else 0)
     assert state.structure == ((2, 4) if fmt == "sparse-24-bitmask" else None)
     assert realign.report["restored_params"] > 0
 
@@ -317,18 +324,30 @@ def test_refusals_name_the_problem(tmp_path, checkpoints):
         repair(tmp_path, original, cut)
 
 
-def test_modules_pruned_outside_the_targets_are_reported_and_kept(tmp_path, checkpoints):
+def test_modules_pruned_outside_the_targets_are_reported_and_kept(tmp_path, checkpoints, caplog, recwarn):
     original, pruned, _, pruned_model, _ = checkpoints
     tool = copy.deepcopy(pruned_model)
-    vision = next(n for n, m in tool.named_modules() if isinstance(m, torch.nn.Linear) and "vision" in n)
+    # Like llm-compressor: the vision tower, the projector and lm_head pruned too (more than four modules).
+    outside = [n for n, m in tool.named_modules() if isinstance(m, torch.nn.Linear)
+               and ("vision" in n or "projector" in n or n == "lm_head")]
+    assert len(outside) > 4 and "lm_head" in outside
     with torch.no_grad():
-        weight = dict(tool.named_modules())[vision].weight
-        weight[:, : weight.shape[1] // 2] = 0
+        for name in outside:
+            weight = dict(tool.named_modules())[name].weight
+            weight[:, : weight.shape[1] // 2] = 0
+    vision = outside[0]
+    weight = dict(tool.named_modules())[vision].weight
     folder = tmp_path / "tool"
     tool.save_pretrained(folder)
-    with pytest.warns(UserWarning, match="outside the targets"):
+    with caplog.at_level("INFO"):
         module, (loader, _) = repair(tmp_path, original, folder)
-    assert vision in loader.report["pruned_outside_targets"]
+    lines = [r.getMessage() for r in caplog.records if "outside the targets" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and all(name in lines[0] for name in outside), lines
+    assert not [w for w in recwarn if "outside the targets" in str(w.message)]  # a line, not a UserWarning
+    assert set(loader.report["pruned_outside_targets"]) == set(outside)
+    manifest = realignment_manifest(module, get_state(module))
+    assert set(manifest["pruning"]["checkpoint"]["pruned_outside_targets"]) == set(outside)
+    assert manifest["pruning"]["checkpoint"]["format"] == "dense"
     assert torch.equal(dict(module.model.named_modules())[vision].weight, weight)
     assert vision not in get_state(module).pruned
 

@@ -67,15 +67,16 @@ def test_stages_baselines_curve_and_the_realigned_model_put_back(tmp_path):
             assert key in summary[stage], (stage, key)
         assert set(summary[stage]["judges"]) == {"keyword-gcg-nocase", "strict"}
     assert summary["restored_params"] == 12 == realign.report["restored_params"]
+    assert summary["sparsity_after_restoring"] < summary["sparsity"] and "rsr_reason" in summary
     assert summary["heads"] == [[0, 1], [1, 2]] and summary["method"] == "wanda"
     base = summary["baselines"]
-    assert set(base) == {"random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule"}
+    assert set(base) == {"random", "random_in_heads", "none", "whole_heads", "released_slices", "random_heads", "margin_rule"}
     for name in ("random", "random_in_heads", "none", "random_heads"):
         assert base[name]["restored_params"] == 12, name
-    assert base["whole_heads"]["restored_params"] > 12 and base["paper_rule"]["restored_params"] != 12
-    assert base["reference"]["restored_params"] == 12
+    assert base["whole_heads"]["restored_params"] > 12 and base["margin_rule"]["restored_params"] != 12
+    assert base["released_slices"]["restored_params"] == 12
     assert [p["restored_params"] for p in summary["curve"]["hsr"]] == [4, 12]
-    assert summary["curve"]["paper_rule"][-1]["budget"] is None
+    assert summary["curve"]["margin_rule"][-1]["budget"] is None
     # The realigned model is what validate and the export see: the same weights and restorations,
     # and its evaluation equals the 'realigned' stage.
     final = {k: v for k, v in module.model.state_dict().items()}

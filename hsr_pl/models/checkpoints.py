@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "ModelLoadError",
     "check_model_folder",
+    "check_pruned_folder",
     "check_safetensors",
     "compare_architectures",
     "compression_format",
@@ -403,3 +404,130 @@ def pruned_set(original: Tensor, pruned: Tensor) -> Tensor:
     if original.shape != pruned.shape:
         raise CheckpointError(f"shapes differ: original {tuple(original.shape)}, pruned {tuple(pruned.shape)}")
     return (pruned == 0) & (original != 0)
+
+
+# ------------------------------------------------------------------ checks before any weight is read
+_GEOMETRY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+_ST_FLOATS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16}
+
+
+def safetensors_header(file: Path) -> dict[str, dict]:
+    """The tensors' ``{"dtype", "shape"}`` from a safetensors header (intact: see check_safetensors)."""
+    check_safetensors(file)
+    with open(file, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length).decode("utf-8"))
+    return {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def folder_headers(folder: Path) -> dict[str, dict]:
+    """Every tensor's header entry across the checkpoint's shards."""
+    out: dict[str, dict] = {}
+    for file in weight_files(folder):
+        out.update({k: {**v, "file": file} for k, v in safetensors_header(file).items()})
+    return out
+
+
+def refuse_unsquashed_parametrizations(pruned: Mapping[str, dict], folder: Path) -> None:
+    """torchao's sparsifier saved before ``squash_mask``: ``…parametrizations.weight.original`` keys."""
+    keys = [k for k in pruned if ".parametrizations." in k]
+    if keys:
+        raise CheckpointError(
+            f"the pruned checkpoint {folder} holds torchao parametrizations ({len(keys)} keys, e.g. {keys[0]!r}), not "
+            "plain weights: call sparsifier.squash_mask() before save_pretrained"
+        )
+
+
+def refuse_other_architecture(original: Mapping, pruned: Mapping, folder: Path) -> None:
+    """Another ``model_type`` or text geometry, from the two config.json files."""
+    if original.get("model_type") != pruned.get("model_type"):
+        raise CheckpointError(
+            f"the pruned checkpoint {folder} is a {pruned.get('model_type')!r} model but the original is "
+            f"{original.get('model_type')!r}; give the pruned copy of the same model"
+        )
+    mine, theirs = original.get("text_config") or original, pruned.get("text_config") or pruned
+    for key in _GEOMETRY:
+        a, b = mine.get(key), theirs.get(key)
+        if a is not None and b is not None and a != b:
+            raise CheckpointError(
+                f"the pruned checkpoint has {key}={b} but the original has {a}; give the pruned copy of the same model"
+            )
+
+
+def refuse_other_shapes_or_dtype(original: Mapping[str, dict], pruned: Mapping[str, dict], folder: Path) -> None:
+    """Tensor shapes (as a multiset: tools may rename keys) and a narrower or integer weight dtype."""
+    def shapes(headers: Mapping[str, dict]) -> dict[tuple, int]:
+        out: dict[tuple, int] = {}
+        for info in headers.values():
+            if len(info.get("shape", ())) == 2:
+                out[tuple(info["shape"])] = out.get(tuple(info["shape"]), 0) + 1
+        return out
+
+    mine, theirs = shapes(original), shapes(pruned)
+    if mine != theirs:
+        diff = sorted(set(mine.items()) ^ set(theirs.items()))[0][0]
+        raise CheckpointError(
+            f"the pruned checkpoint's matrix shapes differ from the original's (e.g. {list(diff)} appears "
+            f"{theirs.get(diff, 0)} times there, {mine.get(diff, 0)} in the original); give the pruned copy of the same model"
+        )
+    widths = {_ST_FLOATS.get(info["dtype"], 0) for info in original.values() if len(info.get("shape", ())) == 2}
+    for name, info in pruned.items():
+        if len(info.get("shape", ())) != 2:
+            continue
+        width = _ST_FLOATS.get(info["dtype"])
+        if width is None:
+            raise CheckpointError(
+                f"the pruned checkpoint stores {name!r} as {info['dtype']} (quantized?); realignment compares float "
+                "weights: give the checkpoint saved before quantization"
+            )
+        if width < max(widths, default=0):
+            raise CheckpointError(
+                f"the pruned checkpoint stores {name!r} as {info['dtype']}, narrower than the original's weights; "
+                "re-save it in the original's dtype (or float32)"
+            )
+
+
+def refuse_swapped(original: Mapping[str, dict], pruned: Mapping[str, dict], folder: Path, probes: int = 4) -> None:
+    """Original and pruned given the other way round: a few shared decoder matrices (read alone, no
+    model built) hold clearly more exact zeros in the "original" than in the "pruned" copy."""
+    from safetensors import safe_open
+
+    shared = [k for k in pruned if k in original and ".layers." in k and k.endswith("proj.weight")
+              and len(pruned[k].get("shape", ())) == 2 and pruned[k]["shape"] == original[k]["shape"]][:probes]
+    if not shared:
+        return
+
+    def zeros(headers: Mapping[str, dict]) -> float:
+        count = total = 0
+        for key in shared:
+            with safe_open(str(headers[key]["file"]), framework="pt") as handle:
+                tensor = handle.get_tensor(key)
+            count, total = count + int((tensor == 0).sum()), total + tensor.numel()
+        return count / max(total, 1)
+
+    mine, theirs = zeros(original), zeros(pruned)
+    if mine >= theirs + 0.05:
+        raise CheckpointError(
+            f"the original checkpoint has more exact zeros ({100 * mine:.1f} %) than the pruned one {folder} "
+            f"({100 * theirs:.1f} %) in {len(shared)} decoder matrices: original and pruned look swapped; give the "
+            "dense model as the model and the pruned folder as the path"
+        )
+
+
+def check_pruned_folder(original: Path | None, pruned: Path) -> None:
+    """Refuse, before any model is loaded or anything written, what config.json and the safetensors
+    headers can tell: torchao parametrizations, another architecture, other shapes or a narrower /
+    integer dtype, original and pruned swapped. ``original``: the dense model's folder, None when
+    it is not a local folder (then only the pruned folder's own checks run)."""
+    config = read_config(pruned)
+    fmt = compression_format(config)
+    theirs = folder_headers(pruned)
+    refuse_unsquashed_parametrizations(theirs, pruned)
+    if original is None or not (original / "config.json").is_file():
+        return
+    refuse_other_architecture(read_config(original), config, pruned)
+    if fmt is not None:
+        return  # compressed-tensors parts: the shapes are checked once decoded
+    mine = folder_headers(original)
+    refuse_other_shapes_or_dtype(mine, theirs, pruned)
+    refuse_swapped(mine, theirs, pruned)

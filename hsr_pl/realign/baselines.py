@@ -33,6 +33,8 @@ __all__ = [
     "random_eligible",
     "random_heads",
     "random_restore_masks",
+    "left_out_baselines",
+    "RENAMED",
     "realign_variant",
     "variant_config",
 ]
@@ -66,17 +68,32 @@ def random_heads(all_heads: Sequence[tuple[int, int]], count: int, seed: int = 0
 
 
 # ------------------------------------------------------------------- the compared variants
-BASELINES = ("random", "random_in_heads", "none", "whole_heads", "reference", "random_heads", "paper_rule")
+BASELINES = ("random", "random_in_heads", "none", "whole_heads", "released_slices", "random_heads", "margin_rule")
 """Baselines the paper argues against (and its own rule): ``random`` — HSR's count of pruned weights
 drawn anywhere (every linear with kept originals); ``random_in_heads`` — drawn inside the same heads'
 slices; ``none`` — HSR's settings without the head restriction; ``whole_heads`` — every pruned weight
-of the heads; ``reference`` — the released script's selection, truncated to HSR's count by the margin
-order; ``random_heads`` — HSR's settings on as many random heads; ``paper_rule`` — the paper's rule
-(margin order, no budget) on HSR's heads."""
-CURVE_METHODS = ("hsr", "paper_rule", "random", "random_in_heads", "none", "random_heads", "reference")
+of the heads; ``released_slices`` — the released script's slices (``selection: reference``) with the
+margin rule at HSR's ``p`` (``p: auto`` = 1 − sparsity, not the script's 0.5), truncated to HSR's count
+by the margin order; ``random_heads`` — HSR's settings on as many random heads; ``margin_rule`` — the
+margin rule (HSR's ``p``, ``q``, ``max_p``; no budget) on HSR's heads. Neither of the last two is the
+published configuration: docs/realignment.md ("Reproducing the released pipeline") gives that recipe."""
+CURVE_METHODS = ("hsr", "margin_rule", "random", "random_in_heads", "none", "random_heads", "released_slices")
 """Methods a restored-weights curve may sweep: HSR itself and the baselines that take a budget."""
-UNBUDGETED = ("whole_heads", "paper_rule")
+UNBUDGETED = ("whole_heads", "margin_rule")
 """Baselines that restore their own rule's whole set instead of HSR's count."""
+RENAMED = {"reference": "released_slices", "paper_rule": "margin_rule"}
+"""Earlier names of two baselines: they used ``p: auto``, neither the paper's nor the script's value."""
+
+
+def left_out_baselines(cfg: RealignConfig) -> dict[str, str]:
+    """Baselines that make no sense under HSR's settings ``cfg``, each with the reason it is left out."""
+    out = {}
+    if cfg.preserve_structure:
+        out["whole_heads"] = (
+            "left out under preserve_structure: restoring every pruned weight of the heads while keeping N:M swaps "
+            "out as many kept weights, which inverts the heads' masks instead of restoring them"
+        )
+    return out
 
 
 def variant_config(cfg: RealignConfig, name: str, budget: int | None) -> RealignConfig:
@@ -85,15 +102,17 @@ def variant_config(cfg: RealignConfig, name: str, budget: int | None) -> Realign
     margin = {"order": "margin", "rounds": 1, "scope": "heads", "utility_weight": 0.0}
     if name in ("hsr", "random_heads"):
         return replace(cfg, budget=budget)
-    if name == "paper_rule":
+    if name == "margin_rule":
         return replace(cfg, budget=budget, **margin)
     if name == "none":
         if cfg.order == "gradient":
             return replace(cfg, scope="all", budget=budget)
         return replace(cfg, selection="none", budget=budget)
+    if name in left_out_baselines(cfg):
+        raise RealignConfigError(f"baseline {name!r} is {left_out_baselines(cfg)[name]}")
     if name == "whole_heads":
         return replace(cfg, selection="whole_heads", budget=None, **margin)
-    if name == "reference":
+    if name == "released_slices":
         return replace(cfg, selection="reference", budget=budget, **margin)
     raise RealignConfigError(f"unknown method {name!r}; choose from {list(CURVE_METHODS)} or {list(BASELINES)}")
 

@@ -33,13 +33,15 @@ class RealignMethod:
         budget: cap on restored weights — an int count, a float fraction of the language model's
             parameters, or a string such as ``"1‱"``; None restores the method's whole set.
         preserve_structure: keep N:M masks exactly N:M by swapping out a kept weight per restore.
+            None (default): yes when the pruner's masks are exactly N:M (a 2:4 model stays 2:4),
+            no when they are unstructured; False restores freely even in N:M masks.
     """
 
     order: ClassVar[str]
 
-    def __init__(self, budget: int | float | str | None = None, preserve_structure: bool = False) -> None:
+    def __init__(self, budget: int | float | str | None = None, preserve_structure: bool | None = None) -> None:
         self.budget = budget
-        self.preserve_structure = bool(preserve_structure)
+        self.preserve_structure = None if preserve_structure is None else bool(preserve_structure)
 
     def init_args(self) -> dict[str, Any]:
         """This method's own fields (what YAML's ``init_args`` holds)."""
@@ -52,7 +54,7 @@ class RealignMethod:
     @property
     def needs_dense(self) -> bool:
         """Whether the dense model's importance statistics are needed to pick (not only for baselines)."""
-        return self.preserve_structure
+        return bool(self.preserve_structure)
 
     def yaml(self) -> str:
         """One line of YAML that gives this method to SafetyRealignment."""
@@ -99,7 +101,7 @@ class MarginRule(RealignMethod):
         q: float = 0.5,
         max_p: float = 0.7,
         budget: int | float | str | None = None,
-        preserve_structure: bool = False,
+        preserve_structure: bool | None = None,
     ) -> None:
         super().__init__(budget, preserve_structure)
         checked = RealignConfig(order="margin", p=p, q=q, max_p=max_p, budget=budget)  # the one set of checks
@@ -136,7 +138,7 @@ class GradientOrder(RealignMethod):
         rounds: int = 1,
         scope: str = "heads",
         utility_weight: float = 0.0,
-        preserve_structure: bool = False,
+        preserve_structure: bool | None = None,
     ) -> None:
         super().__init__(budget, preserve_structure)
         checked = RealignConfig(order="gradient", budget=budget, rounds=rounds, scope=scope, utility_weight=utility_weight)
@@ -159,5 +161,5 @@ def method_from_flat(**flat: Any) -> RealignMethod | None:
     cfg = RealignConfig(**given)
     if cfg.order == "gradient":
         return GradientOrder(budget=cfg.budget, rounds=cfg.rounds, scope=cfg.scope, utility_weight=cfg.utility_weight,
-                             preserve_structure=cfg.preserve_structure)
-    return MarginRule(p=cfg.p, q=cfg.q, max_p=cfg.max_p, budget=cfg.budget, preserve_structure=cfg.preserve_structure)
+                             preserve_structure=given.get("preserve_structure"))
+    return MarginRule(p=cfg.p, q=cfg.q, max_p=cfg.max_p, budget=cfg.budget, preserve_structure=given.get("preserve_structure"))

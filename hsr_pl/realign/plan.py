@@ -38,6 +38,9 @@ class LinearView:
         sparsity: the pruner's sparsity of this linear (``p: auto`` uses ``1 − sparsity``).
         pruned_count: the pruner's exact count of pruned entries; with it ``p: auto`` keeps exactly
             the kept count in ``T^u(p)`` (a float sparsity can round one entry away).
+        restore_values: what a restore writes at each pruned entry (the originals; an N:M
+            swap's own value before it was swapped out, e.g. SparseGPT's moved value); the
+            gradient gain −g·w uses these, so it scores the value that will be written. None: dense.
     """
 
     name: str
@@ -51,6 +54,7 @@ class LinearView:
     safety: ImportanceStat | None = None
     sparsity: float = 0.0
     pruned_count: int | None = None
+    restore_values: Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -119,7 +123,7 @@ def build_pools(
             pool_mask = free & region
             idx = pool_mask.reshape(-1).nonzero().squeeze(1)
             keys = gradient_gain(
-                grads[view.name], view.dense, idx,
+                grads[view.name], view.dense if view.restore_values is None else view.restore_values, idx,
                 None if utility_grads is None else utility_grads.get(view.name), cfg.utility_weight,
             )
         else:

@@ -202,13 +202,17 @@ def dense_pass(
 
 
 def _views(
-    adapter: ModelAdapter, state: HSRState, names: Sequence[str], linears, dense: DenseMeasurement | None, pruned0
+    adapter: ModelAdapter, state: HSRState, names: Sequence[str], linears, dense: DenseMeasurement | None, pruned0,
+    gains: bool = False,
 ) -> list[LinearView]:
     views = []
     for name in names:
         layer, role, lin = linears[name]
+        written = None
         if dense is not None and name in dense.dense:
             weight = dense.dense[name]
+            if gains:  # a swapped-out entry is restored to its own (e.g. SparseGPT's) value, not the dense one
+                written = state.original_weight(name, full_weight(lin)).float()
         else:
             weight = state.original_weight(name, full_weight(lin))
         views.append(LinearView(
@@ -219,6 +223,7 @@ def _views(
             utility=None if dense is None else dense.utility.get(name),
             safety=None if dense is None else dense.safety.get(name),
             sparsity=float(pruned0[name].float().mean()), pruned_count=int(pruned0[name].sum()),
+            restore_values=written,
         ))
     return views
 
@@ -353,7 +358,7 @@ def realign_model(
                 if utility_batches is None:
                     raise RealignInputError("utility_weight > 0 needs the utility calibration batches")
                 utility_grads = _grads(model, utility_batches, plain, reduce, count_batches)
-        views = _views(adapter, state, names, linears, dense, pruned0)
+        views = _views(adapter, state, names, linears, dense, pruned0, gains=cfg.order == "gradient")
         plans = plan_restoration(views, by_layer, cfg, size, structure=state.structure, grads=grads, utility_grads=utility_grads)
         for view, plan in zip(views, plans):
             _apply(state, view, plan, linears[view.name][2], cfg.selection)

@@ -7,9 +7,24 @@ from typing import Any
 import lightning.pytorch as pl
 
 from hsr_pl import __version__
+from hsr_pl.pruning.masks import detect_structure
 from hsr_pl.state import HSRState
 
-__all__ = ["realignment_manifest"]
+__all__ = ["after_restoring", "realignment_manifest"]
+
+
+def after_restoring(state: HSRState) -> dict[str, Any]:
+    """The exported weights' sparsity over the pruner's targets once restorations (and N:M swaps) are
+    in, and whether N:M masks are still exactly N:M (what sparse kernels need)."""
+    masks = {n: m & ~state.restored[n] if n in state.restored else m for n, m in state.pruned.items()}
+    total = sum(m.numel() for m in masks.values())
+    pruned = sum(int(m.sum()) for m in masks.values())
+    structure = detect_structure(masks) if state.structure is not None else None
+    return {
+        "pruned_params": pruned, "target_params": total, "sparsity": pruned / total if total else None,
+        "structure": None if structure is None else f"{structure[0]}:{structure[1]}",
+        "still_n_m": None if state.structure is None else structure == tuple(state.structure),
+    }
 
 
 def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict[str, Any] | None:
@@ -32,6 +47,8 @@ def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict
         "pruning": {
             "method": state.method, "sparsity": state.sparsity,
             "structure": None if state.structure is None else f"{state.structure[0]}:{state.structure[1]}",
+            "after_restoring": after_restoring(state),
+            "checkpoint": dict(state.source) or None,
         },
         "heads": [{"layer": l_, "head": h, "score": scores.get(f"{l_}-{h}")} for l_, h in heads],
         "rule": {**{k: settings.get(k) for k in ("p", "q", "max_p", "selection", "importance")}, "top_h": len(heads)},

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .stages import wide_console
+
 __all__ = ["print_realignment", "realignment_line", "realignment_table"]
 
 
@@ -48,4 +50,5 @@ def realignment_table(summary: Mapping[str, Any], title: str = "safety realignme
 
 
 def print_realignment(summary: Mapping[str, Any], console: Console | None = None) -> None:
-    (console or Console()).print(realignment_table(summary))
+    table = realignment_table(summary)
+    wide_console(console, table).print(table)

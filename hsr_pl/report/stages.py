@@ -25,12 +25,35 @@ def _num(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
+def _rsr_cell(value: float | None, reason: str | None) -> str:
+    return "no rise" if reason else _num(value)
+
+
+def _sparsity(summary: Mapping[str, Any]) -> str:
+    """The measured sparsity as it is (59.52 %, not a rounded 60 %)."""
+    return _pct2(summary.get("sparsity"))
+
+
+def _pct2(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def wide_console(console: Console | None, table: Table) -> Console:
+    """A console that prints ``table`` whole: off a terminal (a pipe, a log file) rich would cut it
+    at 80 columns, so widen the console to the table's natural width there."""
+    console = console or Console()
+    if not console.is_terminal:
+        natural = console.measure(table, options=console.options.update_width(10_000)).maximum
+        console.width = max(console.width, natural)
+    return console
+
+
 def stage_table(summary: Mapping[str, Any]) -> Table:
     """Rows: the stages, then the baselines; columns: ASR per judge (one number per harmful set),
     utility, over-refusal, RSR under the headline judge, restored weights. Values in %."""
     judges = summary["judges"]
     sets = [n.removeprefix("harmful_") for n in summary["harmful_sets"]]
-    title = f"HSR: {summary['method']} {100 * summary['sparsity']:.0f} %, {len(summary['heads'])} heads (values in %)"
+    title = f"HSR: {summary['method']} {_sparsity(summary)}, {len(summary['heads'])} heads (values in %)"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True,
                   padding=(0, 1))
     short = {"text": "txt", "image": "img"}
@@ -54,7 +77,7 @@ def stage_table(summary: Mapping[str, Any]) -> Table:
     for stage in STAGES:
         row = summary[stage]
         restored = f"{summary['restored_params']:,}" if stage == "realigned" else ""
-        rsr = _num(summary["rsr"]) if stage == "realigned" else ""
+        rsr = _rsr_cell(summary["rsr"], summary.get("rsr_reason")) if stage == "realigned" else ""
         style = "bold" if stage == "realigned" else None
         table.add_row(stage, *asr_cells(row["judges"]), _num(row["utility"]), _num(row["over_refusal"]), rsr, restored,
                       style=style)
@@ -62,11 +85,19 @@ def stage_table(summary: Mapping[str, Any]) -> Table:
         table.add_section()
     for name, base in summary.get("baselines", {}).items():
         table.add_row(name, *asr_cells(base["judges"]), _num(base.get("utility")), _num(base.get("over_refusal")),
-                      _num(base["rsr"]), f"{base['restored_params']:,}", style="dim")
+                      _rsr_cell(base["rsr"], summary.get("rsr_reason")), f"{base['restored_params']:,}", style="dim")
     legend = ", ".join(f"[{i + 1}] {j}" for i, j in enumerate(judges))
     table.caption = escape(f"attack success rate per harmful set under the judges {legend}; utility and "
-                           f"over-refusal averaged over their sets. {closing_line(summary)}")
+                           f"over-refusal averaged over their sets. {closing_line(summary)}"
+                           + "".join(f" Baseline {n} {why}." for n, why in summary.get("baselines_left_out", {}).items()))
     return table
+
+
+def restored_share(summary: Mapping[str, Any]) -> str:
+    """``93.1 % of the lost safety restored``, or why there is no ratio (a rise within noise)."""
+    if summary.get("rsr_reason"):
+        return f"{summary['rsr_reason']}, so no restoration rate"
+    return f"{_pct(summary['rsr'])} of the lost safety restored"
 
 
 def closing_line(summary: Mapping[str, Any]) -> str:
@@ -74,17 +105,18 @@ def closing_line(summary: Mapping[str, Any]) -> str:
     judge = summary["judge"]
     dense, pruned, realigned = (summary[s] for s in STAGES)
     return (
-        f"{summary['method']} at {100 * summary['sparsity']:.0f} % raised the attack success rate [{judge}] from "
+        f"{summary['method']} at {_sparsity(summary)} raised the attack success rate [{judge}] from "
         f"{_pct(dense['asr'])} to {_pct(pruned['asr'])}; HSR restored {summary['restored_params']:,} weights "
         f"({1e4 * summary['restored_ratio_lm']:.2f} ‱ of the language model) in {len(summary['heads'])} heads and brought "
-        f"it to {_pct(realigned['asr'])}: {_pct(summary['rsr'])} of the lost safety restored; utility "
+        f"it to {_pct(realigned['asr'])}: {restored_share(summary)}; utility "
         f"{_pct(pruned['utility'])} → {_pct(realigned['utility'])}, over-refusal {_pct(pruned['over_refusal'])} → "
         f"{_pct(realigned['over_refusal'])}."
     )
 
 
 def print_stage_table(summary: Mapping[str, Any], console: Console | None = None) -> None:
-    (console or Console()).print(stage_table(summary))
+    table = stage_table(summary)
+    wide_console(console, table).print(table)
 
 
 def save_curve_png(path: str | Path, curve: Mapping[str, list[Mapping[str, Any]]], judge: str,
@@ -138,7 +170,7 @@ def save_stage_png(path: str | Path, summary: Mapping[str, Any]) -> Path:
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
     ax.legend()
-    ax.set_title(f"{summary['method']} {100 * summary['sparsity']:.0f} %: dense, pruned, realigned")
+    ax.set_title(f"{summary['method']} {_sparsity(summary)}: dense, pruned, realigned")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
