@@ -250,6 +250,7 @@ class SafetyAudit(HSRCallback):
         self.summary["closing"] = closing_line(self.summary, command)
         self.summary["repair_command"] = command if self.summary["repair_worth_running"] else None
         self.summary["world_size"] = trainer.world_size
+        self.summary["prompts_per_rank"] = {s: row["per_rank"] for s, row in self.per_prompt["original"].items()}
         self.summary["wall_s"] = round(time.perf_counter() - self._start, 1)
         if not trainer.is_global_zero:
             return

@@ -250,3 +250,85 @@ def test_bad_settings_are_refused(tmp_path):
                          enable_progress_bar=False, callbacks=[SafetyAudit()])
     with pytest.raises(AuditConfigError, match="needs compressed"):
         trainer.validate(module, datamodule=data, verbose=False)
+
+
+def test_another_vocabulary_is_refused_before_generation(tmp_path, monkeypatch):
+    # Same config.json and weights, but one token spelled differently: only the tokenizers tell.
+    other = tmp_path / "other"
+    shutil.copytree(ORGANISM_PACKAGE_PATH, other)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    word = next(w for w in vocab if w.isalpha() and len(w) > 3)
+    vocab[word.upper() + "x"] = vocab.pop(word)
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before refusing the other vocabulary")
+
+    monkeypatch.setattr(LVLMModule, "generate", no_generation)
+    module, data = _module_and_data(4)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, callbacks=[SafetyAudit(compressed=str(other), output_dir=str(tmp_path))])
+    with pytest.raises(AuditConfigError, match="another vocabulary"):
+        trainer.validate(module, datamodule=data, verbose=False)
+
+
+# ----------------------------------------------------------------------------- two folders
+def _tiny_pair(tmp_path: Path, family: str = "llava_next") -> tuple[Path, Path]:
+    """A tiny model and a copy with half of every decoder-layer linear zeroed (a 'compressed' checkpoint)."""
+    from hsr_pl.models import get_adapter
+    from hsr_pl.models.tiny import build_tiny, save_tiny
+
+    model, processor = build_tiny(family, gqa=True)
+    original = save_tiny(model, processor, tmp_path / "original")
+    with torch.no_grad():
+        for linear in get_adapter(model).target_linears().values():
+            weight = linear.weight
+            weight[weight.abs() < weight.abs().median()] = 0
+    return original, save_tiny(model, processor, tmp_path / "compressed")
+
+
+def test_real_model_recipe_runs_with_two_tiny_folders(tmp_path, monkeypatch):
+    original, compressed = _tiny_pair(tmp_path)
+    recipe = yaml.safe_load((ROOT / "configs" / "models" / "audit_llava_next.yaml").read_text())
+    model_args = recipe["model"]["init_args"]
+    assert model_args["model"].startswith("/models/") and recipe["trainer"]["accelerator"] == "gpu"
+    model_args.update(model=str(original), dtype="float32", max_new_tokens=2)
+    train = ROOT / "examples" / "tiny_vlguard" / "train.json"
+    for eval_set in recipe["data"]["init_args"]["eval_sets"]:
+        eval_set.update(path=str(train), image_root=None, num_samples=3)
+    recipe["trainer"].update(accelerator="cpu", default_root_dir=str(tmp_path / "runs"), enable_progress_bar=False)
+    args = recipe["trainer"]["callbacks"][0]["init_args"]
+    assert args["compressed"].startswith("/models/")
+    args.update(compressed=str(compressed), resamples=50)
+    path = tmp_path / "audit.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cli_main(["validate", "--config", str(path)])
+    summary = json.loads((tmp_path / "runs" / "audit.json").read_text())
+    assert summary["models"] == {"original": str(original), "compressed": str(compressed)}
+    assert summary["judges"] == ["keyword-gcg", "keyword-vlguard"]
+    assert set(summary["harmful_sets"]) == {"vlguard_unsafes", "vlguard_safe_unsafes"}
+    with pytest.raises(SystemExit) as exit_info:  # the README's DDP override parses
+        cli_main(["validate", "--config", str(path), "--trainer.devices=8", "--trainer.strategy=ddp", "--print_config"])
+    assert exit_info.value.code in (0, None)
+
+
+def test_module_command_audits_two_folders_and_refuses_a_mismatch(tmp_path, capsys):
+    from hsr_pl.audit import main as audit_main
+
+    original, compressed = _tiny_pair(tmp_path)
+    train = ROOT / "examples" / "tiny_vlguard" / "train.json"
+    eval_config = tmp_path / "eval.yaml"
+    eval_config.write_text(yaml.safe_dump({"data": {"init_args": {"eval_sets": [
+        {"name": "unsafes", "path": str(train), "split": "safety", "kind": "harmful", "num_samples": 3}]}}}))
+    common = ["--eval-config", str(eval_config), "--dtype", "float32", "--max-new-tokens", "2"]
+    audit_main([str(original), str(compressed), *common, "--output", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert summary["judges"] == ["keyword-gcg"] and summary["n"] == {"unsafes": 3}
+    other, _ = _tiny_pair(tmp_path / "qwen", "qwen2_vl")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        audit_main([str(original), str(other), *common, "--output", str(tmp_path / "out2")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hsr-pl audit: error:") and "model_type" in err[0], err

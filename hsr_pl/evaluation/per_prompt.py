@@ -63,7 +63,7 @@ def evaluate_per_prompt(module, loaders: Iterable[DataLoader], *, on_batch=None)
     """Generate on every set and return, per set, the verdicts of every judge on every prompt.
 
     Returns ``{set: {"kind", "n", "categories": [names], "category": [index per prompt],
-    "flags": {judge: [bool per prompt]}, "utility": {log key: value}}}`` (``flags`` for harmful
+    "flags": {judge: [bool per prompt]}, "utility": {log key: value}, "per_rank": [prompts per rank]}}`` (``flags`` for harmful
     sets are "complied", for benign sets "refused"; ``utility`` for utility sets).
     """
     rank, world = _world()
@@ -138,6 +138,7 @@ def _assemble(local: dict[str, dict[str, Any]], utility: Mapping[str, Mapping[st
         result[name] = {
             "kind": first["kind"], "n": size, "categories": first["categories"], "category": category,
             "flags": flags if first["kind"] != "utility" else {}, "utility": dict(utility.get(name, {})),
+            "per_rank": [len(part[name]["index"]) for part in parts],
         }
     return result
 
