@@ -72,7 +72,7 @@ def _finite(obj: Any) -> Any:
 
 
 def _vocabulary(tokenizer) -> dict[str, int]:
-    return dict(getattr(tokenizer, "tokenizer", tokenizer).get_vocab())
+    return dict(tokenizer.get_vocab())
 
 
 class SafetyAudit(HSRCallback):
@@ -234,8 +234,8 @@ class SafetyAudit(HSRCallback):
     # --------------------------------------------------------------------------- report
     def _repair_command(self, original: str) -> str:
         if self.compressed is None:
-            return ("add hsr_pl.callbacks.SafetyHeadAttribution and SafetyRealignment after the pruner in this config "
-                    "(as configs/repair.yaml does) and rerun")
+            return ("put hsr_pl.callbacks.SafetyHeadAttribution before the pruner and SafetyRealignment after it in "
+                    "this config and rerun; on the organism: hsr-pl validate --config configs/demo.yaml")
         train = self.repair_train_path or "<VLGuard train.json>"
         output = f"{self.compressed.rstrip('/')}-repaired"
         return (f"python -c \"from hsr_pl.repair import repair; repair('{original}', '{self.compressed}', "
