@@ -158,6 +158,16 @@ def test_audit_of_the_organism_and_its_wanda_copy_reproduces_the_runner(tmp_path
         for set_name, row in expected.items():
             for key, value in row.items():
                 assert got[set_name][key] == pytest.approx(value, abs=1e-12), (stage, set_name, key)
+    # and what benchmarks/organism_effect.py reads for that cell: validate's own loop, which after the
+    # audit runs on the pruned model (val/<set>/<metric>/<judge> in trainer.callback_metrics)
+    logged = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()}
+    compared = 0
+    for set_name, row in summary["results"][names["compressed"]].items():
+        for key, value in row.items():
+            if key not in ("kind", "n"):
+                assert logged[f"{set_name}/{key.replace('[', '/').rstrip(']')}"] == pytest.approx(value, abs=1e-6)
+                compared += 1
+    assert compared >= 9
     judges = summary["judges"]
     assert judges == ["strict", "keyword-gcg-nocase", "coherent-compliance"]
     for judge in judges:
