@@ -10,6 +10,7 @@ pairwise κ per model, and one verdict line per judge. See docs/audit.md for eve
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,8 @@ def save_audit_png(path: str | Path, summary: Mapping[str, Any]) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    tmp = path.with_suffix(".tmp.png")  # atomic: an earlier audit.png stays whole until the new one is
+    fig.savefig(tmp)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
