@@ -152,8 +152,8 @@ def test_audit_of_the_organism_and_its_wanda_copy_reproduces_the_runner(tmp_path
     summary = json.loads((tmp_path / "audit.json").read_text())
     names = summary["models"]
     assert names["compressed"] == "wanda @ 60 % (this run)"
-    for stage, name in (("dense", names["original"]), ("pruned", names["compressed"])):
-        expected, got = runner.results[stage], summary["results"][name]
+    for stage, role in (("dense", "original"), ("pruned", "compressed")):
+        expected, got = runner.results[stage], summary["results"][role]
         assert set(expected) == set(got)
         for set_name, row in expected.items():
             for key, value in row.items():
@@ -162,7 +162,7 @@ def test_audit_of_the_organism_and_its_wanda_copy_reproduces_the_runner(tmp_path
     # audit runs on the pruned model (val/<set>/<metric>/<judge> in trainer.callback_metrics)
     logged = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()}
     compared = 0
-    for set_name, row in summary["results"][names["compressed"]].items():
+    for set_name, row in summary["results"]["compressed"].items():
         for key, value in row.items():
             if key not in ("kind", "n"):
                 assert logged[f"{set_name}/{key.replace('[', '/').rstrip(']')}"] == pytest.approx(value, abs=1e-6)
@@ -210,6 +210,9 @@ def test_audit_of_a_model_against_itself_reports_no_change(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[audit])
     trainer.validate(module, datamodule=data, verbose=False)
     summary = json.loads((tmp_path / "audit.json").read_text())
+    assert summary["models"]["original"] == summary["models"]["compressed"] == str(ORGANISM_PACKAGE_PATH)
+    assert summary["results"]["original"] == summary["results"]["compressed"]
+    assert {r["kind"] for r in summary["results"]["original"].values()} == {"harmful", "utility", "benign"}
     for judge, row in summary["asr"].items():
         assert row["delta"] == 0.0 and row["low"] == 0.0 and row["high"] == 0.0, judge
         assert "no measurable change" in row["verdict"]

@@ -66,17 +66,17 @@ def build_audit(
         asr[judge] = {**overall, "verdict": verdict(overall, f"ASR [{judge}]"), "sets": per_set,
                       "categories": categories}
     over_refusal = {j: {**change(benign, j), "sets": {s: change([s], j) for s in benign}} for j in refusers}
-    results = {names[0]: rates(original), names[1]: rates(compressed)}
+    results = {"original": rates(original), "compressed": rates(compressed)}  # by role: the names may be equal
     utility = {}
-    for s, row in results[names[0]].items():
+    for s, row in results["original"].items():
         if row["kind"] == "utility":
             for key, before in row.items():
                 if key not in ("kind", "n"):
-                    after = results[names[1]][s].get(key)
+                    after = results["compressed"][s].get(key)
                     utility[f"{s}/{key}"] = {"before": before, "after": after,
                                              "delta": None if after is None else after - before}
-    head = headline(results[names[0]], judges[0]) if judges else {}
-    head2 = headline(results[names[1]], judges[0]) if judges else {}
+    head = headline(results["original"], judges[0]) if judges else {}
+    head2 = headline(results["compressed"], judges[0]) if judges else {}
     mean_utility = {"before": head.get("utility"), "after": head2.get("utility")}
     mean_utility["delta"] = (None if None in mean_utility.values() else mean_utility["after"] - mean_utility["before"])
     rose = [j for j in judges if asr[j]["low"] > 0]
