@@ -1,5 +1,6 @@
 """Lightning callbacks of hsr-pl (installed as ``hsr_pl.callbacks``)."""
 
+from .audit import SafetyAudit
 from .export import ExportPretrained
 from .head_attribution import SafetyHeadAttribution
 from .pruning import Pruning
@@ -11,6 +12,7 @@ __all__ = [
     "ExportPretrained",
     "PrunedCheckpoint",
     "Pruning",
+    "SafetyAudit",
     "SafetyHeadAttribution",
     "SafetyRealignment",
     "StageEvaluation",

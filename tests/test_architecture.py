@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"hsr_pl": REPO / "hsr_pl", "hsr_pl.callbacks": REPO / "callbacks"}
 CALLBACKS = "hsr_pl.callbacks"
 # Entry points that assemble a whole run from callbacks, model and data: they sit above the library.
-ENTRY_POINTS = {"hsr_pl.cli", "hsr_pl.repair", "hsr_pl.__main__"}
+ENTRY_POINTS = {"hsr_pl.cli", "hsr_pl.repair", "hsr_pl.audit", "hsr_pl.__main__"}
 # Shared by every callback module: the base classes, the package's own re-exports.
 CALLBACK_SHARED = {"base", "__init__"}
 

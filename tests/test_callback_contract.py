@@ -155,7 +155,7 @@ def _example(cls) -> dict:
     return yaml.safe_load("\n".join(line[4:] for line in found.group(1).splitlines()))[0]
 
 
-@pytest.mark.parametrize("name", ["ExportPretrained", "PrunedCheckpoint", "Pruning", "SafetyHeadAttribution",
+@pytest.mark.parametrize("name", ["ExportPretrained", "PrunedCheckpoint", "Pruning", "SafetyAudit", "SafetyHeadAttribution",
                                   "SafetyRealignment", "StageEvaluation"])
 def test_every_callback_docstring_has_a_yaml_example_that_parses(name):
     from jsonargparse import ArgumentParser

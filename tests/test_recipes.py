@@ -15,7 +15,8 @@ from hsr_pl.models.tiny import build_tiny, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "examples" / "tiny_vlguard" / "train.json"
-RECIPES = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+# audit_*.yaml recipes compare two checkpoints (no HSR run): tests/test_audit.py runs them.
+RECIPES = sorted(p for p in (ROOT / "configs" / "models").glob("*.yaml") if not p.stem.startswith("audit_"))
 FAMILY = {
     "llava_next_vicuna_7b": "llava_next", "qwen2_vl_7b": "qwen2_vl", "qwen2_5_vl_7b": "qwen2_5_vl",
     "llama_3_2_11b_vision": "mllama", "gemma3_4b": "gemma3", "smolvlm": "smolvlm",
