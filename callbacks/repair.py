@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from hsr_pl.models.checkpoints import CheckpointError, load_like, pruned_set
+from hsr_pl.models.checkpoints import PrunedCheckpointCheck, check_pruned_checkpoint, pruned_set
 from hsr_pl.pruning import PruningConfigError
 from hsr_pl.pruning.masks import detect_structure
 from hsr_pl.state import get_state
@@ -76,6 +76,7 @@ class PrunedCheckpoint(MaskHolder):
             raise PruningConfigError(f"PrunedCheckpoint(path={path!r}) has no config.json; give the folder save_pretrained wrote")
         self.path = str(folder)
         self.report: dict[str, Any] = {}
+        self._checked: PrunedCheckpointCheck | None = None
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -86,23 +87,24 @@ class PrunedCheckpoint(MaskHolder):
         return [self.path]
 
     @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every refusal of the pruned checkpoint (check_pruned_checkpoint) before any HSR work,
+        e.g. the head scan; the loaded copy is kept for run()."""
+        model = hf_model(pl_module)
+        targets, _ = self.resolve_targets(model)
+        self._checked = check_pruned_checkpoint(model, self.path, targets)
+
+    @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
         model = hf_model(pl_module)
         targets, keep = self.resolve_targets(model)
-        pruned_model, info = load_like(model, self.path)
+        checked = self._checked or check_pruned_checkpoint(model, self.path, targets)
+        self._checked = None
+        pruned_model, info, masks = checked.model, checked.info, checked.masks
         theirs = dict(pruned_model.named_parameters())
         modules = dict(model.named_modules())
-        masks = {}
-        for name in targets:
-            original = modules[name].weight.detach()
-            masks[name] = pruned_set(original.cpu(), theirs[f"{name}.weight"].detach().cpu())
         pruned_count = sum(int(m.sum()) for m in masks.values())
-        if pruned_count == 0:
-            raise CheckpointError(
-                f"the checkpoint {self.path} has no pruned weight in the {len(targets)} target linears (no entry is "
-                "zero where the original is not): it is not a pruned copy of this model, or targets miss what was pruned"
-            )
         outside = self._pruned_outside(model, theirs, set(targets))
         # Everything is checked: callbacks that need the dense model (realignment) measure it now.
         notify_before_pruning(trainer, pl_module, self)
@@ -113,7 +115,7 @@ class PrunedCheckpoint(MaskHolder):
                 state.record_pruning(name, masks[name], modules[name].weight.detach() if name in keep_set else None)
             for name, param in model.named_parameters():
                 param.data.copy_(theirs[name].detach().to(param.device, param.dtype))
-        del pruned_model, theirs
+        del pruned_model, theirs, checked
         total = sum(m.numel() for m in masks.values())
         state.sparsity = pruned_count / total
         state.method = f"checkpoint:{self.path}"

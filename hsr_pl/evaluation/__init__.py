@@ -15,6 +15,7 @@ from .judges import (
     LLMJudge,
     StrictRefusalJudge,
     VLGuardKeywordJudge,
+    check_judge,
     make_judge,
 )
 from .metrics import (
@@ -52,6 +53,7 @@ __all__ = [
     "evaluate",
     "headline",
     "make_guard_judge",
+    "check_judge",
     "make_judge",
     "safety_restoration_rate",
 ]
