@@ -81,10 +81,12 @@ def resolve_budget(budget: int | float | str | None, lm_params: int) -> int | No
             return int(value)
         budget = value
     if isinstance(budget, int):
-        if budget < 1:
+        if budget < 0:
+            raise RealignConfigError(f"budget={budget} must be ≥ 1 (a number of weights)")
+        if budget == 0:
             raise RealignConfigError(
-                f"budget={budget} restores {'nothing' if budget == 0 else 'a negative count'}; give a positive count "
-                "(e.g. 100) or a fraction (e.g. '1‱'), or drop budget for no cap"
+                "budget=0 restores nothing; give a positive count (e.g. 100) or a fraction (e.g. '1‱'), or drop budget "
+                "for no cap"
             )
         return budget
     value = float(budget)
