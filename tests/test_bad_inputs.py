@@ -346,14 +346,14 @@ def scan(i: Inputs, top_h: int = 2, output: Path | None = None) -> str:
 
 
 def pruned_copy(i: Inputs, edit: Callable[[Path, dict], None] | None = None, prune: bool = True) -> Path:
-    """A copy of the pristine model with every other q_proj column zeroed (a pruned checkpoint),
-    then ``edit(folder, tensors)``."""
+    """A copy of the pristine model with every other column of each decoder-layer projection zeroed
+    (a 50 % pruned checkpoint), then ``edit(folder, tensors)``."""
     folder = i.root / "pruned"
     shutil.copytree(i.model, folder)
     tensors = load_file(folder / "model.safetensors")
     if prune:
         for key in tensors:
-            if key.endswith("self_attn.q_proj.weight"):
+            if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", key):
                 tensors[key][:, ::2] = 0
     if edit is not None:
         edit(folder, tensors)
@@ -406,7 +406,9 @@ def shard_outside(folder: Path, tensors: dict) -> None:
 
 
 def export_flow(i: Inputs, dirpath: Path, *before: str) -> list[str]:
-    export = f"    - {{class_path: hsr_pl.callbacks.ExportPretrained, init_args: {{dirpath: '{dirpath}'}}}}\n"
+    """Prune and export at the end of validate (``when`` explicit: the old default exported nothing)."""
+    export = (f"    - {{class_path: hsr_pl.callbacks.ExportPretrained, init_args: {{dirpath: '{dirpath}', "
+              "when: validation_end}}\n")
     return flow(i, "".join(before) + PRUNE + export)
 
 
