@@ -94,15 +94,21 @@ def exported_files(folder: Path) -> set[str] | None:
 
 
 def _present(folder: Path) -> list[str]:
-    """Every file, link and folder under ``folder`` as relative POSIX paths, sorted."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+    """Every file, link and folder under ``folder`` as relative POSIX paths, sorted (links not followed)."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in (*dirs, *files):
+            found.append((Path(root) / name).relative_to(folder).as_posix())
+    return sorted(found)
 
 
 def _foreign(folder: Path, written: set[str]) -> list[str]:
     """What is in ``folder`` besides the files an export wrote (and the folders that hold them)."""
     parents = {parent for name in written for parent in Path(name).parents[:-1]}
     keep = written | {p.as_posix() for p in parents}
-    return [name for name in _present(folder) if name not in keep]
+    extra = [name for name in _present(folder) if name not in keep]
+    outer = set(extra)  # a foreign folder counts once, not with everything inside it
+    return [name for name in extra if not any(p.as_posix() in outer for p in Path(name).parents[:-1])]
 
 
 def _ours(target: Path) -> bool:
@@ -137,7 +143,7 @@ def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, 
         extra = _foreign(target, written)
         if extra:
             raise ExportError(
-                f"dirpath={str(dirpath)!r} is an earlier export that now also holds {len(extra)} file(s) it did not "
+                f"dirpath={str(dirpath)!r} is an earlier export that now also holds {len(extra)} item(s) it did not "
                 f"write (e.g. {extra[0]!r}); move them out, choose another dirpath, or set overwrite: true to replace "
                 "the whole folder"
             )

@@ -612,7 +612,7 @@ CASES = [
     case("export-over-copied-summary", export_over_copied_summary,
          r"dirpath=.*results' is not empty and was not written by hsr-pl .*or set overwrite: true"),
     case("export-over-grown-export", export_over_grown_export,
-         r"dirpath=.*realigned' is an earlier export that now also holds 1 file\(s\) it did not write \(e.g. 'notes.txt'\); "
+         r"dirpath=.*realigned' is an earlier export that now also holds 1 item\(s\) it did not write \(e.g. 'notes.txt'\); "
          r"move them out, choose another dirpath, or set overwrite: true"),
     case("export-holds-own-output", export_holding_the_scan,
          r"ExportPretrained dirpath=.*realigned' would hold SafetyHeadAttribution's output .*scores.json, which the export "

@@ -39,7 +39,7 @@ def test_a_re_export_replaces_exactly_what_the_earlier_export_listed(tmp_path, t
     (target / "notes").mkdir()
     (target / "notes" / "eval.md").write_text("mine")
     before = tree(target)
-    with pytest.raises(ExportError, match=r"also holds 2 file\(s\) it did not write \(e.g. 'notes'\)"):
+    with pytest.raises(ExportError, match=r"also holds 1 item\(s\) it did not write \(e.g. 'notes'\)"):
         save_pretrained_atomic(model, processor, target, {"n": 3})
     assert tree(target) == before  # nothing lost, nothing written
     save_pretrained_atomic(model, processor, target, {"n": 3}, overwrite=True)  # the user's explicit choice

@@ -36,7 +36,7 @@ def test_each_method_gives_the_flat_config_it_stands_for():
     (lambda: GradientOrder(budget=5, rounds=0), "rounds=0 must be a positive integer"),
     (lambda: GradientOrder(budget=5, scope="everything"), "scope='everything' is unknown"),
     (lambda: GradientOrder(budget=5, utility_weight=-1), "utility_weight=-1 must be a number ≥ 0"),
-    (lambda: GradientOrder(budget=-3), "budget=-3 must be ≥ 1"),
+    (lambda: GradientOrder(budget=-3), "budget=-3 must be ≥ 0"),
 ])
 def test_bad_method_settings_fail_with_the_fix(make, match):
     with pytest.raises(RealignConfigError, match=match):

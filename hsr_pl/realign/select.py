@@ -79,15 +79,10 @@ def resolve_budget(budget: int | float | str | None, lm_params: int) -> int | No
             raise RealignConfigError(f"budget={budget!r} is not a number; use e.g. 100, 1e-4, '1‱' or '0.01%'") from None
         if scale == 1.0 and value >= 1 and value == int(value):
             return int(value)
-        budget = value
+        budget = 0 if value == 0 else value  # "0" is the count 0, as the int is
     if isinstance(budget, int):
         if budget < 0:
-            raise RealignConfigError(f"budget={budget} must be ≥ 1 (a number of weights)")
-        if budget == 0:
-            raise RealignConfigError(
-                "budget=0 restores nothing; give a positive count (e.g. 100) or a fraction (e.g. '1‱'), or drop budget "
-                "for no cap"
-            )
+            raise RealignConfigError(f"budget={budget} must be ≥ 0 (a number of weights)")
         return budget
     value = float(budget)
     if not 0.0 < value < 1.0:
