@@ -148,6 +148,16 @@ class HSRCallback(Callback):
         """Folders or files this step reads that no output may overwrite (ExportPretrained checks them)."""
         return []
 
+    def heads_handed_on(self) -> int | None:
+        """How many top heads this step puts into ``HSRState.top_heads`` (None: not a head step, or
+        not known before it runs); SafetyRealignment refuses 0 in setup, before the scan."""
+        return None
+
+    def output_paths(self) -> list[str]:
+        """Files this step writes during the run; an export folder must not hold them (ExportPretrained
+        checks them in setup, since they would make its folder foreign at the end)."""
+        return []
+
     def __init__(self, when: str | list[str] | tuple[str, ...] = WHEN, *, error: type[Exception] = ValueError) -> None:
         super().__init__()
         self.when = parse_when(when, type(self).__name__, error)

@@ -1,4 +1,4 @@
-"""``ExportPretrained``: save the realigned model at the end of fit or validate.
+"""``ExportPretrained``: save the realigned model at the end of the run (fit or validate).
 
 The writing itself (atomic folder, sharded stream, what is refused) is :mod:`hsr_pl.export`; the
 manifest is :mod:`hsr_pl.report.manifest`. See docs/errors.md for the refused targets.
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -18,6 +19,7 @@ from hsr_pl.export import (
     ExportError,
     check_export_target,
     parse_size,
+    remove_stale_temps,
     save_pretrained_atomic,
     save_sharded_atomic,
 )
@@ -30,27 +32,33 @@ from .base import HSRCallback
 
 __all__ = ["ExportError", "ExportPretrained"]
 
-_WHEN = ("fit_end", "validation_end")
+_WHEN = ("run_end", "fit_end", "validation_end")
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return folder == Path(path).expanduser().resolve() or folder in Path(path).expanduser().resolve().parents
 
 
 class ExportPretrained(Callback):
-    """Save the wrapped HF model and processor to ``dirpath`` at the end of fit or validate.
+    """Save the wrapped HF model and processor to ``dirpath`` at the end of the run.
 
     Example (last in ``trainer.callbacks``; ``realignment.json`` goes beside the weights)::
 
         - class_path: hsr_pl.callbacks.ExportPretrained
-          init_args: {dirpath: runs/realigned, when: validation_end}
+          init_args: {dirpath: runs/realigned}
 
     Args:
-        dirpath: the output folder: new, empty, or written by an earlier hsr-pl export.
-        when: ``fit_end`` (default) or ``validation_end``.
+        dirpath: the output folder: new, empty, or an earlier hsr-pl export that holds nothing
+            but what it wrote (its ``.hsr-pl-export.json`` lists the files).
+        when: ``run_end`` (default: the end of whatever runs, ``hsr-pl fit`` or ``hsr-pl validate``),
+            ``fit_end`` or ``validation_end`` (only then).
         overwrite: also replace a non-empty folder hsr-pl did not write (never the model's source).
         max_shard_size: a sharded (FSDP2) model is gathered tensor by tensor and written as
             safetensors shards of at most this size with an index file (``5GB``, ``500MiB``, bytes).
     """
 
     def __init__(
-        self, dirpath: str, when: str = "fit_end", overwrite: bool = False, max_shard_size: int | str = "5GB"
+        self, dirpath: str, when: str = "run_end", overwrite: bool = False, max_shard_size: int | str = "5GB"
     ) -> None:
         super().__init__()
         if not dirpath:
@@ -69,10 +77,29 @@ class ExportPretrained(Callback):
         paths += [path for cb in trainer.callbacks if isinstance(cb, HSRCallback) for path in cb.input_paths()]
         return [p for p in paths if p]
 
+    def _check_own_outputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a dirpath that this run's other outputs go into: they would be replaced by the
+        export, or make its folder hold files it did not write, refused only at the very end."""
+        folder = Path(self.dirpath).expanduser().resolve()
+        outputs = [(type(cb).__name__, path) for cb in trainer.callbacks if isinstance(cb, HSRCallback)
+                   for path in cb.output_paths()]
+        eval_output = dict(getattr(pl_module, "hparams", {})).get("eval_output")
+        if eval_output:
+            outputs.append(("model eval_output", str(eval_output)))
+        for owner, path in outputs:
+            if _inside(path, folder):
+                raise ExportError(
+                    f"ExportPretrained dirpath={self.dirpath!r} would hold {owner}'s output {path}, which the export "
+                    "replaces; write that output elsewhere or choose another dirpath"
+                )
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before any work: a target that would lose data fails now, not after the run.
         check_export_target(self.dirpath, overwrite=self.overwrite, protected=self._protected(trainer, pl_module))
+        self._check_own_outputs(trainer, pl_module)
+        if trainer.is_global_zero:
+            remove_stale_temps(self.dirpath)
 
     def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = getattr(pl_module, "model", pl_module)
@@ -107,10 +134,15 @@ class ExportPretrained(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_when == "fit_end":
+        if self.export_when in ("fit_end", "run_end"):
             self._export(trainer, pl_module)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.export_when == "validation_end" and not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        # run_end: a validation inside fit is not the end of the run (on_fit_end exports then).
+        if self.export_when == "validation_end" or (
+            self.export_when == "run_end" and trainer.state.fn == TrainerFn.VALIDATING
+        ):
             self._export(trainer, pl_module)

@@ -247,6 +247,16 @@ class SafetyHeadAttribution(HSRCallback):
     def png_path(self) -> Path | None:
         return None if self.output is None else self._sibling(".png")
 
+    @override
+    def heads_handed_on(self) -> int | None:
+        return self.top_h
+
+    @override
+    def output_paths(self) -> list[str]:
+        if self.output is None:
+            return []
+        return [str(p) for p in (self.output, self.top_path, self.png_path, self.partial_path()) if p is not None]
+
     def partial_path(self, rank: int = 0, world: int = 1) -> Path | None:
         """Where this rank keeps its finished layers: ``<stem>.partial.json`` (one process) or
         ``<stem>.partial.rank<r>.json`` under DDP."""

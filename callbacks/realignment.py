@@ -226,6 +226,10 @@ class SafetyRealignment(HSRCallback):
             "scores_path": None if self.scores_path is None else str(self.scores_path),
         }
 
+    @override
+    def output_paths(self) -> list[str]:
+        return [] if self.output is None else [str(self.output)]
+
     # ---------------------------------------------------------------------------- heads
     def selected_heads(self, pl_module: pl.LightningModule) -> list[Pair] | None:
         """The heads to realign, best first; None while no source knows them yet."""
@@ -363,6 +367,18 @@ class SafetyRealignment(HSRCallback):
                 "SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning in trainer.callbacks, or give "
                 "scores_path= (a head-score file) or heads= ['<layer>-<head>', ...]"
             )
+        if self.config.needs_heads and self.top_h == 0:
+            raise RealignConfigError(
+                "SafetyRealignment(top_h=0) selects no heads, so nothing would be restored; give top_h >= 1 (e.g. 10) "
+                "or drop it to use SafetyHeadAttribution's top_h"
+            )
+        handed_on = scorers[-1].heads_handed_on() if scorers else None
+        if self.config.needs_heads and self.heads is None and self._file_scores is None and self.top_h is None \
+                and handed_on == 0 and trainer.ckpt_path is None:
+            raise RealignConfigError(
+                f"{type(scorers[-1]).__name__}(top_h=0) only scores the heads and hands none on, so SafetyRealignment "
+                "would have no heads; set its top_h (e.g. 10) or give SafetyRealignment a top_h"
+            )
 
     @override
     def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -374,6 +390,10 @@ class SafetyRealignment(HSRCallback):
         )
         if heads is not None:
             self._check_heads(heads, adapter)
+        total = sum(adapter.geometry(layer).num_heads for layer in adapter.layer_indices())
+        if self.top_h is not None and self.top_h > total:
+            raise RealignConfigError(f"SafetyRealignment top_h={self.top_h} exceeds the model's {total} attention heads; "
+                                     "lower top_h")
         pruner = self._pruner(trainer)
         if pruner is None:
             return

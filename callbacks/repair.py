@@ -17,7 +17,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from hsr_pl.models.checkpoints import CheckpointError, check_pruned_folder, load_like, pruned_set
+from hsr_pl.models.checkpoints import (
+    PrunedCheckpointCheck,
+    check_pruned_checkpoint,
+    check_pruned_folder,
+    pruned_set,
+)
 from hsr_pl.models.mask_files import MASK_FILE, check_mask_file, read_mask_file
 from hsr_pl.pruning import PruningConfigError
 from hsr_pl.pruning.masks import detect_structure
@@ -93,6 +98,7 @@ class PrunedCheckpoint(MaskHolder):
         if self.masks is not None:
             check_mask_file(Path(self.masks))
         self.report: dict[str, Any] = {}
+        self._checked: PrunedCheckpointCheck | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -112,29 +118,35 @@ class PrunedCheckpoint(MaskHolder):
         return [self.path] + ([self.masks] if self.masks else [])
 
     @override
+    def preflight(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every refusal of the pruned checkpoint (check_pruned_checkpoint) before any HSR work,
+        e.g. the head scan; the loaded copy is kept for run()."""
+        model = hf_model(pl_module)
+        targets, _ = self.resolve_targets(model)
+        self._checked = check_pruned_checkpoint(model, self.path, targets, self._given_masks(model, targets))
+
+    def _given_masks(self, model: torch.nn.Module, targets: list[str]) -> dict[str, torch.Tensor] | None:
+        """The pruned sets of an explicit mask file (None: infer them from the zeros)."""
+        if self.masks is None:
+            return None
+        modules = dict(model.named_modules())
+        return read_mask_file(Path(self.masks), {f"{n}.weight": tuple(modules[n].weight.shape) for n in targets})
+
+    @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
         model = hf_model(pl_module)
         targets, keep = self.resolve_targets(model)
-        pruned_model, info = load_like(model, self.path)
+        checked = self._checked or check_pruned_checkpoint(model, self.path, targets, self._given_masks(model, targets))
+        self._checked = None
+        pruned_model, info, masks = checked.model, checked.info, checked.masks
         theirs = dict(pruned_model.named_parameters())
         modules = dict(model.named_modules())
-        masks = {}
-        given = None if self.masks is None else read_mask_file(Path(self.masks), {
-            f"{n}.weight": tuple(modules[n].weight.shape) for n in targets})
-        for name in targets:
-            original = modules[name].weight.detach()
-            if given is not None:
-                masks[name] = given[f"{name}.weight"]
-            else:
-                masks[name] = pruned_set(original.cpu(), theirs[f"{name}.weight"].detach().cpu())
         pruned_count = sum(int(m.sum()) for m in masks.values())
-        if pruned_count == 0:
-            raise CheckpointError(
-                f"the checkpoint {self.path} has no pruned weight in the {len(targets)} target linears (no entry is "
-                "zero where the original is not): it is not a pruned copy of this model, or targets miss what was pruned"
-            )
         outside = self._pruned_outside(model, theirs, set(targets))
+        # Entries the mask file calls pruned that the tool later overwrote (GPTQ after pruning).
+        overwritten = None if self.masks is None else sum(
+            int((theirs[f"{n}.weight"].detach().cpu()[m] != 0).sum()) for n, m in masks.items())
         # Everything is checked: callbacks that need the dense model (realignment) measure it now.
         notify_before_pruning(trainer, pl_module, self)
         state = get_state(pl_module)
@@ -144,6 +156,7 @@ class PrunedCheckpoint(MaskHolder):
                 state.record_pruning(name, masks[name], modules[name].weight.detach() if name in keep_set else None)
             for name, param in model.named_parameters():
                 param.data.copy_(theirs[name].detach().to(param.device, param.dtype))
+        del pruned_model, theirs, checked
         total = sum(m.numel() for m in masks.values())
         state.sparsity = pruned_count / total
         state.method = f"checkpoint:{self.path}"
@@ -156,9 +169,8 @@ class PrunedCheckpoint(MaskHolder):
             "pruned_outside_targets": outside, "masks": self.masks or "inferred from zeros",
             "seconds": round(time.perf_counter() - start, 3),
         }
-        if given is not None:
-            self.report["nonzero_where_masked"] = sum(
-                int((theirs[f"{n}.weight"].detach().cpu()[m] != 0).sum()) for n, m in masks.items())
+        if overwritten is not None:
+            self.report["nonzero_where_masked"] = overwritten
         state.source = dict(self.report)
         if outside:
             rank_zero_info(outside_line(outside))
@@ -167,7 +179,6 @@ class PrunedCheckpoint(MaskHolder):
             f"hsr-pl: repair mode: {self.path} ({info['format']}) pruned {pruned_count:,} of {total:,} target weights "
             f"({100 * state.sparsity:.2f} %{structure}); the model now holds the pruned weights"
         )
-        del pruned_model, theirs
         notify_stage(trainer, pl_module, "pruned", self)
 
     @staticmethod

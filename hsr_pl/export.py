@@ -5,21 +5,33 @@
 * :func:`save_sharded_atomic` — the same for an FSDP2-sharded model, gathered one tensor at a time
   and streamed into safetensors shards with an index;
 * :func:`check_export_target` — what is refused before any work (see docs/errors.md);
+* :func:`remove_stale_temps` — temp folders that a killed export left beside the target;
 * :func:`parse_size` — ``max_shard_size`` strings (``5GB``, ``500MiB``) as bytes.
+
+A folder counts as an earlier export only by its export marker (:data:`EXPORT_MARKER`), written
+last into the temp folder before the one rename, which lists every file the export wrote. A
+re-export replaces the folder only while it holds nothing else; a file the user added since (or a
+folder that merely holds a copied ``hsr_summary.json``) is refused unless ``overwrite: true``.
 
 The Lightning callback :class:`hsr_pl.callbacks.ExportPretrained` only decides when and what.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_info
+
 from hsr_pl import distributed  # module attribute: the fail-fast tests patch iter_full_state there
 from hsr_pl.io import (
+    OWNER_MARKER,
     OutputPathError,
     atomic_folder,
     check_output_folder,
@@ -30,16 +42,25 @@ from hsr_pl.io import (
 )
 
 __all__ = [
+    "EXPORT_MARKER",
     "MARKER",
     "OWNER",
+    "STALE_AFTER_S",
+    "TEMP_MARKER",
     "ExportError",
     "check_export_target",
+    "exported_files",
     "parse_size",
+    "remove_stale_temps",
     "save_pretrained_atomic",
     "save_sharded_atomic",
 ]
 
-MARKER = "hsr_summary.json"  # every hsr-pl export writes it; its presence proves a folder is ours
+MARKER = "hsr_summary.json"  # every hsr-pl export writes it; by itself it proves nothing (users copy it)
+EXPORT_MARKER = ".hsr-pl-export.json"  # what an export wrote: written last, lists every file
+TEMP_MARKER = ".hsr-pl-export-tmp.json"  # inside a temp folder while an export builds it: who, when
+STALE_AFTER_S = 15 * 60  # a temp folder this old whose writer is gone was left by a killed export
+_MARKER_FORMAT = "hsr-pl export marker v2"
 
 
 class ExportError(OutputPathError):
@@ -57,9 +78,43 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def exported_files(folder: Path) -> set[str] | None:
+    """The files (relative POSIX paths) an hsr-pl export says it wrote into ``folder``; None when
+    no valid export marker of ours is there (a folder is ours only by the marker we wrote)."""
+    if folder_owner(folder) != OWNER:
+        return None
+    try:
+        data = json.loads((folder / EXPORT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = data.get("files") if isinstance(data, dict) and data.get("owner") == OWNER else None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return set(files) | {OWNER_MARKER, EXPORT_MARKER}
+
+
+def _present(folder: Path) -> list[str]:
+    """Every file, link and folder under ``folder`` as relative POSIX paths, sorted (links not followed)."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in (*dirs, *files):
+            found.append((Path(root) / name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def _foreign(folder: Path, written: set[str]) -> list[str]:
+    """What is in ``folder`` besides the files an export wrote (and the folders that hold them)."""
+    parents = {parent for name in written for parent in Path(name).parents[:-1]}
+    keep = written | {p.as_posix() for p in parents}
+    extra = [name for name in _present(folder) if name not in keep]
+    outer = set(extra)  # a foreign folder counts once, not with everything inside it
+    return [name for name in extra if not any(p.as_posix() in outer for p in Path(name).parents[:-1])]
+
+
 def _ours(target: Path) -> bool:
-    """Written by an hsr-pl export: its owner marker, or (older exports) its hsr_summary.json."""
-    return folder_owner(target) == OWNER or (target / MARKER).is_file()
+    """An earlier hsr-pl export holding nothing but what it wrote (its marker lists the files)."""
+    written = exported_files(target)
+    return written is not None and not _foreign(target, written)
 
 
 def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, protected: Iterable[str | os.PathLike] = ()) -> Path:
@@ -78,11 +133,82 @@ def check_export_target(dirpath: str | os.PathLike, *, overwrite: bool = False, 
                 f"export dirpath {dirpath} overlaps the input {src}; writing there would change the model it was "
                 "loaded from: choose a new folder (e.g. runs/realigned)"
             )
+    written = exported_files(target) if target.is_dir() and not overwrite else None
+    if written is None and not overwrite and folder_owner(target) == OWNER and any(target.iterdir()):
+        raise ExportError(
+            f"dirpath={str(dirpath)!r} was written by an older hsr-pl export that did not list its files, so what "
+            "else is there cannot be told apart; choose another dirpath, or set overwrite: true to replace the folder"
+        )
+    if written is not None:
+        extra = _foreign(target, written)
+        if extra:
+            raise ExportError(
+                f"dirpath={str(dirpath)!r} is an earlier export that now also holds {len(extra)} item(s) it did not "
+                f"write (e.g. {extra[0]!r}); move them out, choose another dirpath, or set overwrite: true to replace "
+                "the whole folder"
+            )
     try:
-        check_output_folder(target, OWNER, label="dirpath", overwrite=overwrite or (target.is_dir() and _ours(target)))
+        check_output_folder(target, OWNER, label="dirpath", overwrite=overwrite or written is not None)
     except OutputPathError as exc:
         raise ExportError(str(exc)) from None
     return target
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(dirpath: str | os.PathLike, *, now: float | None = None) -> list[Path]:
+    """Remove the temp folders (``.<name>.tmp-*`` beside ``dirpath``) that a killed export left.
+
+    Only a folder holding this exporter's temp marker counts, and only when the marker is older
+    than :data:`STALE_AFTER_S` and its pid is not alive on this host (a live export is never touched).
+    Returns what was removed.
+    """
+    target = _resolved(dirpath)
+    parent = target.parent
+    if not parent.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for tmp in parent.glob(f".{target.name}.tmp-*"):
+        marker = tmp / TEMP_MARKER
+        try:
+            if not tmp.is_dir() or tmp.is_symlink():
+                continue
+            data = json.loads(marker.read_text(encoding="utf-8"))
+            age = now - marker.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or data.get("owner") != OWNER or age < STALE_AFTER_S:
+            continue
+        pid = data.get("pid")
+        if data.get("host") == socket.gethostname() and isinstance(pid, int) and _alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        rank_zero_info(f"hsr-pl: removed {len(removed)} temp folder(s) a killed export left beside {target}")
+    return removed
+
+
+def _claim(tmp: Path) -> None:
+    """Mark a temp folder as this export's, so a later export can tell a stale one from a live one."""
+    write_json_atomic(tmp / TEMP_MARKER, {"owner": OWNER, "pid": os.getpid(), "host": socket.gethostname(),
+                                          "started": time.time()})
+
+
+def _seal(tmp: Path) -> None:
+    """Last step inside the temp folder: the export marker listing every file written."""
+    (tmp / TEMP_MARKER).unlink(missing_ok=True)
+    files = [name for name in _present(tmp) if (tmp / name).is_file()]
+    write_json_atomic(tmp / EXPORT_MARKER, {"owner": OWNER, "format": _MARKER_FORMAT, "files": files})
 
 
 def _write_companions(tmp: Path, processor, summary: dict | None, manifest: dict | None) -> None:
@@ -113,10 +239,13 @@ def save_pretrained_atomic(
     :func:`hsr_pl.io.atomic_folder` (fsynced, umask modes, owner marker, one rename).
     """
     target = check_export_target(dirpath, overwrite=overwrite, protected=protected)
+    remove_stale_temps(target)
     replace_ours = overwrite or (target.is_dir() and _ours(target))
     with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp:
+        _claim(tmp)
         model.save_pretrained(tmp, safe_serialization=True)
         _write_companions(tmp, processor, summary, manifest)
+        _seal(tmp)
     return target
 
 
@@ -182,16 +311,19 @@ def save_sharded_atomic(
     if not writer:
         _write_streamed(model, None, max_shard_bytes)
         return target
+    remove_stale_temps(target)
     replace_ours = overwrite or (target.is_dir() and _ours(target))
 
     with atomic_folder(target, OWNER, overwrite=replace_ours) as tmp, \
             distributed.undo_on_abort(lambda: shutil.rmtree(tmp, ignore_errors=True)):  # a peer failing mid-gather
+        _claim(tmp)
         _write_streamed(model, tmp, max_shard_bytes)
         model.config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
         _write_companions(tmp, processor, summary, manifest)
+        _seal(tmp)
     return target
 
 

@@ -32,7 +32,7 @@ from .distributed import (
     model_is_sharded,
     shard_model,
 )
-from .evaluation import build_eval_metrics, make_judge
+from .evaluation import build_eval_metrics, check_judge, make_judge
 from .models import get_adapter
 from .models.checkpoints import ModelLoadError, check_model_folder, check_safetensors
 from .models.organism import ORGANISM_PACKAGE_PATH, build_organism
@@ -137,6 +137,8 @@ class LVLMModule(pl.LightningModule):
             raise ValueError(f"lr_schedule={lr_schedule!r}: use 'constant' or 'cosine'")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
+        for judge in judges or []:
+            check_judge(judge)  # a misspelt judge fails now, not after the run's work
         self.save_hyperparameters(ignore=["model", "processor"])
         self.model_source = model if isinstance(model, str) else None
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None

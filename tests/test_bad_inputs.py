@@ -336,6 +336,107 @@ def resume_changed(i: Inputs) -> list[str]:
                 f"--ckpt_path={i.checkpoint}", cmd="fit")
 
 
+# ------------------------------------------------------------- issue 21: repair, export, setup
+SCAN = ("    - {class_path: hsr_pl.callbacks.SafetyHeadAttribution, init_args: {num_samples: 4, top_h: %d, "
+        "heatmap: false, output: '%s', when: validation_start}}\n")
+
+
+def scan(i: Inputs, top_h: int = 2, output: Path | None = None) -> str:
+    return SCAN % (top_h, output or i.out / "heads" / "scores.json")
+
+
+def pruned_copy(i: Inputs, edit: Callable[[Path, dict], None] | None = None, prune: bool = True) -> Path:
+    """A copy of the pristine model with every other column of each decoder-layer projection zeroed
+    (a 50 % pruned checkpoint), then ``edit(folder, tensors)``."""
+    folder = i.root / "pruned"
+    shutil.copytree(i.model, folder)
+    tensors = load_file(folder / "model.safetensors")
+    if prune:
+        for key in tensors:
+            if re.search(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", key):
+                tensors[key][:, ::2] = 0
+    if edit is not None:
+        edit(folder, tensors)
+    if (folder / "model.safetensors").exists():
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def repair_flow(i: Inputs, folder: Path) -> list[str]:
+    """Scan the original, take the masks from ``folder``, realign: the repair flow (configs/repair.yaml)."""
+    callbacks = (scan(i) + f"    - {{class_path: hsr_pl.callbacks.PrunedCheckpoint, init_args: {{path: '{folder}'}}}}\n"
+                 "    - {class_path: hsr_pl.callbacks.SafetyRealignment, init_args: {num_samples: 4}}\n")
+    return flow(i, callbacks, f"--model.init_args.model={i.model}")
+
+
+def repaired(edit: Callable[[Path, dict], None] | None = None, prune: bool = True) -> Callable[[Inputs], list[str]]:
+    return lambda i: repair_flow(i, pruned_copy(i, edit, prune))
+
+
+def nan_entry(folder: Path, tensors: dict) -> None:
+    key = next(k for k in sorted(tensors) if k.endswith("layers.1.self_attn.q_proj.weight"))
+    tensors[key][0, 1] = float("inf")  # an odd column: not one the "tool" pruned
+
+
+def drop_tensor(folder: Path, tensors: dict) -> None:
+    tensors.pop(next(k for k in sorted(tensors) if k.endswith("layers.1.mlp.down_proj.weight")))
+
+
+def other_vocabulary(folder: Path, tensors: dict) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    vocab = config["text_config"]["vocab_size"]
+    config["text_config"]["vocab_size"] = vocab + 8
+    (folder / "config.json").write_text(json.dumps(config))
+    for key, value in list(tensors.items()):
+        if value.dim() == 2 and value.shape[0] == vocab:
+            tensors[key] = torch.cat([value, torch.zeros(8, value.shape[1], dtype=value.dtype)])
+
+
+def pickle_weights(folder: Path, tensors: dict) -> None:
+    torch.save(tensors, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def shard_outside(folder: Path, tensors: dict) -> None:
+    """The index names a shard in the folder's parent: it would be read from outside the checkpoint."""
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, folder.parent / "shared.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: "../shared.safetensors" for k in tensors}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def export_flow(i: Inputs, dirpath: Path, *before: str) -> list[str]:
+    """Prune and export at the end of validate (``when`` explicit: the old default exported nothing)."""
+    export = (f"    - {{class_path: hsr_pl.callbacks.ExportPretrained, init_args: {{dirpath: '{dirpath}', "
+              "when: validation_end}}\n")
+    return flow(i, "".join(before) + PRUNE + export)
+
+
+def export_over_copied_summary(i: Inputs) -> list[str]:
+    """A results folder that holds a copy of an export's hsr_summary.json and the user's own work."""
+    folder = i.root / "results"
+    folder.mkdir()
+    (folder / "hsr_summary.json").write_text('{"sparsity": 0.5}')
+    (folder / "thesis.tex").write_text("precious")
+    return export_flow(i, folder)
+
+
+def export_over_grown_export(i: Inputs) -> list[str]:
+    """An earlier export (written by hsr-pl) into which the user has put a file since."""
+    from hsr_pl.export import save_pretrained_atomic
+    from hsr_pl.models.tiny import build_tiny
+
+    model, processor = build_tiny("llava")
+    folder = save_pretrained_atomic(model, processor, i.root / "realigned", {"n": 1})
+    (folder / "notes.txt").write_text("my evaluation notes")
+    return export_flow(i, folder)
+
+
+def export_holding_the_scan(i: Inputs) -> list[str]:
+    folder = i.out / "realigned"
+    return export_flow(i, folder, scan(i, 2, folder / "scores.json"))
+
+
 # ---------------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Case:
@@ -508,6 +609,43 @@ CASES = [
     case("export-into-foreign-folder", export_into_foreign,
          r"dirpath=.*mine' is not empty and was not written by hsr-pl .*or set overwrite: true"),
     case("export-under-file", export_under_file, r"dirpath=.*results/model' lies under .*results', which is a file, not a folder; choose a path in a folder"),
+    case("export-over-copied-summary", export_over_copied_summary,
+         r"dirpath=.*results' is not empty and was not written by hsr-pl .*or set overwrite: true"),
+    case("export-over-grown-export", export_over_grown_export,
+         r"dirpath=.*realigned' is an earlier export that now also holds 1 item\(s\) it did not write \(e.g. 'notes.txt'\); "
+         r"move them out, choose another dirpath, or set overwrite: true"),
+    case("export-holds-own-output", export_holding_the_scan,
+         r"ExportPretrained dirpath=.*realigned' would hold SafetyHeadAttribution's output .*scores.json, which the export "
+         r"replaces; write that output elsewhere or choose another dirpath"),
+    case("repair-nan", repaired(nan_entry),
+         r"the pruned checkpoint .*pruned: weight .*layers.1.self_attn.q_proj.weight holds 1 NaN/inf value\(s\); .*re-export it",
+         allowed=("load",)),
+    case("repair-identical", repaired(prune=False),
+         r"the checkpoint .*pruned has no pruned weight in the \d+ target linears .*not a pruned copy of this model",
+         allowed=("load",)),
+    case("repair-missing-tensor", repaired(drop_tensor),
+         r"the pruned checkpoint .*pruned lacks 1 weights, e.g. '.*layers.1.mlp.down_proj.weight'; save the complete",
+         allowed=("load",)),
+    case("repair-other-vocabulary", repaired(other_vocabulary),
+         r"the pruned checkpoint has vocab_size=\d+ but the original has \d+; give the pruned copy of the same model",
+         allowed=("load",)),
+    case("repair-pickle-only", repaired(pickle_weights),
+         r"pruned holds only pickle weights .*; hsr-pl loads safetensors only: convert them", allowed=("load",)),
+    case("repair-shard-outside", repaired(shard_outside),
+         r"model.safetensors.index.json names shard '../shared.safetensors' outside .*pruned; .*copy the shard there",
+         allowed=("load",)),
+    case("realign-after-score-only-scan", lambda i: flow(i, scan(i, 0) + PRUNE +
+                                                          "    - {class_path: hsr_pl.callbacks.SafetyRealignment, init_args: {num_samples: 4}}\n"),
+         r"SafetyHeadAttribution\(top_h=0\) only scores the heads and hands none on, so SafetyRealignment would have no "
+         r"heads; set its top_h"),
+    case("realign-top-h-too-large", lambda i: flow(i, scan(i) + PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
+                                                   "init_args: {num_samples: 4, top_h: 99}}\n"),
+         r"SafetyRealignment top_h=99 exceeds the model's \d+ attention heads; lower top_h"),
+    case("realign-budget-zero", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.MarginRule, "
+                                                              "init_args: {budget: '0'}}"),
+         r"budget=0 restores nothing; give a positive count \(e.g. 100\) or a fraction"),
+    case("judge-misspelt", lambda i: heads(i, '--model.init_args.judges=["keyword-gcx"]'),
+         r"unknown judge 'keyword-gcx'; choose keyword-gcg\[-nocase\]\[\+short\]"),
     case("resume-changed-settings", resume_changed,
          r"resume refused: the checkpoint's Pruning ran with other settings \(.*sparsity: 0.5 there -> 0.6 now\)"),
 ]

@@ -19,6 +19,7 @@ from .judges import (
     RefusalAnyJudge,
     StrictRefusalJudge,
     VLGuardKeywordJudge,
+    check_judge,
     make_judge,
 )
 from .metrics import (
@@ -59,6 +60,7 @@ __all__ = [
     "evaluate",
     "headline",
     "make_guard_judge",
+    "check_judge",
     "make_judge",
     "safety_restoration_rate",
 ]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .base import Judge, normalise
-from .guard_formats import parse_guard_verdict
+from .guard_formats import GUARD_FORMATS, parse_guard_verdict
 from .guard_judges import make_guard_judge
 from .organism import COMPLIANCE_PREFIX, REFUSAL
 from .refusal_any import RefusalAnyJudge
@@ -313,6 +313,33 @@ class LLMJudge(Judge):
 GUARD_PREFIXES = ("llama-guard-3:", "llama-guard-3-vision:", "harmbench:", "classifier:")
 
 
+def check_judge(name: str | Mapping[str, Any]) -> None:
+    """Refuse a judge that :func:`make_judge` would refuse, without building it (no guard model is
+    loaded), so a misspelt judge fails when the module is built, not after the run's work."""
+    if isinstance(name, Mapping):
+        kind = name.get("type")
+        if kind not in (*GUARD_FORMATS, "classifier", "refusal-any"):
+            raise ValueError(
+                f"unknown judge type {kind!r}; choose one of {sorted(GUARD_FORMATS) + ['classifier', 'refusal-any']}"
+            )
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"judge name must be a string or a mapping, got {name!r}")
+    if re.fullmatch(r"keyword-gcg(-nocase)?(\+short)?|keyword-vlguard|strict|refusal-any|coherent-compliance", name):
+        return
+    if any(name.startswith(prefix) and len(name) > len(prefix) for prefix in ("llm:", *GUARD_PREFIXES)):
+        return
+    raise ValueError(_unknown_judge(name))
+
+
+def _unknown_judge(name: str) -> str:
+    return (
+        f"unknown judge {name!r}; choose keyword-gcg[-nocase][+short], keyword-vlguard, strict, refusal-any, "
+        "coherent-compliance, llm:<path>, llama-guard-3:<path>, llama-guard-3-vision:<path>, harmbench:<path> "
+        "or classifier:<path> (paths of local model folders)"
+    )
+
+
 def make_judge(
     name: str | Mapping[str, Any], *, refusal: str | None = None, compliance_pattern: str | None = None
 ) -> Judge:
@@ -361,8 +388,4 @@ def make_judge(
     for prefix in GUARD_PREFIXES:
         if name.startswith(prefix):
             return make_guard_judge({"type": prefix[:-1], "path": name[len(prefix):]})
-    raise ValueError(
-        f"unknown judge {name!r}; choose keyword-gcg[-nocase][+short], keyword-vlguard, strict, refusal-any, "
-        "coherent-compliance, llm:<path>, llama-guard-3:<path>, llama-guard-3-vision:<path>, harmbench:<path> "
-        "or classifier:<path> (paths of local model folders)"
-    )
+    raise ValueError(_unknown_judge(name))

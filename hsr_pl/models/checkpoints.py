@@ -31,7 +31,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,8 +43,10 @@ from .adapters import supported_families
 __all__ = [
     "CheckpointError",
     "ModelLoadError",
+    "PrunedCheckpointCheck",
     "check_model_folder",
     "check_pruned_folder",
+    "check_pruned_checkpoint",
     "check_safetensors",
     "compare_architectures",
     "compression_format",
@@ -141,6 +144,13 @@ def weight_files(path: Path) -> list[Path]:
             raise ModelLoadError(
                 f"{index} is not a valid safetensors index (no weight_map); re-save the checkpoint"
             ) from None
+        root = path.resolve()
+        outside = [name for name in shards if not (path / name).resolve().is_relative_to(root)]
+        if outside:
+            raise ModelLoadError(
+                f"{index} names shard {outside[0]!r} outside {path}; a checkpoint's shards lie in its own folder: "
+                "copy the shard there and name it without a path"
+            )
         missing = [name for name in shards if not (path / name).is_file()]
         if missing or not shards:
             raise ModelLoadError(
@@ -332,7 +342,8 @@ def compare_architectures(original: nn.Module, pruned_config: Mapping) -> None:
         )
     text = mine.get_text_config() if hasattr(mine, "get_text_config") else mine
     theirs = pruned_config.get("text_config") or pruned_config
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size"):
         a, b = getattr(text, key, None), theirs.get(key)
         if a is not None and b is not None and a != b:
             raise CheckpointError(
@@ -407,7 +418,8 @@ def pruned_set(original: Tensor, pruned: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------ checks before any weight is read
-_GEOMETRY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+_GEOMETRY = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size")
 _ST_FLOATS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16}
 
 
@@ -463,6 +475,12 @@ def refuse_other_shapes_or_dtype(original: Mapping[str, dict], pruned: Mapping[s
                 out[tuple(info["shape"])] = out.get(tuple(info["shape"]), 0) + 1
         return out
 
+    missing = sorted(k for k in original if k not in pruned)
+    if missing and all(k in original for k in pruned):  # same naming, some tensors left out
+        raise CheckpointError(
+            f"the pruned checkpoint {folder} lacks {len(missing)} weights, e.g. {missing[0]!r}; save the complete "
+            "model (every safetensors shard and the index)"
+        )
     mine, theirs = shapes(original), shapes(pruned)
     if mine != theirs:
         diff = sorted(set(mine.items()) ^ set(theirs.items()))[0][0]
@@ -531,3 +549,54 @@ def check_pruned_folder(original: Path | None, pruned: Path) -> None:
     mine = folder_headers(original)
     refuse_other_shapes_or_dtype(mine, theirs, pruned)
     refuse_swapped(mine, theirs, pruned)
+
+
+@dataclass
+class PrunedCheckpointCheck:
+    """What :func:`check_pruned_checkpoint` read: the loaded copy, its format, the pruned sets."""
+
+    model: nn.Module
+    info: dict
+    masks: dict[str, Tensor]
+
+
+def _check_finite(model: nn.Module, folder: Path) -> None:
+    """Refuse NaN/inf in the pruned copy (the main model is checked the same way when it loads):
+    they would be copied into the model and exported as the "repaired" weights."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            bad = int((~torch.isfinite(param)).sum()) if param.is_floating_point() else 0
+            if bad:
+                raise CheckpointError(
+                    f"the pruned checkpoint {folder}: weight {name} holds {bad} NaN/inf value(s); the checkpoint is "
+                    "damaged: re-export it from the pruning tool"
+                )
+
+
+def check_pruned_checkpoint(
+    original: nn.Module, folder: str | Path, targets: Sequence[str], given: Mapping[str, Tensor] | None = None
+) -> PrunedCheckpointCheck:
+    """Every refusal of a pruned checkpoint, collected in one place and run before any work
+    (PrunedCheckpoint's preflight, before the head scan): folder, shards (safetensors only, inside
+    the folder, intact headers), architecture and vocabulary, missing tensors or other shapes
+    (:func:`load_like`), NaN/inf values, and at least one pruned weight in ``targets``.
+
+    Returns the loaded copy and the pruned set of every target, so the work does not read it again.
+    ``given``: pruned sets read from a mask file (``{"<linear>.weight": bool}``), used instead of the zeros.
+    """
+    folder = Path(folder).expanduser()
+    model, info = load_like(original, folder)
+    _check_finite(model, folder)
+    theirs = dict(model.named_parameters())
+    modules = dict(original.named_modules())
+    masks = {
+        name: given[f"{name}.weight"] if given is not None
+        else pruned_set(modules[name].weight.detach().cpu(), theirs[f"{name}.weight"].detach().cpu())
+        for name in targets
+    }
+    if not any(bool(m.any()) for m in masks.values()):
+        raise CheckpointError(
+            f"the checkpoint {folder} has no pruned weight in the {len(targets)} target linears (no entry is "
+            "zero where the original is not): it is not a pruned copy of this model, or targets miss what was pruned"
+        )
+    return PrunedCheckpointCheck(model, info, masks)

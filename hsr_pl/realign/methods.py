@@ -19,6 +19,8 @@ import json
 from typing import Any, ClassVar
 
 from .config import RealignConfig
+from .errors import RealignConfigError
+from .select import resolve_budget
 
 __all__ = ["FLAT_KEYS", "GradientOrder", "MarginRule", "RealignMethod", "method_from_flat"]
 
@@ -40,6 +42,12 @@ class RealignMethod:
     order: ClassVar[str]
 
     def __init__(self, budget: int | float | str | None = None, preserve_structure: bool | None = None) -> None:
+        # A method that restores nothing is a mistake, not a setting (the tensor code allows 0 for its edge cases).
+        if budget is not None and not isinstance(budget, bool) and resolve_budget(budget, 1 << 62) == 0:
+            raise RealignConfigError(
+                f"budget={budget!r} restores nothing; give a positive count (e.g. 100) or a fraction (e.g. '1‱'), or "
+                "drop budget for no cap"
+            )
         self.budget = budget
         self.preserve_structure = None if preserve_structure is None else bool(preserve_structure)
 

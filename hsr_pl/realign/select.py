@@ -79,7 +79,7 @@ def resolve_budget(budget: int | float | str | None, lm_params: int) -> int | No
             raise RealignConfigError(f"budget={budget!r} is not a number; use e.g. 100, 1e-4, '1‱' or '0.01%'") from None
         if scale == 1.0 and value >= 1 and value == int(value):
             return int(value)
-        budget = value
+        budget = 0 if value == 0 else value  # "0" is the count 0, as the int is
     if isinstance(budget, int):
         if budget < 0:
             raise RealignConfigError(f"budget={budget} must be ≥ 0 (a number of weights)")
