@@ -219,7 +219,10 @@ class SafetyRealignment(HSRCallback):
     @override
     def settings(self) -> dict[str, Any]:
         return {
-            **self.config.to_dict(), "importance_setting": self.importance, "top_h": self.top_h,
+            **self.config.to_dict(),
+            # As configured: run() may switch it on for N:M masks, which a resumed run must not see as a change.
+            "preserve_structure": self.method.preserve_structure,
+            "importance_setting": self.importance, "top_h": self.top_h,
             "utility_calibration": self.utility_calibration, "safety_calibration": self.safety_calibration,
             "num_samples": self.num_samples, "batch_size": self.batch_size,
             "heads": None if self.heads is None else [list(h) for h in self.heads],
@@ -461,7 +464,7 @@ class SafetyRealignment(HSRCallback):
             )
         self.report = {
             **self.result.summary(),
-            "settings": self.settings(),
+            "settings": {**self.settings(), "preserve_structure": self.config.preserve_structure},  # as run
             "importance": self.config.importance,
             "calibration": {
                 "utility": self.utility_calibration, "safety": self.safety_calibration,
@@ -477,7 +480,7 @@ class SafetyRealignment(HSRCallback):
         self._report(trainer)
         # In memory, for whoever re-runs variants from the same pruned weights while it is notified.
         state.realignment_run = RealignmentRun(
-            config=self.config, result=self.result, settings=self.settings(), dense=self.dense,
+            config=self.config, result=self.result, settings={**self.settings(), "preserve_structure": self.config.preserve_structure}, dense=self.dense,
             calibration=lambda kind: self._batches(
                 trainer, pl_module, self.safety_calibration if kind == "safety" else self.utility_calibration
             ),

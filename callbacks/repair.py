@@ -156,6 +156,8 @@ class PrunedCheckpoint(MaskHolder):
                 state.record_pruning(name, masks[name], modules[name].weight.detach() if name in keep_set else None)
             for name, param in model.named_parameters():
                 param.data.copy_(theirs[name].detach().to(param.device, param.dtype))
+            if overwritten:
+                state.apply_masks(model)  # the mask file decides, as on resume and after every fit step
         del pruned_model, theirs, checked
         total = sum(m.numel() for m in masks.values())
         state.sparsity = pruned_count / total

@@ -160,3 +160,18 @@ def test_the_method_is_the_plug_in_point():
     realign = SafetyRealignment(heads=HEADS, method=Wider(budget=4))
     assert isinstance(realign.method, RealignMethod)
     assert realign.config == RealignConfig(p=0.3, max_p=0.9, budget=4)
+
+
+def test_an_n_m_run_resumes_under_the_same_settings():
+    """run() switches preserve_structure on for N:M masks when the method leaves it unset; the
+    settings a checkpoint stores stay the configured ones, so a resume is not refused."""
+    from dataclasses import replace
+
+    from hsr_pl.callbacks import SafetyRealignment
+
+    ran = SafetyRealignment(heads=["0-0"])
+    ran.config = replace(ran.config, preserve_structure=True)  # what run() does for 2:4 masks
+    saved = ran.state_dict()
+    fresh = SafetyRealignment(heads=["0-0"])
+    fresh.load_state_dict(saved)  # refused as "other settings" when the effective value was stored
+    assert saved["settings"]["preserve_structure"] is None

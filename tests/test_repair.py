@@ -405,3 +405,23 @@ def test_repair_config_runs_through_the_cli(tmp_path, checkpoints, capsys):
     manifest = json.loads((tmp_path / "runs" / "realigned" / "realignment.json").read_text())
     assert manifest["restored"]["params"] == json.loads((tmp_path / "runs" / "realignment.json").read_text())["restored_params"] > 0
     assert "vlguard_unsafes" in capsys.readouterr().out
+
+
+
+def test_the_decoder_never_reads_a_mask_file_as_weights(tmp_path):
+    """The compressed-tensors decoder gathers the folder's safetensors files: the default mask file
+    beside them, keyed by the weights' names, must not become one of them (0/1 values as weights)."""
+    from hsr_pl.models.checkpoints import _decoded_copy
+    from hsr_pl.models.mask_files import MASK_FILE
+
+    weight = torch.randn(4, 8) * (torch.rand(4, 8) < 0.5)
+    folder, into = tmp_path / "compressed", tmp_path / "decoded"
+    folder.mkdir()
+    into.mkdir()
+    parts = {f"layers.0.q_proj.{k}": v for k, v in compress_bitmask(weight).items()}
+    save_file(parts, str(folder / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
+    save_file({"layers.0.q_proj.weight": weight == 0}, str(folder / MASK_FILE), metadata={"format": "pt"})
+    _decoded_copy(folder, "sparse-bitmask", {"model_type": "llama"}, into)
+    assert not (into / MASK_FILE).exists()
+    decoded = load_file(str(into / "model-00001-of-00001.safetensors"))
+    assert torch.equal(decoded["layers.0.q_proj.weight"], weight)

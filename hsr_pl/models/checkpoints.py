@@ -290,12 +290,16 @@ def decode_compressed_state(tensors: Mapping[str, Tensor], fmt: str) -> dict[str
     return out
 
 
+# An explicit mask file beside a pruned checkpoint (hsr_pl.models.mask_files): never a weight file.
+MASK_FILE = "pruning_masks.safetensors"
+
+
 def _decoded_copy(folder: Path, fmt: str, config: dict, into: Path) -> None:
     """Write ``folder``'s shards decoded into ``into``; a tensor's parts may sit in different shards."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != MASK_FILE)
     if not files:
         raise CheckpointError(f"{folder} holds no .safetensors files")
     where: dict[str, Path] = {}
@@ -498,7 +502,9 @@ def refuse_other_shapes_or_dtype(original: Mapping[str, dict], pruned: Mapping[s
                 f"the pruned checkpoint stores {name!r} as {info['dtype']} (quantized?); realignment compares float "
                 "weights: give the checkpoint saved before quantization"
             )
-        if width < max(widths, default=0):
+        # The same tensor's width where the names match (one float32 matrix elsewhere proves nothing).
+        own = _ST_FLOATS.get(original[name]["dtype"]) if name in original else None
+        if width < (own if own is not None else max(widths, default=0)):
             raise CheckpointError(
                 f"the pruned checkpoint stores {name!r} as {info['dtype']}, narrower than the original's weights; "
                 "re-save it in the original's dtype (or float32)"

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoints import CheckpointError, check_safetensors, unpack_bitmask
+from .checkpoints import MASK_FILE, CheckpointError, check_safetensors, unpack_bitmask
 
 __all__ = ["MASK_FILE", "check_mask_file", "mask_file_metadata", "pack_bits", "read_mask_file", "write_mask_file"]
 
-MASK_FILE = "pruning_masks.safetensors"
 """The mask file's name when it lies beside the pruned checkpoint (read without being named)."""
 
 _MEANINGS = ("kept", "pruned")
