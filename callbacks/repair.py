@@ -142,6 +142,12 @@ class PrunedCheckpoint(MaskHolder):
         pruned_model, info, masks = checked.model, checked.info, checked.masks
         theirs = dict(pruned_model.named_parameters())
         modules = dict(model.named_modules())
+        if self.masks is None and detect_structure(masks) is None:
+            zeros = {n: theirs[f"{n}.weight"].detach().cpu() == 0 for n in targets}
+            if detect_structure(zeros) is not None:
+                # An N:M checkpoint whose original held exact zeros inside pruned groups: those count as
+                # pruned too (restoring a zero changes nothing), so the pattern is seen and kept.
+                masks = zeros
         pruned_count = sum(int(m.sum()) for m in masks.values())
         outside = self._pruned_outside(model, theirs, set(targets))
         # Entries the mask file calls pruned that the tool later overwrote (GPTQ after pruning).

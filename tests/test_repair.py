@@ -425,3 +425,29 @@ def test_the_decoder_never_reads_a_mask_file_as_weights(tmp_path):
     assert not (into / MASK_FILE).exists()
     decoded = load_file(str(into / "model-00001-of-00001.safetensors"))
     assert torch.equal(decoded["layers.0.q_proj.weight"], weight)
+
+
+def test_a_2_4_checkpoint_whose_original_held_zeros_is_seen_and_kept_2_4(tmp_path):
+    """Wanda scores an exact zero of the original lowest, so it is always one of its group's pruned
+    pair; the pruned set (zero now, non-zero before) leaves it out and that group looks 1:4. Repair
+    must still see 2:4 and keep it through realignment."""
+    model, processor = build_tiny_llava(False, layers=2, heads=4)
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "o_proj"):
+            weight = dict(model.named_modules())[f"model.language_model.layers.0.self_attn.{name}"].weight
+            weight[:, 1::16] = 0.0  # one exact zero in every fourth group of four
+    original = tmp_path / "original"
+    model.save_pretrained(original)
+    processor.save_pretrained(original)
+    pruned_model = copy.deepcopy(model).eval()
+    prune_model(pruned_model, calibration(processor), PruningConfig(method="wanda", sparsity=None, mask_structure="2:4"))
+    pruned = tmp_path / "pruned"
+    pruned_model.save_pretrained(pruned)
+    module, (loader, realign) = repair(tmp_path, original, pruned)
+    state = get_state(module)
+    assert state.structure == (2, 4)
+    assert realign.report["restored_params"] > 0
+    for name in get_adapter(module.model).target_linears():
+        weight = dict(module.model.named_modules())[name].weight.detach()
+        nonzero = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        assert int(nonzero.max()) <= 2, name  # still 2:4 after restoring
