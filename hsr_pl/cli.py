@@ -15,13 +15,16 @@ from __future__ import annotations
 import linecache
 import logging
 import os
+import pickle
 import re
 import sys
 import traceback
+import zipfile
 from argparse import ArgumentError
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 import hsr_pl
@@ -116,11 +119,6 @@ def _check_checkpoint_file(path: Path, given: str) -> None:
     """Open ``path`` the way Lightning will (``torch.load``, weights only) before any work: a pickle
     that a safe load refuses, or a damaged file, is a one-line error now, not a traceback after
     the model was loaded. Tensors are memory-mapped, not read, so this costs little."""
-    import pickle
-    import zipfile
-
-    import torch
-
     fix = "give a .ckpt file that Lightning saved (trainer.save_checkpoint / ModelCheckpoint) or drop ckpt_path"
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

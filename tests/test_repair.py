@@ -49,14 +49,15 @@ def calibration(processor, split="utility", n=8):
     return [{k: v for k, v in b.items() if isinstance(v, torch.Tensor)} for b in loader]
 
 
-def _saved_pair(tmp_path, method: str):
-    """An original tiny LLaVA and a copy pruned 50 % by ``method``, each saved with save_pretrained."""
-    model, processor = build_tiny_llava(False, layers=2, heads=4)
+def _saved_pair(tmp_path, method: str, built=None, **pruning):
+    """An original tiny LLaVA (``built``: a (model, processor) pair, else a new one) and a copy pruned
+    by ``method`` (50 % unless ``pruning`` says otherwise), each saved with save_pretrained."""
+    model, processor = built or build_tiny_llava(False, layers=2, heads=4)
     original = tmp_path / "original"
     model.save_pretrained(original)
     processor.save_pretrained(original)
     pruned_model = copy.deepcopy(model).eval()
-    prune_model(pruned_model, calibration(processor), PruningConfig(method=method, sparsity=0.5))
+    prune_model(pruned_model, calibration(processor), PruningConfig(method=method, **{"sparsity": 0.5, **pruning}))
     pruned = tmp_path / "pruned"
     pruned_model.save_pretrained(pruned)
     return original, pruned, model, pruned_model, processor
@@ -436,13 +437,7 @@ def test_a_2_4_checkpoint_whose_original_held_zeros_is_seen_and_kept_2_4(tmp_pat
         for name in ("q_proj", "k_proj", "o_proj"):
             weight = dict(model.named_modules())[f"model.language_model.layers.0.self_attn.{name}"].weight
             weight[:, 1::16] = 0.0  # one exact zero in every fourth group of four
-    original = tmp_path / "original"
-    model.save_pretrained(original)
-    processor.save_pretrained(original)
-    pruned_model = copy.deepcopy(model).eval()
-    prune_model(pruned_model, calibration(processor), PruningConfig(method="wanda", sparsity=None, mask_structure="2:4"))
-    pruned = tmp_path / "pruned"
-    pruned_model.save_pretrained(pruned)
+    original, pruned, *_ = _saved_pair(tmp_path, "wanda", (model, processor), sparsity=None, mask_structure="2:4")
     module, (loader, realign) = repair(tmp_path, original, pruned)
     state = get_state(module)
     assert state.structure == (2, 4)

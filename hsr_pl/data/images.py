@@ -9,7 +9,10 @@ refused naming the record, before any calibration or training work starts.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+
+from PIL import Image
 
 from .errors import DataFormatError
 
@@ -18,6 +21,10 @@ __all__ = ["MAX_IMAGE_PIXELS", "check_image", "resolve_image"]
 # PIL's own default limit (about 89.5 megapixels; Image.MAX_IMAGE_PIXELS): above it PIL only
 # warns, and refuses only at twice the size. hsr-pl refuses everything above it.
 MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
+
+# Files already verified in this process, by (path, size, mtime): many records (and every split
+# loaded from one data file) name the same image, which needs decoding once.
+_VERIFIED: set[tuple[str, int, int]] = set()
 
 
 def resolve_image(raw: str | Path, root: Path, where: str, *, allow_outside_root: bool = False) -> Path:
@@ -41,11 +48,11 @@ def resolve_image(raw: str | Path, root: Path, where: str, *, allow_outside_root
 
 def check_image(path: Path, where: str) -> None:
     """Refuse an empty, undecodable or oversized image file (header and checksums only: cheap)."""
-    import warnings
-
-    from PIL import Image
-
-    if path.stat().st_size == 0:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _VERIFIED:
+        return
+    if stat.st_size == 0:
         raise DataFormatError(f"{where}: image {path} is empty (0 bytes); replace it with the real image or drop the record")
     try:
         with warnings.catch_warnings():
@@ -67,3 +74,4 @@ def check_image(path: Path, where: str) -> None:
             f"{where}: image {path} is {width}x{height} = {width * height} pixels, more than {MAX_IMAGE_PIXELS} "
             "(a decompression bomb?); downscale it or drop the record"
         )
+    _VERIFIED.add(key)
