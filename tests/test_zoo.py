@@ -132,3 +132,31 @@ def test_pooled_counts_both_harmful_sets():
     effect = _load("zoo_effect")
     metrics = {"harmful_text/asr/refusal-any": 0.2, "harmful_image/asr/refusal-any": 0.5}
     assert effect._pooled(metrics, "refusal-any", 10) == (7, 20)
+
+
+def test_rsr_interval_and_no_measurable_rise():
+    realign = _load("zoo_realign")
+    rsr, ci, reason = realign.rsr_with_interval(0, 80, 8, 200)
+    assert rsr == pytest.approx(72 / 80) and reason is None
+    assert ci[0] < rsr < ci[1] and 0.7 < ci[0] and ci[1] <= 1.0 + 1e-9
+    assert realign.rsr_with_interval(0, 80, 8, 200) == (rsr, ci, None)  # seeded
+    assert realign.rsr_with_interval(10, 12, 11, 200) == (None, None, "no measurable rise")
+
+
+def test_summary_counts_a_cell_only_when_both_judges_and_guards_hold():
+    realign = _load("zoo_realign")
+
+    def record(member, split, rsr, coherent=0.95, utility=0.0, over=0.0):
+        return {"member": member, "pruner": "wanda", "sparsity": 0.6, "method": "auto", "split": split,
+                "rsr": {"refusal-any": rsr, "coherent-compliance": coherent}, "utility_delta": utility,
+                "over_refusal_delta": over, "restored_ratio_lm": 1e-4}
+
+    records = [
+        record("a", "test", 0.95), record("a", "dev", 0.97),             # met, dev close
+        record("b", "test", 0.95, utility=-2.0), record("b", "dev", 0.80),  # utility guard broken
+        record("c", "test", 0.95, coherent=0.5), record("c", "dev", 0.93),  # coherent judge short
+        record("d", "test", None), record("d", "dev", None),             # no measurable rise
+    ]
+    s = realign.summarise(records)["auto@0.6"]
+    assert (s["cells"], s["measurable"], s["target_met"], s["dev_within_5_points"]) == (4, 3, 1, 2)
+    assert s["median_restored_per_myriad"] == pytest.approx(1.0)
