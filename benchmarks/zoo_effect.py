@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import re
 import sys
 import time
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         _write(payload, Path(args.out))
         return
     torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run device banners
     start = time.perf_counter()
     members = zoo.members_from(args.families, args.seeds)
     paths = zoo.build_all(members, args.jobs)

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -75,7 +76,8 @@ def _validate(module: LVLMModule, data: SyntheticDataModule, callbacks: list | N
                          enable_model_summary=False, callbacks=callbacks or [])
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.validate(module, datamodule=data, verbose=False)
-    return {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()}
+    # Dev sets log as dev_<set>/...: one naming for both parts.
+    return {k.removeprefix("val/").removeprefix("dev_"): float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def _counts(metrics: dict[str, float], judge: str, n: int) -> int:
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         _write(payload, Path(args.out))
         return
     torch.set_num_threads(1)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run device banners
     start = time.perf_counter()
     members = zoo.members_from(args.families, args.seeds)
     paths = zoo.build_all(members, 2)
