@@ -118,7 +118,10 @@ class SafetyRealignment(HSRCallback):
     Args:
         method: how the pruned weights are ranked and how many are restored:
             :class:`hsr_pl.realign.MarginRule` (default: the paper's rule, ``p: auto``) or
-            :class:`hsr_pl.realign.GradientOrder` (needs a budget).
+            :class:`hsr_pl.realign.GradientOrder` (default ``budget: auto``: rounds grown until
+            the dev sets say stop; needs a data module with dev sets). With a fixed budget and dev
+            sets available, the result is checked once on them (dense, pruned, after restoring)
+            and residual damage is warned about.
         top_h: how many of the best-scored heads to use; None takes SafetyHeadAttribution's own
             top-h (or all of ``heads``).
         importance: the score of both importances (``wanda``, ``sparsegpt``, ``magnitude``,
@@ -133,9 +136,6 @@ class SafetyRealignment(HSRCallback):
         output: JSON path for the realignment report (restored counts per module and head).
         when: ``fit_start`` and/or ``validation_start``; realigns once, after the pruner.
         table: print the rich summary table on rank 0.
-        dev_check: with a fixed budget, measure the dev sets (when the data module has them) dense,
-            pruned and once after restoring, and warn on residual damage (``budget: auto`` always
-            measures them: it stops on them).
         **deprecated: the flat method keys of earlier versions (``order``, ``p``, ``q``, ``max_p``,
             ``budget``, ``rounds``, ``scope``, ``utility_weight``, ``preserve_structure``) and
             ``heads_path``; they still work, with one line that shows the new form.
@@ -158,7 +158,6 @@ class SafetyRealignment(HSRCallback):
         output: str | None = None,
         when: str | list[str] = WHEN,
         table: bool = True,
-        dev_check: bool = True,
         **deprecated: Any,
     ) -> None:
         super().__init__(when, error=RealignConfigError)
@@ -196,7 +195,6 @@ class SafetyRealignment(HSRCallback):
                 raise RealignConfigError("scores_path needs top_h: how many of the file's best heads to use")
         self.output = json_output_path(output, "output", "runs/realignment.json", RealignConfigError, look=False)
         self.show_table = bool(table)
-        self.dev_check = bool(dev_check)
         self._dev: list = []  # the dev EvalSets (setup)
         self._judge: str | None = None  # the dev ASR's judge, known after the first dev measurement
         self.dense: DenseMeasurement | None = None
@@ -446,8 +444,6 @@ class SafetyRealignment(HSRCallback):
 
     def _dev_sets(self, trainer: pl.Trainer) -> list:
         """The data module's dev sets; ``budget: auto`` without them is refused (one line, the fix)."""
-        if not (self.method.is_auto or self.dev_check):
-            return []
         found = dev_sets(getattr(trainer, "datamodule", None), self._dev_samples)
         harmful = [s for s in found if s.kind == "harmful"]
         if self.method.is_auto and not harmful:
