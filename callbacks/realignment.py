@@ -582,9 +582,9 @@ class SafetyRealignment(HSRCallback):
         met = target_reason(after, dense, pruned, auto)
         report = {"judge": self._judge, "dense": dense.to_dict(), "pruned": pruned.to_dict(), "realigned": after.to_dict(),
                   "target_rsr": auto.target_rsr, "target_met": met is not None,
-                  "residual": None if met else residual_line(after, dense, pruned, auto, self.config.scope)}
+                  "residual": None if met else residual_line(after, dense, pruned, auto, self.config.scope, fixed=True)}
         if met is None and pruned.asr > dense.asr + auto.tolerance_points / 100:
-            rank_zero_warn(f"SafetyRealignment dev check [{self._judge}]: {report['residual']} (or budget: auto)")
+            rank_zero_warn(f"SafetyRealignment dev check [{self._judge}]: {report['residual']}")
         return report
 
     def _report(self, trainer: pl.Trainer) -> None:

@@ -275,14 +275,15 @@ def bisect_update(cause: str, lo: int, hi: int, mid: int, target_met: bool, guar
 
 
 def residual_line(final: DevPoint, dense: DevPoint, pruned: DevPoint, auto: AutoBudget | None = None,
-                  scope: str = "heads") -> str:
-    """One line on the damage left when the target was not met, and what to try."""
+                  scope: str = "heads", fixed: bool = False) -> str:
+    """One line on the damage left when the target was not met, and what to try (``fixed``: after a
+    fixed budget's dev check)."""
     rsr = dev_rsr(final, dense, pruned)
     rsr_text = "n/a" if rsr is None else f"{100 * rsr:.1f} %"
-    tries = ["a larger max_budget"]
+    tries = ["a larger budget" if fixed else "a larger max_budget"]
     if scope == "heads":
         tries.append("scope: all")
-    tries.append("a fixed budget with rounds")
+    tries.append("budget: auto" if fixed else "a fixed budget with rounds")
     target = f" (target {100 * auto.target_rsr:.0f} %)" if auto is not None else ""
     return (f"target not met: dev ASR {100 * final.asr:.1f} % vs dense {100 * dense.asr:.1f} % (pruned "
             f"{100 * pruned.asr:.1f} %), dev RSR {rsr_text}{target}; try {', '.join(tries)}")
