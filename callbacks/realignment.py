@@ -49,7 +49,7 @@ from hsr_pl.realign import (
     schedule,
 )
 from hsr_pl.realign.auto import AutoBudget, DevPoint, point_from_headlines, residual_line, target_reason
-from hsr_pl.realign.runner import attention_linears
+from hsr_pl.realign.runner import attention_linears, language_model_parameters
 from hsr_pl.report.auto import auto_lines, save_auto_png
 from hsr_pl.report.heads import read_scores, write_json_atomic
 from hsr_pl.report.realignment import print_realignment, realignment_line
@@ -400,6 +400,7 @@ class SafetyRealignment(HSRCallback):
                 "or drop it to use SafetyHeadAttribution's top_h"
             )
         self._dev = self._dev_sets(trainer)
+        self._check_judge(pl_module)
         handed_on = scorers[-1].heads_handed_on() if scorers else None
         if self.config.needs_heads and self.heads is None and self._file_scores is None and self.top_h is None \
                 and handed_on == 0 and trainer.ckpt_path is None:
@@ -422,6 +423,8 @@ class SafetyRealignment(HSRCallback):
         if self.top_h is not None and self.top_h > total:
             raise RealignConfigError(f"SafetyRealignment top_h={self.top_h} exceeds the model's {total} attention heads; "
                                      "lower top_h")
+        if self.method.is_auto:  # start vs max_budget in weights of this model
+            self.method.auto.counts(language_model_parameters(model, adapter))
         pruner = self._pruner(trainer)
         if pruner is None:
             return
@@ -444,6 +447,8 @@ class SafetyRealignment(HSRCallback):
 
     def _dev_sets(self, trainer: pl.Trainer) -> list:
         """The data module's dev sets; ``budget: auto`` without them is refused (one line, the fix)."""
+        if sharded_strategy(trainer) and not self.method.is_auto:
+            return []  # FSDP2: ranks must forward in lockstep; the dev check's generation has no sharded path
         found = dev_sets(getattr(trainer, "datamodule", None), self._dev_samples)
         harmful = [s for s in found if s.kind == "harmful"]
         if self.method.is_auto and not harmful:
@@ -453,6 +458,17 @@ class SafetyRealignment(HSRCallback):
                 "or give a fixed budget (e.g. budget: '1‱')"
             )
         return found if harmful else []
+
+    def _check_judge(self, pl_module: pl.LightningModule) -> None:
+        """``judge`` must be one of the model's judges (checked by name when they are named plainly)."""
+        judge = self.method.auto.judge if self.method.is_auto else None
+        hparams = getattr(pl_module, "hparams", {})
+        specs = list(hparams.get("judges") or ["keyword-gcg"]) if hasattr(hparams, "get") else []
+        if judge is None or not specs or not all(isinstance(j, str) for j in specs):
+            return
+        if judge not in specs:
+            raise RealignConfigError(f"GradientOrder(judge={judge!r}) is not among the model's judges {specs}; add it to "
+                                     "model.init_args.judges or drop judge (default: the first)")
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str, restored: int) -> DevPoint:
         """The dev numbers of the model as it is now (every rank gets the same)."""

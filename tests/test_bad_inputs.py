@@ -590,6 +590,15 @@ CASES = [
          lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
                                               "init_args: {budget: 100, target_rsr: 0.9}}"),
          r"target_rsr set the automatic budget, but budget=100 is fixed; use budget: auto or drop them"),
+    case("realign-auto-unknown-judge",
+         lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, init_args: {judge: strict}}",
+                        "--data.init_args.dev_fraction=0.5"),
+         r"GradientOrder\(judge='strict'\) is not among the model's judges \['keyword-gcg-nocase', "
+         r"'keyword-gcg-nocase\+short'\]; add it to model.init_args.judges or drop judge"),
+    case("realign-auto-start-above-max",
+         lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
+                                              "init_args: {start: 500, max_budget: 100}}", "--data.init_args.dev_fraction=0.5"),
+         r"start=500 \(500 weights\) exceeds max_budget=100 \(100\); lower start or raise max_budget", allowed=("load",)),
     case("realign-auto-bad-target", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
                                                    "init_args: {target_rsr: 1.5}}"),
          r"target_rsr=1.5 must lie in \(0, 1\] \(e.g. 0.95\)"),
