@@ -462,8 +462,7 @@ class SafetyRealignment(HSRCallback):
     def _check_judge(self, pl_module: pl.LightningModule) -> None:
         """``judge`` must be one of the model's judges (checked by name when they are named plainly)."""
         judge = self.method.auto.judge if self.method.is_auto else None
-        hparams = getattr(pl_module, "hparams", {})
-        specs = list(hparams.get("judges") or ["keyword-gcg"]) if hasattr(hparams, "get") else []
+        specs = list(pl_module.hparams.get("judges") or ["keyword-gcg"])
         if judge is None or not specs or not all(isinstance(j, str) for j in specs):
             return
         if judge not in specs:
