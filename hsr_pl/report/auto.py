@@ -71,7 +71,7 @@ def auto_table(summary: Mapping[str, Any], title: str = "automatic budget (dev s
                       _pct(row.get("over_refusal")), "-" if loss is None else f"{loss:.4f}", f"{row.get('seconds', 0):.1f}",
                       style=style)
     legend = ", ".join(f"[{i + 1}] {j}" for i, j in enumerate(judges))
-    table.caption = escape(f"judges {legend}. " + " ".join(auto_lines(summary)))
+    table.caption = escape(f"judges {legend}. " + ". ".join(auto_lines(summary)) + ".")
     return table
 
 
@@ -94,7 +94,7 @@ def save_auto_png(path: str | Path, summary: Mapping[str, Any]) -> Path:
                     key=lambda p: p["restored"])
     xs = [p["restored"] for p in points]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    ax.plot(xs, [100 * p["asr"] for p in points], marker="o", label="dev ASR (headline judge)", linewidth=2)
+    ax.plot(xs, [100 * p["asr"] for p in points], marker="o", label=f"dev ASR [{summary.get('judge') or 'headline judge'}]", linewidth=2)
     for key, name in (("utility", "dev utility"), ("over_refusal", "dev over-refusal")):
         ys = [(x, 100 * p[key]) for x, p in zip(xs, points) if p.get(key) is not None]
         if ys:
