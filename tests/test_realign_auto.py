@@ -306,3 +306,25 @@ def test_auto_round_two_takes_the_top_gains_recomputed_after_round_one(tmp_path,
                        DENSE, PRUNED)
     assert out.final.restored == 2 * k and len(calls) == 2
     assert calls[0]["picks"] == first and calls[1]["picks"] == second
+
+
+# ------------------------------------------------------------------------------- report
+def test_report_table_lines_and_plot_say_what_happened(tmp_path):
+    from rich.console import Console
+
+    from hsr_pl.report.auto import auto_lines, auto_table, save_auto_png
+
+    out = auto_realign(Scripted(), AUTO, [10, 20], curve(lambda n: 0.3), DENSE, PRUNED)
+    summary = {**out.summary(AUTO, 1000), "judge": "keyword-gcg-nocase"}
+    lines = auto_lines(summary)
+    assert lines[-1] == "stopped: max_budget reached (20 restored weights) before the target"
+    assert lines[1].startswith("target not met: dev ASR 30.0 %")
+    console = Console(record=True, width=200)
+    console.print(auto_table(summary))
+    text = console.export_text()
+    assert all(label in text for label in ("dense", "pruned", "round 1", "round 2")) and "stopped: max_budget" in text
+    met = auto_realign(Scripted(), AUTO, [10, 20], curve(lambda n: 0.02), DENSE, PRUNED).summary(AUTO, 1000)
+    assert met["residual"] is None and len(auto_lines(met)) == 2
+    pytest.importorskip("matplotlib", reason="the plot extra")
+    path = save_auto_png(tmp_path / "auto.png", summary)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
