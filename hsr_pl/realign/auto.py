@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import RealignConfigError
 from .select import resolve_budget
@@ -325,15 +325,25 @@ class AutoOutcome:
         }
 
 
-class AutoSession:
-    """What :func:`auto_realign` needs of a realignment in progress (see RealignSession)."""
+class AutoSession(Protocol):
+    """What :func:`auto_realign` needs of a realignment in progress
+    (:class:`~hsr_pl.realign.runner.RealignSession` is one)."""
 
-    def step(self, size: int) -> int: ...  # restore the top ``size`` (gradient at the current model); count done
-    def snapshot(self) -> Any: ...
-    def rollback(self, snap: Any) -> None: ...
-    def refusal_loss(self) -> float | None: ...
     @property
-    def restored(self) -> int: ...
+    def restored(self) -> int:
+        """Weights restored so far."""
+
+    def step(self, size: int) -> int:
+        """Restore the top ``size`` entries (gradient at the current model); the count restored."""
+
+    def snapshot(self) -> Any:
+        """The state now, for :meth:`rollback`."""
+
+    def rollback(self, snap: Any) -> None:
+        """Put the state of ``snap`` back exactly."""
+
+    def refusal_loss(self) -> float | None:
+        """The refusal NLL at the current model."""
 
 
 def auto_realign(
