@@ -27,22 +27,30 @@ from torch import Tensor
 from typing_extensions import override
 
 from hsr_pl.attribution import top_heads
+from hsr_pl.data import dev_sets
 from hsr_pl.distributed import ShardingError, check_lockstep, model_is_sharded, sharded_strategy
+from hsr_pl.evaluation.dev import dev_headlines
 from hsr_pl.io import check_output_file
 from hsr_pl.models import get_adapter
 from hsr_pl.realign import (
     FLAT_KEYS,
     DenseMeasurement,
+    GradientOrder,
     MarginRule,
     RealignConfigError,
     RealignInputError,
     RealignMethod,
     RealignResult,
+    RealignSession,
+    auto_realign,
     dense_pass,
     method_from_flat,
     realign_model,
+    schedule,
 )
-from hsr_pl.realign.runner import attention_linears
+from hsr_pl.realign.auto import AutoBudget, DevPoint, point_from_headlines, residual_line, target_reason
+from hsr_pl.realign.runner import attention_linears, language_model_parameters
+from hsr_pl.report.auto import auto_lines, save_auto_png
 from hsr_pl.report.heads import read_scores, write_json_atomic
 from hsr_pl.report.realignment import print_realignment, realignment_line
 from hsr_pl.state import RealignmentRun, get_state, parse_head_key
@@ -110,7 +118,10 @@ class SafetyRealignment(HSRCallback):
     Args:
         method: how the pruned weights are ranked and how many are restored:
             :class:`hsr_pl.realign.MarginRule` (default: the paper's rule, ``p: auto``) or
-            :class:`hsr_pl.realign.GradientOrder` (needs a budget).
+            :class:`hsr_pl.realign.GradientOrder` (default ``budget: auto``: rounds grown until
+            the dev sets say stop; needs a data module with dev sets). With a fixed budget and dev
+            sets available, the result is checked once on them (dense, pruned, after restoring)
+            and residual damage is warned about.
         top_h: how many of the best-scored heads to use; None takes SafetyHeadAttribution's own
             top-h (or all of ``heads``).
         importance: the score of both importances (``wanda``, ``sparsegpt``, ``magnitude``,
@@ -184,6 +195,8 @@ class SafetyRealignment(HSRCallback):
                 raise RealignConfigError("scores_path needs top_h: how many of the file's best heads to use")
         self.output = json_output_path(output, "output", "runs/realignment.json", RealignConfigError, look=False)
         self.show_table = bool(table)
+        self._dev: list = []  # the dev EvalSets (setup)
+        self._judge: str | None = None  # the dev ASR's judge, known after the first dev measurement
         self.dense: DenseMeasurement | None = None
         self.result: RealignResult | None = None
         self.report: dict[str, Any] = {}
@@ -227,11 +240,18 @@ class SafetyRealignment(HSRCallback):
             "num_samples": self.num_samples, "batch_size": self.batch_size,
             "heads": None if self.heads is None else [list(h) for h in self.heads],
             "scores_path": None if self.scores_path is None else str(self.scores_path),
+            **({"auto": self.method.auto.to_dict()} if self.method.is_auto else {}),
         }
 
     @override
     def output_paths(self) -> list[str]:
-        return [] if self.output is None else [str(self.output)]
+        if self.output is None:
+            return []
+        return [str(self.output)] + ([str(self._plot_path())] if self.method.is_auto else [])
+
+    def _plot_path(self) -> Path:
+        """The automatic budget's plot, beside the report: ``<output stem>_auto.png``."""
+        return Path(self.output).with_name(Path(self.output).stem + "_auto.png")
 
     # ---------------------------------------------------------------------------- heads
     def selected_heads(self, pl_module: pl.LightningModule) -> list[Pair] | None:
@@ -316,6 +336,10 @@ class SafetyRealignment(HSRCallback):
                 utility_reduce=self._reduce(utility, pl_module, self.utility_calibration),
                 safety_reduce=self._reduce(safety, pl_module, self.safety_calibration),
             )
+        if self._dev:
+            get_state(pl_module).dev_dense = self._measure(trainer, pl_module, "dense", 0)
+            rank_zero_info(f"hsr-pl: dense model on the dev sets: dev ASR {100 * get_state(pl_module).dev_dense.asr:.1f} % "
+                           f"[{self._judge}]")
         rank_zero_info(
             f"hsr-pl: realignment measured {self.config.importance} importance of the dense model on "
             f"{len(utility)} utility + {len(safety)} safety batches in {time.perf_counter() - start:.1f} s "
@@ -375,6 +399,8 @@ class SafetyRealignment(HSRCallback):
                 "SafetyRealignment(top_h=0) selects no heads, so nothing would be restored; give top_h >= 1 (e.g. 10) "
                 "or drop it to use SafetyHeadAttribution's top_h"
             )
+        self._dev = self._dev_sets(trainer)
+        self._check_judge(pl_module)
         handed_on = scorers[-1].heads_handed_on() if scorers else None
         if self.config.needs_heads and self.heads is None and self._file_scores is None and self.top_h is None \
                 and handed_on == 0 and trainer.ckpt_path is None:
@@ -397,6 +423,8 @@ class SafetyRealignment(HSRCallback):
         if self.top_h is not None and self.top_h > total:
             raise RealignConfigError(f"SafetyRealignment top_h={self.top_h} exceeds the model's {total} attention heads; "
                                      "lower top_h")
+        if self.method.is_auto:  # start vs max_budget in weights of this model
+            self.method.auto.counts(language_model_parameters(model, adapter))
         pruner = self._pruner(trainer)
         if pruner is None:
             return
@@ -411,6 +439,48 @@ class SafetyRealignment(HSRCallback):
                 f"realignment may restore (e.g. {lacking[0]!r}); drop its keep_originals (default: q/k/v/o) or make "
                 "the regexes cover them"
             )
+
+    # ------------------------------------------------------------------------------ dev
+    @property
+    def _dev_samples(self) -> int:
+        return self.method.auto.dev_samples if isinstance(self.method, GradientOrder) else 64
+
+    def _dev_sets(self, trainer: pl.Trainer) -> list:
+        """The data module's dev sets; ``budget: auto`` without them is refused (one line, the fix)."""
+        if sharded_strategy(trainer) and not self.method.is_auto:
+            return []  # FSDP2: ranks must forward in lockstep; the dev check's generation has no sharded path
+        found = dev_sets(getattr(trainer, "datamodule", None), self._dev_samples)
+        harmful = [s for s in found if s.kind == "harmful"]
+        if self.method.is_auto and not harmful:
+            raise RealignConfigError(
+                "GradientOrder(budget: auto) stops on dev data, but the data module has no dev part: set "
+                "data.init_args.dev_fraction (e.g. 0.2) or dev_num_records, use SyntheticDataModule (its dev_* sets), "
+                "or give a fixed budget (e.g. budget: '1‱')"
+            )
+        return found if harmful else []
+
+    def _check_judge(self, pl_module: pl.LightningModule) -> None:
+        """``judge`` must be one of the model's judges (checked by name when they are named plainly)."""
+        judge = self.method.auto.judge if self.method.is_auto else None
+        specs = list(pl_module.hparams.get("judges") or ["keyword-gcg"])
+        if judge is None or not specs or not all(isinstance(j, str) for j in specs):
+            return
+        if judge not in specs:
+            raise RealignConfigError(f"GradientOrder(judge={judge!r}) is not among the model's judges {specs}; add it to "
+                                     "model.init_args.judges or drop judge (default: the first)")
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str, restored: int) -> DevPoint:
+        """The dev numbers of the model as it is now (every rank gets the same)."""
+        start = time.perf_counter()
+        datamodule = trainer.datamodule
+        loaders = [datamodule.eval_dataloader(s, length_sorted=True) for s in self._dev]
+        with torch.inference_mode(False), eval_mode(hf_model(pl_module)):
+            rows = dev_headlines(pl_module, loaders)
+        judge = self.method.auto.judge if self.method.is_auto else None
+        point = point_from_headlines(label, restored, rows, judge)
+        point.seconds = round(time.perf_counter() - start, 3)
+        self._judge = judge or next(iter(rows))
+        return point
 
     def _check_order(self, trainer: pl.Trainer) -> None:
         callbacks = list(trainer.callbacks)
@@ -458,10 +528,39 @@ class SafetyRealignment(HSRCallback):
                     utility = self._batches(trainer, pl_module, self.utility_calibration)
                 if dist_world()[1] > 1:
                     reduce, count = WeightedAllReduce(1.0), _global_count(pl_module.device)
-            self.result = realign_model(
-                model, adapter, state, self.config, heads, dense=self.dense, safety_batches=safety,
-                utility_batches=utility, reduce=reduce, count_batches=count,
-            )
+            dev_dense = state.dev_dense if self._dev else None
+            if self.method.is_auto and dev_dense is None:
+                raise RealignInputError(
+                    "GradientOrder(budget: auto) has no dense-model dev numbers: they are measured when the pruner "
+                    "announces its first weight change; keep Pruning/PrunedCheckpoint and SafetyRealignment in the same "
+                    "trainer, the pruner first"
+                )
+            pruned_point = self._measure(trainer, pl_module, "pruned", 0) if dev_dense is not None else None
+            if self.method.is_auto:
+                auto = self.method.auto
+                session = RealignSession(
+                    model, adapter, state, self.config, heads, dense=self.dense, safety_batches=safety,
+                    utility_batches=utility, reduce=reduce, count_batches=count,
+                )
+                first, most = auto.counts(session.lm_params)
+                sizes = schedule(first, auto.growth, most)
+                rank_zero_info(f"hsr-pl: automatic budget: rounds to {sizes} restored weights at most; dev ASR "
+                               f"[{self._judge}] dense {100 * dev_dense.asr:.1f} %, pruned {100 * pruned_point.asr:.1f} %")
+                outcome = auto_realign(
+                    session, auto, sizes, lambda label, restored: self._measure(trainer, pl_module, label, restored),
+                    dev_dense, pruned_point, log=lambda line: rank_zero_info(f"hsr-pl: automatic budget: {line}"),
+                )
+                self.result = session.result()
+                dev_report = {**outcome.summary(auto, session.lm_params, self.config.scope), "judge": self._judge}
+            else:
+                self.result = realign_model(
+                    model, adapter, state, self.config, heads, dense=self.dense, safety_batches=safety,
+                    utility_batches=utility, reduce=reduce, count_batches=count,
+                )
+                dev_report = None
+                if pruned_point is not None:
+                    after = self._measure(trainer, pl_module, "realigned", self.result.restored)
+                    dev_report = self._dev_check(dev_dense, pruned_point, after)
         self.report = {
             **self.result.summary(),
             "settings": {**self.settings(), "preserve_structure": self.config.preserve_structure},  # as run
@@ -476,6 +575,8 @@ class SafetyRealignment(HSRCallback):
             "head_scores": {f"{l_}-{h}": state.head_scores.get(f"{l_}-{h}") for l_, h in heads},
             "wall_s": round(time.perf_counter() - start, 3),
         }
+        if dev_report is not None:
+            self.report["auto" if self.method.is_auto else "dev_check"] = dev_report
         state.realignment = dict(self.report)
         self._report(trainer)
         # In memory, for whoever re-runs variants from the same pruned weights while it is notified.
@@ -490,6 +591,17 @@ class SafetyRealignment(HSRCallback):
         state.realignment_run = replace(state.realignment_run, dense=None, calibration=None)
         self.dense = None
 
+    def _dev_check(self, dense: DevPoint, pruned: DevPoint, after: DevPoint) -> dict[str, Any]:
+        """A fixed budget's one dev check: the numbers, whether the target was met, a warning if not."""
+        auto = self.method.auto if isinstance(self.method, GradientOrder) else AutoBudget()
+        met = target_reason(after, dense, pruned, auto)
+        report = {"judge": self._judge, "dense": dense.to_dict(), "pruned": pruned.to_dict(), "realigned": after.to_dict(),
+                  "target_rsr": auto.target_rsr, "target_met": met is not None,
+                  "residual": None if met else residual_line(after, dense, pruned, auto, self.config.scope, fixed=True)}
+        if met is None and pruned.asr > dense.asr + auto.tolerance_points / 100:
+            rank_zero_warn(f"SafetyRealignment dev check [{self._judge}]: {report['residual']}")
+        return report
+
     def _report(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero:
             if self.show_table:
@@ -503,6 +615,18 @@ class SafetyRealignment(HSRCallback):
             )
         if not (self.show_table and trainer.is_global_zero):  # the table's caption already says it
             rank_zero_info(f"hsr-pl: realignment {realignment_line(self.report)}")
+        if "auto" in self.report:
+            lines = auto_lines(self.report["auto"])
+            for line in lines[:-1]:
+                rank_zero_info(f"hsr-pl: {line}")
+            if not self.report["auto"]["stop"]["target_met"]:
+                rank_zero_warn(f"SafetyRealignment: {self.report['auto']['residual']}")
+            rank_zero_info(f"hsr-pl: automatic budget {lines[-1]}")
+            if trainer.is_global_zero and self.output is not None:
+                try:
+                    save_auto_png(self._plot_path(), self.report["auto"])
+                except ImportError:
+                    rank_zero_info("hsr-pl: matplotlib not installed; no automatic-budget plot (pip install 'hsr-pl[plot]')")
         for logger in trainer.loggers:
             logger.log_metrics(
                 {"realign/restored": self.report["restored_params"], "realign/ratio_lm": self.report["restored_ratio_lm"]},

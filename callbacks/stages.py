@@ -38,6 +38,7 @@ from hsr_pl.realign.baselines import (
     left_out_baselines,
     realign_variant,
 )
+from hsr_pl.report.auto import print_auto_table, save_auto_png
 from hsr_pl.report.heads import write_json_atomic
 from hsr_pl.report.manifest import after_restoring
 from hsr_pl.report.stages import closing_line, print_stage_table, save_curve_png, save_stage_png
@@ -344,6 +345,9 @@ class StageEvaluation(HSRCallback):
             "realignment": dict(run.settings),
             **stages,
         }
+        for key in ("auto", "dev_check"):  # SafetyRealignment's dev trajectory / dev check (report in HSRState)
+            if key in state.realignment:
+                summary[key] = state.realignment[key]
         if self.strict_judge and self.strict_judge in judges:
             summary["rsr_strict"] = rsr(stages["realigned"]["judges"][self.strict_judge]["asr"], self.strict_judge)
             summary["rsr_strict_reason"] = no_rise[self.strict_judge]
@@ -379,8 +383,12 @@ class StageEvaluation(HSRCallback):
         folder = Path(self.output_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         print_stage_table(self.summary)
+        if "auto" in self.summary:
+            print_auto_table(self.summary["auto"])
         try:
             save_stage_png(folder / "stages.png", self.summary)
+            if "auto" in self.summary:
+                save_auto_png(folder / "auto_budget.png", self.summary["auto"])
             if "curve" in self.summary:
                 marks = {"HSR (this run)": (self.summary["restored_params"], self.summary["rsr"] or 0.0)}
                 save_curve_png(folder / "restored_weights_curve.png", self.summary["curve"], self.judge, marks)

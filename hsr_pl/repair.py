@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import Any
 import lightning.pytorch as pl
 
 from hsr_pl.callbacks import ExportPretrained, PrunedCheckpoint, SafetyHeadAttribution, SafetyRealignment
-from hsr_pl.data import VLGuardDataModule
+from hsr_pl.data import VLGuardDataModule, dev_sets
 from hsr_pl.evaluation.judges import make_judge
 from hsr_pl.evaluation.organism import REFUSAL
 from hsr_pl.models.organism import ORGANISM_PACKAGE_PATH
 from hsr_pl.module import LVLMModule
+from hsr_pl.realign import FLAT_KEYS, GradientOrder
 
 __all__ = ["check_judges_match_refusal", "repair"]
 
@@ -108,6 +110,7 @@ def repair(
     model_options: Mapping[str, Any] | None = None,
     data: VLGuardDataModule | None = None,
     evaluate: bool | None = None,
+    dev_fraction: float | None = None,
 ) -> dict:
     """Realign ``pruned`` (a checkpoint pruned by any tool) against ``original`` and save it to ``output``.
 
@@ -118,6 +121,10 @@ def repair(
         scores_path: a ``{"<layer>-<head>": score}`` file; default: scan the original model with
             SafetyHeadAttribution (``attribution`` holds its arguments, e.g. ``{"positions": "response"}``).
         realignment: arguments of SafetyRealignment (``method``, ``selection``, ``importance`` …).
+            Without a ``method``: ``GradientOrder()`` (``budget: auto``, stopped on dev data) when the
+            data has dev sets, else the paper's rule (``MarginRule()``; one line says so).
+        dev_fraction: with ``train_path``, hold out this fraction of its records as the dev sets
+            ``budget: auto`` measures (e.g. 0.2; default none).
         heads_path: the deprecated name of ``scores_path`` (one line says so).
         eval_sets: evaluation sets as in VLGuardDataModule; evaluates the repaired model.
         judges / refusal / max_new_tokens: the evaluation settings (as LVLMModule's); default judge
@@ -130,8 +137,6 @@ def repair(
     if heads_path is not None:
         if scores_path is not None:
             raise ValueError("repair(): give scores_path or its deprecated name heads_path, not both")
-        import sys
-
         print(f"hsr-pl: repair(heads_path=...) is deprecated and will be removed; write scores_path={heads_path!r}",
               file=sys.stderr)
         scores_path = heads_path
@@ -148,16 +153,24 @@ def repair(
         settings = {"positions": "response", "num_samples": num_samples, **dict(attribution or {})}
         callbacks.append(SafetyHeadAttribution(top_h=top_h, when=when, heatmap=False, **settings))
     callbacks.append(PrunedCheckpoint(pruned, when=when))
+    if data is None:
+        data = VLGuardDataModule(train_path=train_path, image_root=image_root, eval_sets=list(eval_sets or []),
+                                 num_samples=num_samples, dev_fraction=dev_fraction)
+    elif dev_fraction is not None:
+        raise ValueError("repair(): dev_fraction goes with train_path; give the data module its own dev part")
     options = {"num_samples": num_samples, **dict(realignment or {})}
+    if "method" not in options and not set(FLAT_KEYS) & set(options):
+        if dev_sets(data):
+            options["method"] = GradientOrder()  # budget: auto, measured on the data's dev sets
+        else:
+            print("hsr-pl: repair(): the paper's rule (MarginRule); the automatic budget needs dev sets: give "
+                  "dev_fraction=0.2 (or a data module with dev sets)", file=sys.stderr)
     if scores_path is not None:
         options.update(scores_path=scores_path, top_h=top_h)
     callbacks.append(SafetyRealignment(when=when, **options))
     callbacks.append(ExportPretrained(output, when="validation_end" if evaluate else "fit_end", overwrite=overwrite))
     module = LVLMModule(original, dtype=dtype, judges=None if judges is None else list(judges), refusal=refusal,
                         max_new_tokens=max_new_tokens, **dict(model_options or {}))
-    if data is None:
-        data = VLGuardDataModule(train_path=train_path, image_root=image_root, eval_sets=list(eval_sets or []),
-                                 num_samples=num_samples)
     with _quiet_lightning():
         trainer = pl.Trainer(
             accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False, max_steps=0,

@@ -93,6 +93,9 @@ class HSRState:
             outside the targets), for the manifest.
         realignment_run: SafetyRealignment's in-memory hand-over (:class:`RealignmentRun`); not
             part of ``state_dict``.
+        dev_dense: the dense model's dev numbers (a :class:`hsr_pl.realign.auto.DevPoint`), measured
+            once before the pruner's first weight change (in repair mode: the original checkpoint)
+            so the automatic budget compares every round with them; in memory only.
     """
 
     pruned: dict[str, Tensor] = field(default_factory=dict)
@@ -106,6 +109,7 @@ class HSRState:
     realignment: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     realignment_run: RealignmentRun | None = field(default=None, repr=False, compare=False)
+    dev_dense: Any = field(default=None, repr=False, compare=False)
     # {name: _DeviceKeep}: packed keep-masks on the weights' devices (see apply_masks).
     _device_keep: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

@@ -579,10 +579,33 @@ CASES = [
     case("realign-no-heads", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment}\n"),
          r"SafetyRealignment has no heads: put SafetyHeadAttribution before Pruning .*or give scores_path="),
     case("realign-p-above-max-p", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.MarginRule, init_args: {p: 0.9}}"), r"p=0.9 must lie in \(0, max_p=0.7\)"),
-    case("realign-gradient-no-budget", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder}"),
-         r"order='gradient' .*needs a budget \(e.g. budget: 100 or '1‱'\)"),
+    case("realign-auto-no-dev", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder}"),
+         r"GradientOrder\(budget: auto\) stops on dev data, but the data module has no dev part: set "
+         r"data.init_args.dev_fraction .* or give a fixed budget \(e.g. budget: '1‱'\)"),
+    case("realign-auto-bad-growth", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
+                                                   "init_args: {growth: 1}}"),
+         r"growth=1.0 must be a number > 1 \(e.g. 2: each round doubles the total\)"),
+    case("realign-auto-with-rounds", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
+                                                    "init_args: {rounds: 3}}"),
+         r"budget='auto' chooses its own rounds \(start, growth\); drop rounds, or give a fixed budget with rounds"),
+    case("realign-auto-setting-with-fixed-budget",
+         lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
+                                              "init_args: {budget: 100, target_rsr: 0.9}}"),
+         r"target_rsr set the automatic budget, but budget=100 is fixed; use budget: auto or drop them"),
+    case("realign-auto-unknown-judge",
+         lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, init_args: {judge: strict}}",
+                        "--data.init_args.dev_fraction=0.5"),
+         r"GradientOrder\(judge='strict'\) is not among the model's judges \['keyword-gcg-nocase', "
+         r"'keyword-gcg-nocase\+short'\]; add it to model.init_args.judges or drop judge"),
+    case("realign-auto-start-above-max",
+         lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
+                                              "init_args: {start: 500, max_budget: 100}}", "--data.init_args.dev_fraction=0.5"),
+         r"start=500 \(500 weights\) exceeds max_budget=100 \(100\); lower start or raise max_budget", allowed=("load",)),
+    case("realign-auto-bad-target", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.GradientOrder, "
+                                                   "init_args: {target_rsr: 1.5}}"),
+         r"target_rsr=1.5 must lie in \(0, 1\] \(e.g. 0.95\)"),
     case("realign-bad-budget", lambda i: flow(i, PRUNE + REALIGN % ", method: {class_path: hsr_pl.realign.MarginRule, init_args: {budget: lots}}"),
-         r"budget='lots' is not a number; use e.g. 100, 1e-4, '1‱' or '0.01%'"),
+         r"budget='lots' is not a number; use e.g. 100, 1e-4, '1‱', '0.1‰' or '0.01%'"),
     case("realign-scores-path-missing", lambda i: flow(i, PRUNE + "    - {class_path: hsr_pl.callbacks.SafetyRealignment, "
                                                       f"init_args: {{scores_path: '{i.root / 'no.json'}', top_h: 2}}}}\n"),
          r"scores_path=.*no.json' does not exist"),

@@ -32,7 +32,7 @@ def test_each_method_gives_the_flat_config_it_stands_for():
     (lambda: MarginRule(max_p=1.5), "max_p=1.5"),
     (lambda: MarginRule(p="half"), "p='half' must be a number"),
     (lambda: MarginRule(budget="lots"), "budget='lots' is not a number"),
-    (lambda: GradientOrder(), r"needs a budget \(e.g. budget: 100 or '1‱'\)"),
+    (lambda: GradientOrder(rounds=2), r"budget='auto' chooses its own rounds"),
     (lambda: GradientOrder(budget=5, rounds=0), "rounds=0 must be a positive integer"),
     (lambda: GradientOrder(budget=5, scope="everything"), "scope='everything' is unknown"),
     (lambda: GradientOrder(budget=5, utility_weight=-1), "utility_weight=-1 must be a number ≥ 0"),
@@ -47,7 +47,9 @@ def test_a_method_holds_only_its_own_fields():
     margin = set(inspect.signature(MarginRule).parameters)
     gradient = set(inspect.signature(GradientOrder).parameters)
     assert margin == {"p", "q", "max_p", "budget", "preserve_structure"}
-    assert gradient == {"budget", "rounds", "scope", "utility_weight", "preserve_structure"}
+    assert gradient == {"budget", "rounds", "scope", "utility_weight", "preserve_structure", "start", "growth",
+                        "max_budget", "target_rsr", "tolerance_points", "utility_guard_points",
+                        "over_refusal_guard_points", "dev_samples", "bisect", "judge"}
     with pytest.raises(TypeError):
         MarginRule(rounds=2)
     with pytest.raises(TypeError):

@@ -278,6 +278,22 @@ def test_repair_takes_a_data_module_instead_of_a_path(tmp_path, folders, capsys)
     assert "keyword-gcg" not in capsys.readouterr().out  # its held-out sets were not evaluated (no sanity check)
 
 
+def test_repair_defaults_to_the_automatic_budget_when_the_data_has_dev_sets(tmp_path, folders, capfd):
+    """No method given: budget auto with a dev part (dev_fraction), the paper's rule (and one line) without."""
+    from hsr_pl.repair import repair as repair_api
+
+    original, pruned, _, _, _ = folders
+    common = dict(train_path=str(TRAIN), top_h=2, attribution={"num_samples": 2}, num_samples=4, accelerator="cpu")
+    rule = repair_api(str(original), str(pruned), str(tmp_path / "rule"), **common)
+    assert "the automatic budget needs dev sets: give dev_fraction=0.2" in capfd.readouterr().err
+    auto = repair_api(str(original), str(pruned), str(tmp_path / "auto"), dev_fraction=0.5, **common)
+    assert rule["budget"]["order"] == "margin" and rule["auto"] is None
+    assert auto["budget"]["order"] == "gradient" and auto["budget"]["setting"] == "auto"
+    assert auto["restored"]["params"] == auto["auto"]["final"]["restored"] and auto["auto"]["stop"]["reason"]
+    with pytest.raises(ValueError, match="dev_fraction goes with train_path"):
+        repair_api(str(original), str(pruned), str(tmp_path / "x"), data=make_data(None), dev_fraction=0.2, top_h=2)
+
+
 def test_the_gradient_gain_of_a_swapped_out_sparsegpt_entry_uses_the_value_a_restore_writes(tiny_llava):
     """SparseGPT moves kept weights; an N:M swap records the moved value as the entry's original, and
     a later restore writes that value back. The gain −g·w must score that value, not the dense one."""

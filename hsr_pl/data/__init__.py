@@ -2,6 +2,7 @@
 
 from .collate import VLGuardCollator, build_messages
 from .datamodule import EvalSet, VLGuardDataModule
+from .dev import dev_sets
 from .synthetic_module import SyntheticDataModule
 from .vlguard import SPLITS, DataFormatError, load_vlguard, pairs_to_dataset, select_samples
 
@@ -13,6 +14,7 @@ __all__ = [
     "VLGuardCollator",
     "VLGuardDataModule",
     "build_messages",
+    "dev_sets",
     "load_vlguard",
     "pairs_to_dataset",
     "select_samples",

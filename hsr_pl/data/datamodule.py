@@ -548,14 +548,39 @@ class VLGuardDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> list[DataLoader]:
         # No eval sets: fit trains without validation (validate itself is refused in setup).
-        loaders = []
-        for eval_set in self.eval_sets:
-            rows = self.eval_rows(eval_set)
-            meta = self._eval_meta(eval_set, rows)
-            inner = VLGuardCollator(self.processor, with_response=False, max_positions=self.max_positions())
-            collate = _EvalCollator(inner, eval_set, meta)
-            loaders.append(self._loader(rows, collate, self.eval_batch_size, shuffle=False))
-        return loaders
+        return [self.eval_dataloader(eval_set) for eval_set in self.eval_sets]
+
+    def eval_dataloader(self, eval_set: EvalSet, *, length_sorted: bool | None = None) -> DataLoader:
+        """The evaluation loader of one set (any set, not only ``eval_sets``: the dev sets too).
+
+        ``length_sorted`` (default: the module's ``eval_length_sorted``) puts the longest prompts first.
+        """
+        rows = self.eval_rows(eval_set)
+        if length_sorted and not self.eval_length_sorted:
+            rows = self._by_length(rows)
+        meta = self._eval_meta(eval_set, rows)
+        inner = VLGuardCollator(self.processor, with_response=False, max_positions=self.max_positions())
+        collate = _EvalCollator(inner, eval_set, meta)
+        return self._loader(rows, collate, self.eval_batch_size, shuffle=False)
+
+    def dev_eval_sets(self, num_samples: int | None = None) -> list[EvalSet]:
+        """The dev part held out of the calibration file as evaluation sets (empty without one):
+        harmful requests on unsafe images (``dev_harmful_image``, split ``safety``) and on safe images
+        (``dev_harmful_text``, ``over_refusal``), their safe questions as ``dev_utility`` (reference
+        match) and as ``dev_benign`` (over-refusal), ``num_samples`` each."""
+        if not self.dev_records():
+            return []
+        owner = type(self).__name__
+        sets = [("dev_harmful_text", "over_refusal", "harmful"), ("dev_harmful_image", "safety", "harmful"),
+                ("dev_utility", "utility", "utility"), ("dev_benign", "utility", "benign")]
+        out = []
+        for name, split, kind in sets:
+            found = self._resolve(self._dev_set(
+                EvalSet(name=name, split=split, kind=kind, num_samples=num_samples, dev=True), owner,
+                self.calibration_path, self.dev_fraction, self.dev_num_records))
+            if any(e["split"] == split for e in self.eval_examples(found)):
+                out.append(found)
+        return out
 
     def calibration_dataset(self, split: str, num_samples: int | None = None):
         """The seeded selection of ``num_samples`` examples of ``split`` (a ``datasets.Dataset``).

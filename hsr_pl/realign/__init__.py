@@ -7,6 +7,7 @@ safety inside the selected heads. Pure tensor code; the Lightning callback
 * :mod:`.importance` — utility / safety importance from dense-model statistics;
 * :mod:`.select` — budgets, the margin and gradient orders, N:M structure swaps;
 * :mod:`.plan` — the per-linear plan; :mod:`.runner` — the model-level driver;
+* :mod:`.auto` — ``budget: auto``: rounds of growing size, stopped on dev numbers;
 * :mod:`.methods` — the method configurations (``MarginRule``, ``GradientOrder``) users choose;
 * :mod:`.baselines` — the baselines and their variants; :mod:`.config` — validated settings.
 
@@ -15,6 +16,7 @@ The pruned set of a model pruned by another tool is read by :mod:`hsr_pl.models.
 See docs/realignment.md.
 """
 
+from .auto import AutoBudget, AutoOutcome, Decision, DevPoint, auto_realign, schedule, stop_rule
 from .baselines import random_heads, random_restore_masks
 from .config import SCOPES, RealignConfig
 from .errors import RealignConfigError, RealignError, RealignInputError
@@ -25,6 +27,7 @@ from .importance import (
     importance_scores,
     loss_gradients,
     refusal_gradients,
+    refusal_nll,
 )
 from .methods import FLAT_KEYS, GradientOrder, MarginRule, RealignMethod, method_from_flat
 from .plan import LinearPlan, LinearView, build_pools, plan_restoration
@@ -32,6 +35,7 @@ from .rule import candidate_mask, top_fraction_mask
 from .runner import (
     DenseMeasurement,
     RealignResult,
+    RealignSession,
     attention_linears,
     dense_pass,
     language_model_parameters,
@@ -52,6 +56,15 @@ from .select import (
 from .slices import SELECTIONS, entry_heads, head_slice_mask
 
 __all__ = [
+    "AutoBudget",
+    "AutoOutcome",
+    "Decision",
+    "DevPoint",
+    "RealignSession",
+    "auto_realign",
+    "refusal_nll",
+    "schedule",
+    "stop_rule",
     "FLAT_KEYS",
     "GradientOrder",
     "MarginRule",

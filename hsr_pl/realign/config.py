@@ -38,7 +38,9 @@ class RealignConfig:
             by the budget) or ``gradient`` (first-order drop of the refusal loss at the pruned
             model; needs a budget).
         budget: cap on restored weights — an int count, a float fraction of the language
-            model's parameters, or a string such as ``"1‱"``; None restores the whole rule set.
+            model's parameters, or a string such as ``"1‱"``; None restores the whole rule set;
+            ``"auto"`` (gradient order only) is found round by round on dev data
+            (:mod:`hsr_pl.realign.auto`).
         rounds: ``gradient`` only: restore the budget in this many steps, recomputing the
             gradient after each.
         scope: ``gradient`` only: ``heads`` (the selected heads' slices, default) or ``all`` (every
@@ -81,10 +83,20 @@ class RealignConfig:
             raise RealignConfigError(f"order={self.order!r} is unknown; choose one of {ORDERS}")
         if self.scope not in SCOPES:
             raise RealignConfigError(f"scope={self.scope!r} is unknown; choose one of {SCOPES}")
-        resolve_budget(self.budget, 1_000_000)  # validates the form; the count needs the model
+        if self.budget == "auto":
+            if self.order != "gradient":
+                raise RealignConfigError(
+                    "budget='auto' grows the gradient order round by round; it needs order='gradient' (GradientOrder)"
+                )
+        else:
+            resolve_budget(self.budget, 1_000_000)  # validates the form; the count needs the model
         if self.order == "gradient" and self.budget is None:
             raise RealignConfigError(
-                "order='gradient' ranks every pruned weight in scope and needs a budget (e.g. budget: 100 or '1‱')"
+                "order='gradient' ranks every pruned weight in scope and needs a budget (e.g. budget: 100, '1‱' or 'auto')"
+            )
+        if self.budget == "auto" and self.rounds != 1:
+            raise RealignConfigError(
+                "budget='auto' chooses its own rounds (start, growth); drop rounds, or give a fixed budget with rounds"
             )
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise RealignConfigError(f"rounds={self.rounds!r} must be a positive integer")

@@ -43,6 +43,7 @@ __all__ = [
     "importance_scores",
     "loss_gradients",
     "refusal_gradients",
+    "refusal_nll",
     "sparsegpt_diag",
 ]
 
@@ -160,6 +161,36 @@ def refusal_gradients(
     if total == 0:
         raise CalibrationError("order='gradient': no calibration batch had response tokens (labels != -100)")
     return {name: tensor.cpu() / total for name, tensor in sums.items()}, total
+
+
+@torch.no_grad()
+def refusal_nll(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    reduce: Reduce | None = None,
+    count: Callable[[int], int] | None = None,
+) -> float | None:
+    """The token-weighted mean response NLL over ``batches`` (and ranks): the loss whose gradient
+    :func:`refusal_gradients` takes, measured forward-only (the automatic budget's cheap signal).
+
+    ``reduce`` sums this rank's NLL sum over ranks; ``count`` its token count. None: no tokens.
+    """
+    device = model.get_input_embeddings().weight.device
+    total = torch.zeros(1, dtype=torch.float64)
+    tokens = 0
+    for batch in batches:
+        n = int(token_mask(batch, "response")[..., 1:].sum())
+        if n == 0:
+            continue
+        inputs = model_inputs(batch, device)
+        inputs["labels"] = batch["labels"].to(device)
+        total += float(model(**inputs).loss) * n
+        tokens += n
+    if reduce is not None:
+        total = reduce(total).cpu()
+    tokens = count(tokens) if count is not None else tokens
+    return float(total.item() / tokens) if tokens else None
 
 
 def _snip_transform(linear: nn.Linear, grad: Tensor) -> Tensor:

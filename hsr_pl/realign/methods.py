@@ -4,6 +4,7 @@
 
     method: {class_path: hsr_pl.realign.MarginRule, init_args: {p: auto, q: 0.5, max_p: 0.7}}
     method: {class_path: hsr_pl.realign.GradientOrder, init_args: {budget: "1‱", rounds: 1}}
+    method: {class_path: hsr_pl.realign.GradientOrder, init_args: {budget: auto, max_budget: "1‰"}}
 
 Each holds only its own fields, so no setting of one method can be given to the other. Both share
 the budget (how many weights) and ``preserve_structure`` (N:M masks stay N:M); a new order, or an
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+from .auto import AUTO_FIELDS, AutoBudget
 from .config import RealignConfig
 from .errors import RealignConfigError
 from .select import resolve_budget
@@ -50,6 +52,11 @@ class RealignMethod:
             )
         self.budget = budget
         self.preserve_structure = None if preserve_structure is None else bool(preserve_structure)
+
+    @property
+    def is_auto(self) -> bool:
+        """True when the budget is found on dev data (GradientOrder's ``budget: auto``)."""
+        return False
 
     def init_args(self) -> dict[str, Any]:
         """This method's own fields (what YAML's ``init_args`` holds)."""
@@ -129,32 +136,73 @@ class GradientOrder(RealignMethod):
     it gives at the pruned model (``gain = −g_s·w − λ·g_u·w``), and restore the top ``budget``.
 
     Args:
-        budget: required — an int count, a float fraction of the language model's parameters, or
-            a string such as ``"1‱"``.
-        rounds: restore the budget in this many steps, recomputing the gradient after each.
+        budget: ``"auto"`` (default): grow the set round by round and stop on dev data
+            (:mod:`hsr_pl.realign.auto`; needs a data module with a dev part); or a fixed cap — an
+            int count, a float fraction of the language model's parameters, or a string such as
+            ``"1‱"``.
+        rounds: a fixed budget restored in this many steps, recomputing the gradient after each.
         scope: ``heads`` (the selected heads' slices, default) or ``all`` (every attention
             projection whose originals were kept: no heads needed).
         utility_weight: λ, the weight of the benign-answer gradient (0 = refusal loss only).
         preserve_structure: see :class:`RealignMethod`.
+        start, growth, max_budget, target_rsr, tolerance_points, utility_guard_points,
+        over_refusal_guard_points, dev_samples, bisect, judge: the automatic budget's settings
+            (:class:`hsr_pl.realign.auto.AutoBudget`; only with ``budget: auto``). ``dev_samples``
+            also sizes the one dev check after a fixed budget.
     """
 
     order = "gradient"
 
     def __init__(
         self,
-        budget: int | float | str | None = None,
+        budget: int | float | str | None = "auto",
         rounds: int = 1,
         scope: str = "heads",
         utility_weight: float = 0.0,
         preserve_structure: bool | None = None,
+        start: int | float | str = "0.25‱",
+        growth: float = 2.0,
+        max_budget: int | float | str = "1‰",
+        target_rsr: float = 0.95,
+        tolerance_points: float = 1.0,
+        utility_guard_points: float = 1.0,
+        over_refusal_guard_points: float = 1.0,
+        dev_samples: int = 64,
+        bisect: bool = False,
+        judge: str | None = None,
     ) -> None:
-        super().__init__(budget, preserve_structure)
+        if budget is None or (isinstance(budget, str) and budget.strip() == "auto"):
+            budget = "auto"  # no budget for the gradient order: find it on dev data
+        RealignMethod.__init__(self, None if budget == "auto" else budget, preserve_structure)
+        self.budget = budget
         checked = RealignConfig(order="gradient", budget=budget, rounds=rounds, scope=scope, utility_weight=utility_weight)
         self.rounds, self.scope, self.utility_weight = checked.rounds, checked.scope, checked.utility_weight
+        self.auto = AutoBudget(start=start, growth=growth, max_budget=max_budget, target_rsr=target_rsr,
+                               tolerance_points=tolerance_points, utility_guard_points=utility_guard_points,
+                               over_refusal_guard_points=over_refusal_guard_points, dev_samples=dev_samples,
+                               bisect=bisect, judge=judge)
+        if budget != "auto":
+            changed = [k for k, v in self.auto.to_dict().items() if k not in ("dev_samples", "judge")
+                       and v != getattr(AutoBudget, k)]
+            if changed:
+                raise RealignConfigError(
+                    f"{', '.join(changed)} set the automatic budget, but budget={budget!r} is fixed; use budget: auto or "
+                    "drop them"
+                )
+
+    @property
+    def is_auto(self) -> bool:
+        """True when the budget is found on dev data (``budget: auto``)."""
+        return self.budget == "auto"
 
     def init_args(self) -> dict[str, Any]:
-        return {"budget": self.budget, "rounds": self.rounds, "scope": self.scope,
+        args = {"budget": self.budget, "rounds": self.rounds, "scope": self.scope,
                 "utility_weight": self.utility_weight, "preserve_structure": self.preserve_structure}
+        return {**args, **self.auto.to_dict()}
+
+    def realign_config(self, *, importance: str = "wanda", selection: str = "head") -> RealignConfig:
+        args = {k: v for k, v in self.init_args().items() if k not in AUTO_FIELDS}
+        return RealignConfig(order=self.order, importance=importance, selection=selection, **args)
 
 
 def method_from_flat(**flat: Any) -> RealignMethod | None:

@@ -22,7 +22,7 @@ from hsr_pl.state import HSRState, head_key
 
 from .config import RealignConfig
 from .errors import RealignInputError
-from .importance import ImportanceStat, collect_importance, refusal_gradients
+from .importance import ImportanceStat, collect_importance, refusal_gradients, refusal_nll
 from .plan import LinearPlan, LinearView, plan_restoration
 from .select import resolve_budget
 from .slices import entry_heads
@@ -30,6 +30,7 @@ from .slices import entry_heads
 __all__ = [
     "DenseMeasurement",
     "RealignResult",
+    "RealignSession",
     "attention_linears",
     "dense_pass",
     "language_model_parameters",
@@ -303,70 +304,170 @@ def realign_model(
         reduce: DDP sum of gradients; ``count_batches`` sums a count of this rank over all ranks
             (the gradient order divides by the global response-token count: one token-weighted
             mean, whatever the batching or sharding).
+
+    ``budget: auto`` is not a count: :func:`hsr_pl.realign.auto.auto_realign` drives a
+    :class:`RealignSession` round by round instead.
     """
-    if not state.pruned:
-        raise RealignInputError("the model has no pruning masks: run Pruning (or PrunedCheckpoint) before realignment")
-    heads = [(int(l_), int(h)) for l_, h in heads]
-    if cfg.needs_heads and not heads:
-        raise RealignInputError(
-            "no safety heads selected (top_h 0 or no head scores); give heads, or use selection='none' for the "
-            "head-free baseline"
-        )
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    all_linears = attention_linears(adapter)
-    head_free = cfg.selection == "none" or (cfg.order == "gradient" and cfg.scope == "all")
-    names = [n for n, (layer, _, _) in all_linears.items() if head_free or layer in by_layer]
-    names = [n for n in names if n in state.pruned]
-    if not names:
-        raise RealignInputError(
-            "none of the selected heads' attention projections was pruned; check Pruning's targets (q/k/v/o)"
-        )
-    missing = [n for n in names if n not in state.originals]
-    if missing:
-        raise RealignInputError(
-            f"no original values kept for {missing[:3]}; Pruning(keep_originals=...) must cover the attention "
-            "projections realignment restores"
-        )
-    if (cfg.order == "margin" or cfg.preserve_structure) and dense is None:
-        raise RealignInputError(
-            "no dense importance statistics: SafetyRealignment measures them just before Pruning changes a weight; "
-            "put SafetyRealignment after Pruning in trainer.callbacks and let Pruning run in the same trainer"
-        )
-    if dense is not None:
-        lacking = [n for n in names if cfg.order == "margin" and (n not in dense.utility or n not in dense.safety)]
-        if lacking:
-            raise RealignInputError(f"no dense importance statistics for {lacking[:3]}; the dense pass did not cover them")
-    lm_params = language_model_parameters(model, adapter)
-    budget = resolve_budget(cfg.budget, lm_params)
-    pruned_params = sum(int(m.sum()) for m in state.pruned.values())
-    pruned0 = {n: state.pruned[n].clone() for n in names}
-    linears = {n: all_linears[n] for n in names}
-    plain = {n: lin for n, (_, _, lin) in linears.items()}
+    session = RealignSession(model, adapter, state, cfg, heads, dense=dense, safety_batches=safety_batches,
+                             utility_batches=utility_batches, reduce=reduce, count_batches=count_batches)
+    budget = session.budget
     sizes = [budget] if cfg.order == "margin" else round_sizes(budget, cfg.rounds)
-    total: dict[str, LinearPlan] = {}
-    safety_batches = list(safety_batches) if safety_batches is not None else None
-    utility_batches = list(utility_batches) if utility_batches is not None else None
     for size in sizes:
+        session.step(size)
+    return session.result()
+
+
+@dataclass
+class _Snapshot:
+    """A session's state at one moment: weights of the linears in scope, their masks, the plans."""
+
+    weights: dict[str, Tensor]
+    pruned: dict[str, Tensor]
+    restored: dict[str, Tensor | None]
+    originals: dict[str, Tensor]
+    total: dict[str, LinearPlan]
+    rounds: list[int]
+
+
+class RealignSession:
+    """One realignment in progress: checks once, then restores round by round (:meth:`step`).
+
+    :func:`realign_model` runs its rounds at once; the automatic budget steps, measures, and may
+    :meth:`rollback` to a :meth:`snapshot` (an exact undo of the rounds since: a copy of the weights
+    of the linears in scope, on the CPU, and of their masks and originals).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        state: HSRState,
+        cfg: RealignConfig,
+        heads: Sequence[tuple[int, int]],
+        *,
+        dense: DenseMeasurement | None = None,
+        safety_batches: Batches | None = None,
+        utility_batches: Batches | None = None,
+        reduce: Reduce | None = None,
+        count_batches: Callable[[int], int] | None = None,
+    ) -> None:
+        if not state.pruned:
+            raise RealignInputError("the model has no pruning masks: run Pruning (or PrunedCheckpoint) before realignment")
+        heads = [(int(l_), int(h)) for l_, h in heads]
+        if cfg.needs_heads and not heads:
+            raise RealignInputError(
+                "no safety heads selected (top_h 0 or no head scores); give heads, or use selection='none' for the "
+                "head-free baseline"
+            )
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            by_layer.setdefault(layer, []).append(head)
+        all_linears = attention_linears(adapter)
+        head_free = cfg.selection == "none" or (cfg.order == "gradient" and cfg.scope == "all")
+        names = [n for n, (layer, _, _) in all_linears.items() if head_free or layer in by_layer]
+        names = [n for n in names if n in state.pruned]
+        if not names:
+            raise RealignInputError(
+                "none of the selected heads' attention projections was pruned; check Pruning's targets (q/k/v/o)"
+            )
+        missing = [n for n in names if n not in state.originals]
+        if missing:
+            raise RealignInputError(
+                f"no original values kept for {missing[:3]}; Pruning(keep_originals=...) must cover the attention "
+                "projections realignment restores"
+            )
+        if (cfg.order == "margin" or cfg.preserve_structure) and dense is None:
+            raise RealignInputError(
+                "no dense importance statistics: SafetyRealignment measures them just before Pruning changes a weight; "
+                "put SafetyRealignment after Pruning in trainer.callbacks and let Pruning run in the same trainer"
+            )
+        if dense is not None:
+            lacking = [n for n in names if cfg.order == "margin" and (n not in dense.utility or n not in dense.safety)]
+            if lacking:
+                raise RealignInputError(f"no dense importance statistics for {lacking[:3]}; the dense pass did not cover them")
+        self.model, self.adapter, self.state, self.cfg, self.heads = model, adapter, state, cfg, heads
+        self.by_layer, self.names, self.dense = by_layer, names, dense
+        self.reduce, self.count_batches = reduce, count_batches
+        self.lm_params = language_model_parameters(model, adapter)
+        self.budget = None if cfg.budget == "auto" else resolve_budget(cfg.budget, self.lm_params)
+        self.pruned_params = sum(int(m.sum()) for m in state.pruned.values())
+        self.pruned0 = {n: state.pruned[n].clone() for n in names}
+        self.linears = {n: all_linears[n] for n in names}
+        self.plain = {n: lin for n, (_, _, lin) in self.linears.items()}
+        self.safety_batches = list(safety_batches) if safety_batches is not None else None
+        self.utility_batches = list(utility_batches) if utility_batches is not None else None
+        self.total: dict[str, LinearPlan] = {}
+        self.rounds: list[int] = []
+
+    @property
+    def restored(self) -> int:
+        """Weights restored by this session so far."""
+        return sum(int(p.restore.sum()) for p in self.total.values())
+
+    def step(self, size: int | None) -> int:
+        """Restore the top ``size`` entries of the pool at the current model (None: all); the count restored."""
+        cfg = self.cfg
         grads = utility_grads = None
         if cfg.order == "gradient":
-            if safety_batches is None:
+            if self.safety_batches is None:
                 raise RealignInputError("order='gradient' needs the safety calibration batches (the aligned refusals)")
-            grads = _grads(model, safety_batches, plain, reduce, count_batches)
+            grads = _grads(self.model, self.safety_batches, self.plain, self.reduce, self.count_batches)
             if cfg.utility_weight:
-                if utility_batches is None:
+                if self.utility_batches is None:
                     raise RealignInputError("utility_weight > 0 needs the utility calibration batches")
-                utility_grads = _grads(model, utility_batches, plain, reduce, count_batches)
-        views = _views(adapter, state, names, linears, dense, pruned0, gains=cfg.order == "gradient")
-        plans = plan_restoration(views, by_layer, cfg, size, structure=state.structure, grads=grads, utility_grads=utility_grads)
+                utility_grads = _grads(self.model, self.utility_batches, self.plain, self.reduce, self.count_batches)
+        views = _views(self.adapter, self.state, self.names, self.linears, self.dense, self.pruned0,
+                       gains=cfg.order == "gradient")
+        plans = plan_restoration(views, self.by_layer, cfg, size, structure=self.state.structure, grads=grads,
+                                 utility_grads=utility_grads)
+        done = 0
         for view, plan in zip(views, plans):
-            _apply(state, view, plan, linears[view.name][2], cfg.selection)
-            total[view.name] = _merge(total.get(view.name), plan)
-    return RealignResult(
-        plans=total, heads=heads, lm_params=lm_params, pruned_params=pruned_params, budget=budget,
-        rounds=[] if cfg.order == "margin" else sizes,
-    )
+            _apply(self.state, view, plan, self.linears[view.name][2], cfg.selection)
+            self.total[view.name] = _merge(self.total.get(view.name), plan)
+            done += int(plan.restore.sum())
+        self.rounds.append(done if size is None else size)
+        return done
+
+    def refusal_loss(self) -> float | None:
+        """The aligned refusals' token-weighted NLL at the current model (None without safety batches)."""
+        if self.safety_batches is None:
+            return None
+        return refusal_nll(self.model, self.safety_batches, reduce=self.reduce, count=self.count_batches)
+
+    @torch.no_grad()
+    def snapshot(self) -> _Snapshot:
+        state = self.state
+        return _Snapshot(
+            weights=_snapshot(self.linears),
+            pruned={n: state.pruned[n].clone() for n in self.names},
+            restored={n: (state.restored[n].clone() if n in state.restored else None) for n in self.names},
+            originals={n: state.originals[n].clone() for n in self.names},
+            total=dict(self.total), rounds=list(self.rounds),
+        )
+
+    @torch.no_grad()
+    def rollback(self, snap: _Snapshot) -> None:
+        """Put the weights, masks, originals and plans back as they were at ``snap``."""
+        state = self.state
+        for name, (_, _, linear) in self.linears.items():
+            weight = full_weight(linear)
+            weight.copy_(snap.weights[name].to(weight.device, weight.dtype))
+            write_full(linear, weight)
+            state.pruned[name] = snap.pruned[name].clone()
+            state.originals[name] = snap.originals[name].clone()
+            if snap.restored[name] is None:
+                state.restored.pop(name, None)
+            else:
+                state.restored[name] = snap.restored[name].clone()
+        state.invalidate_masks()
+        self.total, self.rounds = dict(snap.total), list(snap.rounds)
+
+    def result(self) -> RealignResult:
+        return RealignResult(
+            plans=dict(self.total), heads=self.heads, lm_params=self.lm_params, pruned_params=self.pruned_params,
+            budget=self.budget if self.cfg.budget != "auto" else self.restored,
+            rounds=[] if self.cfg.order == "margin" else list(self.rounds),
+        )
 
 
 def _merge(old: LinearPlan | None, new: LinearPlan) -> LinearPlan:

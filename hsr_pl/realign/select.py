@@ -61,7 +61,8 @@ class Pool:
 
 def resolve_budget(budget: int | float | str | None, lm_params: int) -> int | None:
     """A budget as a weight count: an int is a count, a float in (0, 1) a fraction of the
-    language model's parameters, a string ``"1‱"``, ``"0.01%"`` or ``"1e-4"`` likewise."""
+    language model's parameters, a string ``"1‱"``, ``"0.1‰"``, ``"0.01%"`` or ``"1e-4"`` likewise.
+    ``"auto"`` is not a count (the automatic budget finds one, :mod:`hsr_pl.realign.auto`)."""
     if budget is None:
         return None
     if isinstance(budget, bool):
@@ -69,14 +70,21 @@ def resolve_budget(budget: int | float | str | None, lm_params: int) -> int | No
     if isinstance(budget, str):
         text = budget.strip()
         scale = 1.0
+        if text == "auto":
+            raise RealignConfigError(
+                "budget='auto' is found round by round on dev data, not resolved to a count; it needs "
+                "GradientOrder inside SafetyRealignment (or give a count such as 100 or '1‱')"
+            )
         if text.endswith("‱"):
             text, scale = text[:-1], 1e-4
+        elif text.endswith("‰"):
+            text, scale = text[:-1], 1e-3
         elif text.endswith("%"):
             text, scale = text[:-1], 1e-2
         try:
             value = float(text) * scale
         except ValueError:
-            raise RealignConfigError(f"budget={budget!r} is not a number; use e.g. 100, 1e-4, '1‱' or '0.01%'") from None
+            raise RealignConfigError(f"budget={budget!r} is not a number; use e.g. 100, 1e-4, '1‱', '0.1‰' or '0.01%'") from None
         if scale == 1.0 and value >= 1 and value == int(value):
             return int(value)
         budget = 0 if value == 0 else value  # "0" is the count 0, as the int is

@@ -67,4 +67,7 @@ def realignment_manifest(pl_module: pl.LightningModule, state: HSRState) -> dict
             "per_kv_group_k_v": report.get("per_kv_group_k_v", {}),
         },
         "calibration": report.get("calibration", {}),
+        # budget: auto's dev trajectory and stop reason, or a fixed budget's one dev check (None: no dev sets)
+        "auto": report.get("auto"),
+        "dev_check": report.get("dev_check"),
     }
