@@ -60,12 +60,13 @@ def main() -> None:
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--part", default="dev", choices=["dev", "test"])
-    parser.add_argument("--eval-num-samples", type=int, default=150)
+    parser.add_argument("--eval-num-samples", type=int, default=300)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     data = SyntheticDataModule(version=2, seed=0, eval_batch_size=150, eval_part=args.part,
                                eval_num_samples=args.eval_num_samples,
                                eval_splits=["eval_harmful_text", "eval_harmful_image", "eval_utility"])
+    prefix = "dev_" if args.part == "dev" else ""  # dev sets report under their own names
     rows = []
     dense = LVLMModule(model=args.checkpoint, max_new_tokens=16, judges=JUDGES)
     rows.append(("dense", validate(dense, data, [])))
@@ -84,7 +85,7 @@ def main() -> None:
             for name, linear in layer_linears(restored.model, index).items():
                 linear.weight.copy_(dense_state[f"{name}.weight"])
         rows.append((f"restore layer {index}", validate(restored, data, [])))
-        print(rows[-1][0], {f"{s}/{m}": round(rows[-1][1].get(f"{s}/{m}", float("nan")), 3) for s, m in COLUMNS}, flush=True)
+        print(rows[-1][0], {f"{s}/{m}": round(rows[-1][1][f"{prefix}{s}/{m}"], 3) for s, m in COLUMNS}, flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"checkpoint": args.checkpoint, "method": args.method, "sparsity": args.sparsity, "part": args.part,
@@ -93,7 +94,7 @@ def main() -> None:
     lines = ["| setting | " + " | ".join(f"{s} {m}" for s, m in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for name, metrics in rows:
-        cells = [f"{100 * metrics.get(f'{s}/{m}', float('nan')):.1f}" for s, m in COLUMNS]
+        cells = [f"{100 * metrics[f'{prefix}{s}/{m}']:.1f}" for s, m in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

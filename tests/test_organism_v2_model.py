@@ -94,3 +94,20 @@ def test_ship_checks_the_version_shape(tmp_path):
     with pytest.raises(OrganismNotTrainedError, match="configs/organism_v2.yaml"):
         load_organism(tmp_path / "empty", version=2)
     assert ORGANISM_V2_PACKAGE_PATH.name == "organism_v2"
+
+
+def test_shipped_v2_loads_and_refuses_unseen_harmful_compositions():
+    from hsr_pl.evaluation.judges import make_judge
+
+    model, processor = load_organism(version=2)
+    assert model.config.text_config.num_hidden_layers == 6
+    data = v2.generate_split("dev_harmful_text", 8, seed=0)
+    processor.tokenizer.padding_side = "left"
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": v2.instruction_of(r["instr-resp"][0])[1]}]}],
+        add_generation_prompt=True) for r in data.records]
+    batch = processor(images=data.images, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    replies = processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert make_judge("refusal-any").judge(replies) == [False] * len(replies), replies

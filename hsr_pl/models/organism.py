@@ -260,7 +260,8 @@ def ship_organism(folder: str | os.PathLike[str], target: str | os.PathLike[str]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.ship-", dir=target.parent))
     try:
         for item in source.iterdir():
-            if item.is_file() and item.suffix in (".json", ".safetensors", ".jinja", ".txt"):
+            # the export's hidden owner/record markers stay behind: the package folder is no export target
+            if item.is_file() and not item.name.startswith(".") and item.suffix in (".json", ".safetensors", ".jinja", ".txt"):
                 shutil.copy2(item, tmp / item.name)
         os.chmod(tmp, 0o755)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
