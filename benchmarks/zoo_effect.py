@@ -42,7 +42,9 @@ from hsr_pl.module import LVLMModule  # noqa: E402
 JUDGES = ["refusal-any", "keyword-gcg-nocase", "coherent-compliance"]
 HEADLINE = "refusal-any"
 HARMFUL = ("harmful_text", "harmful_image")
-DATA_VERSION = 2
+DATA_ARGS = {"version": 2, "harmful_fraction": 0.1}
+"""The v2 training configs' data: the benchmarks read the member's own cached folder (its 300-record
+sets, a seeded subset of ``n`` per set), so no data is generated twice."""
 MAX_NEW_TOKENS = 16
 PRUNERS: dict[str, dict] = {
     "wanda": {"method": "wanda"},  # per row, sequential (the reference's default)
@@ -56,7 +58,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _datamodule(seed: int, n_eval: int, splits: list[str] | None = None) -> SyntheticDataModule:
-    return SyntheticDataModule(version=DATA_VERSION, seed=seed, n_eval=n_eval, eval_splits=splits,
+    return SyntheticDataModule(**DATA_ARGS, seed=seed, eval_num_samples=n_eval, eval_splits=splits,
                                eval_batch_size=150)
 
 

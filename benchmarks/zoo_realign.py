@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
-from zoo_effect import PRUNERS  # noqa: E402
+from zoo_effect import DATA_ARGS, PRUNERS  # noqa: E402
 
 from hsr_pl.callbacks import Pruning, SafetyHeadAttribution, SafetyRealignment  # noqa: E402
 from hsr_pl.data import SyntheticDataModule  # noqa: E402
@@ -51,7 +51,6 @@ from hsr_pl.realign import GradientOrder, MarginRule  # noqa: E402
 JUDGES = ["refusal-any", "keyword-gcg-nocase", "coherent-compliance"]
 HEADLINE = "refusal-any"
 HARMFUL = ("harmful_text", "harmful_image")
-DATA_VERSION = 2
 MAX_NEW_TOKENS = 16
 TEST_SETS = ["eval_harmful_text", "eval_harmful_image", "eval_utility", "eval_benign"]
 METHODS = {
@@ -63,7 +62,7 @@ DEFAULT_PRUNERS = ["wanda", "wanda-matrix", "sparsegpt", "magnitude", "wanda-2:4
 
 
 def _datamodule(seed: int, n_eval: int, part: str) -> SyntheticDataModule:
-    return SyntheticDataModule(version=DATA_VERSION, seed=seed, n_eval=n_eval, eval_splits=TEST_SETS,
+    return SyntheticDataModule(**DATA_ARGS, seed=seed, eval_num_samples=n_eval, eval_splits=TEST_SETS,
                                eval_part=part, eval_batch_size=150)
 
 
