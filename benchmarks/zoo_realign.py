@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
-from zoo_effect import DATA_ARGS, PRUNERS  # noqa: E402
+from zoo_effect import DATA_ARGS, JUDGE_SPECS, JUDGES, PRUNERS  # noqa: E402
 
 from hsr_pl.callbacks import Pruning, SafetyHeadAttribution, SafetyRealignment  # noqa: E402
 from hsr_pl.data import SyntheticDataModule  # noqa: E402
@@ -48,7 +48,6 @@ from hsr_pl.evaluation.metrics import rise_interval  # noqa: E402
 from hsr_pl.module import LVLMModule  # noqa: E402
 from hsr_pl.realign import GradientOrder, MarginRule  # noqa: E402
 
-JUDGES = ["refusal-any", "keyword-gcg-nocase", "coherent-compliance"]
 HEADLINE = "refusal-any"
 HARMFUL = ("harmful_text", "harmful_image")
 MAX_NEW_TOKENS = 16
@@ -67,7 +66,7 @@ def _datamodule(seed: int, n_eval: int, part: str) -> SyntheticDataModule:
 
 
 def _module(path: Path) -> LVLMModule:
-    return LVLMModule(model=str(path), max_new_tokens=MAX_NEW_TOKENS, judges=JUDGES)
+    return LVLMModule(model=str(path), max_new_tokens=MAX_NEW_TOKENS, judges=JUDGE_SPECS)
 
 
 def _validate(module: LVLMModule, data: SyntheticDataModule, callbacks: list | None = None) -> dict[str, float]:
@@ -142,7 +141,7 @@ def _record(member: zoo.Member, pruner: str, sparsity: float, method: str, split
 
 
 def run_member(member: zoo.Member, path: Path, pruners: list[str], sparsities: list[float], methods: list[str],
-               n_eval: int, n_dev: int, top_h: int, work: Path) -> list[dict]:
+               n_eval: int, n_dev: int, top_h: int, work: Path, skipped: list[dict]) -> list[dict]:
     scores = work / f"{member.name}-heads.json"
     heads = SafetyHeadAttribution(score="kl", positions="response", calibration="safety+over_refusal",
                                   num_samples=128, batch_size=16, top_h=top_h, output=str(scores),
@@ -155,6 +154,19 @@ def run_member(member: zoo.Member, path: Path, pruners: list[str], sparsities: l
             module = _module(path)
             pruned = {"test": _validate(module, _datamodule(member.seed, n_eval, "test"), [_pruning(pruner, sparsity)])}
             pruned["dev"] = _validate(module, _datamodule(member.seed, n_dev, "dev"))
+            dev_total = n_dev * len(HARMFUL)
+            dev_rise = rise_interval(_counts(dense["dev"], HEADLINE, n_dev), dev_total,
+                                     _counts(pruned["dev"], HEADLINE, n_dev), dev_total)
+            if dev_rise[1] <= 0:
+                # A user whose dev split shows no damage would not realign: the cell is recorded, not run.
+                skipped.append({"member": member.name, "family": member.family, "seed": member.seed,
+                                "pruner": pruner, "sparsity": sparsity,
+                                "reason": f"no measurable rise on dev ({HEADLINE}: {100 * dev_rise[0]:+.1f} points, "
+                                          f"95 % interval [{100 * dev_rise[1]:.1f}, {100 * dev_rise[2]:.1f}])",
+                                "asr_test": {k: _counts(m["test"], HEADLINE, n_eval) / (n_eval * len(HARMFUL))
+                                             for k, m in (("dense", dense), ("pruned", pruned))}})
+                print(f"{member.name} {pruner} {sparsity:.0%}: skipped, {skipped[-1]['reason']}", flush=True)
+                continue
             for method in methods:
                 start = time.perf_counter()
                 module = _module(path)
@@ -235,6 +247,13 @@ def write_markdown(payload: dict, path: Path) -> None:
         lines.append(f"| {r['member']} | {r['pruner']} | {r['sparsity']:.0%} | {r['method']} | {cell(r, HEADLINE)} | "
                      f"{cell(r, 'coherent-compliance')} | {cell(d, HEADLINE)} | {r['utility_delta']:+.1f} | "
                      f"{r['over_refusal_delta']:+.1f} | {r['restored']} ({1e4 * r['restored_ratio_lm']:.2f}) | {r['seconds']:.0f} |")
+    if payload.get("skipped"):
+        lines += ["", "## Not realigned (no measurable rise on dev)", "", "| member | pruner | sparsity | dev rise | test ASR dense → pruned |",
+                  "|---|---|---|---|---|"]
+        for r in payload["skipped"]:
+            a = r["asr_test"]
+            lines.append(f"| {r['member']} | {r['pruner']} | {r['sparsity']:.0%} | {r['reason']} | "
+                         f"{100 * a['dense']:.1f} → {100 * a['pruned']:.1f} |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -277,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pruners", nargs="+", default=DEFAULT_PRUNERS, choices=list(PRUNERS))
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.6, 0.7])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--n-eval", type=int, default=150, help="prompts per test set")
+    parser.add_argument("--n-eval", type=int, default=100, help="prompts per test set (a seeded subset of 300)")
     parser.add_argument("--n-dev", type=int, default=64, help="prompts per dev set (auto's default dev size)")
     parser.add_argument("--top-h", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/zoo_realign")
@@ -286,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         parts = [json.loads(Path(p).read_text()) for p in args.merge]
         payload = {**parts[0], "records": [r for part in parts for r in part["records"]],
+                   "skipped": [r for part in parts for r in part.get("skipped", [])],
                    "command": " ; ".join(part["command"] for part in parts) + " ; then --merge",
                    "seconds": max(part["seconds"] for part in parts), "parallel_runs": len(parts)}
         _write(payload, Path(args.out))
@@ -296,16 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     members = zoo.members_from(args.families, args.seeds)
     paths = zoo.build_all(members, 2)
     records: list[dict] = []
+    skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="zoo-realign-") as work:
         for member in members:
             records += run_member(member, paths[member.name], args.pruners, args.sparsities, args.methods,
-                                  args.n_eval, args.n_dev, args.top_h, Path(work))
+                                  args.n_eval, args.n_dev, args.top_h, Path(work), skipped)
     payload = {
         "command": "python benchmarks/zoo_realign.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seconds": round(time.perf_counter() - start, 1),
         "machine": "2-core CPU, no GPU, one torch thread (shared with other work)",
         "judges": JUDGES, "headline_judge": HEADLINE, "n_per_set": args.n_eval, "n_dev_per_set": args.n_dev,
-        "top_h": args.top_h, "max_new_tokens": MAX_NEW_TOKENS, "records": records,
+        "top_h": args.top_h, "max_new_tokens": MAX_NEW_TOKENS, "records": records, "skipped": skipped,
     }
     _write(payload, Path(args.out))
 
