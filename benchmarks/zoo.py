@@ -164,6 +164,18 @@ def build_all(members: list[Member], jobs: int = 2) -> dict[str, Path]:
     return {m.name: p for m, p in zip(members, paths, strict=True)}
 
 
+def merge_runs(files: list[str], lists: tuple[str, ...] = ("records",)) -> dict:
+    """One payload from benchmark runs made separately (e.g. one per member, some side by side): the
+    record lists joined, every run's command kept, ``seconds`` the sum of the runs' own times."""
+    parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in files]
+    payload = {**parts[0], "command": " ; ".join(part["command"] for part in parts),
+               "seconds": round(sum(part["seconds"] for part in parts), 1), "runs": len(parts),
+               "seconds_note": "sum of the runs' own wall times (some ran side by side on the 2 cores)"}
+    for key in lists:
+        payload[key] = [r for part in parts for r in part.get(key, [])]
+    return payload
+
+
 def members_from(families: list[str], seeds: list[int], max_steps: int | None = None) -> list[Member]:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:

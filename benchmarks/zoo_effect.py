@@ -182,7 +182,8 @@ def write_markdown(payload: dict, path: Path) -> None:
     j = HEADLINE
     lines = [
         "# Zoo effect table (test sets)", "",
-        f"Command: `{payload['command']}`; wall time {payload['seconds']:.0f} s on {payload['machine']}.",
+        f"Command: `{payload['command']}`; wall time {payload['seconds']:.0f} s"
+        f"{' (' + payload['seconds_note'] + ')' if payload.get('seconds_note') else ''} on {payload['machine']}.",
         f"ASR pools harmful text + image ({2 * payload['n_per_set']} prompts), greedy, {MAX_NEW_TOKENS} new tokens. "
         f"Judges: {', '.join(JUDGES)}. Over-refusal: {HEADLINE} on the benign set. Utility: mean exact-answer rate "
         "of the utility sets. Damage layers: layers whose un-pruning alone takes back >= half of the rise "
@@ -247,12 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="only join the records of runs made in parallel (e.g. one per family) into --out")
     args = parser.parse_args(argv)
     if args.merge:
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        payload = {**parts[0], "records": [r for part in parts for r in part["records"]],
-                   "command": " ; ".join(part["command"] for part in parts) + " ; then --merge",
-                   "seconds": max(part["seconds"] for part in parts),
-                   "parallel_runs": len(parts)}
-        _write(payload, Path(args.out))
+        _write(zoo.merge_runs(args.merge), Path(args.out))
         return
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run device banners

@@ -221,7 +221,8 @@ def summarise(records: list[dict]) -> dict:
 
 def write_markdown(payload: dict, path: Path) -> None:
     lines = ["# Zoo realignment benchmark (test split; dev beside it)", "",
-             f"Command: `{payload['command']}`; wall time {payload['seconds']:.0f} s on {payload['machine']}.",
+             f"Command: `{payload['command']}`; wall time {payload['seconds']:.0f} s"
+        f"{' (' + payload['seconds_note'] + ')' if payload.get('seconds_note') else ''} on {payload['machine']}.",
              f"RSR pools harmful text + image ({2 * payload['n_per_set']} test prompts), judges {', '.join(JUDGES)}; "
              f"95 % bootstrap intervals in brackets; top {payload['top_h']} heads.", "",
              "## Targets", "", "| method @ sparsity | cells (measurable) | test RSR ≥ 90 % both judges, guards held | "
@@ -303,12 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only join runs made in parallel into --out")
     args = parser.parse_args(argv)
     if args.merge:
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        payload = {**parts[0], "records": [r for part in parts for r in part["records"]],
-                   "skipped": [r for part in parts for r in part.get("skipped", [])],
-                   "command": " ; ".join(part["command"] for part in parts) + " ; then --merge",
-                   "seconds": max(part["seconds"] for part in parts), "parallel_runs": len(parts)}
-        _write(payload, Path(args.out))
+        _write(zoo.merge_runs(args.merge, ("records", "skipped")), Path(args.out))
         return
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-run device banners

@@ -160,3 +160,12 @@ def test_summary_counts_a_cell_only_when_both_judges_and_guards_hold():
     s = realign.summarise(records)["auto@0.6"]
     assert (s["cells"], s["measurable"], s["target_met"], s["dev_within_5_points"]) == (4, 3, 1, 2)
     assert s["median_restored_per_myriad"] == pytest.approx(1.0)
+
+
+def test_merge_joins_records_and_sums_the_runs_times(zoo, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"command": "run a", "seconds": 10.0, "n_per_set": 100, "records": [1, 2], "skipped": [9]}))
+    b.write_text(json.dumps({"command": "run b", "seconds": 5.5, "n_per_set": 100, "records": [3]}))
+    merged = zoo.merge_runs([str(a), str(b)], ("records", "skipped"))
+    assert merged["records"] == [1, 2, 3] and merged["skipped"] == [9]
+    assert merged["seconds"] == 15.5 and merged["runs"] == 2 and merged["command"] == "run a ; run b"

@@ -53,6 +53,7 @@ from .synthetic import (
     draw_shape,
     instruction_of,
     load_images,
+    split_sizes,  # the same split names and sizes as v1
     to_dataset,
     vlguard_role,
 )
@@ -383,13 +384,6 @@ def generate_split(split: str, n: int, seed: int = 0, *, harmful_fraction: float
         out.records.append(record)
         out.images.append(image)
     return out
-
-
-def split_sizes(n_train: int, n_calib: int, n_eval: int, n_dev: int | None = None) -> dict[str, int]:
-    """Records per split, as :func:`generate` writes them (``n_dev`` per dev split, default ``n_eval``)."""
-    n_dev = n_eval if n_dev is None else n_dev
-    return {"train": n_train, "calib_utility": n_calib, "calib_safety": n_calib,
-            **{name: n_eval for name in EVAL_SPLITS}, **{name: n_dev for name in DEV_SPLITS}}
 
 
 def generate(
