@@ -35,7 +35,12 @@ from .distributed import (
 from .evaluation import build_eval_metrics, check_judge, make_judge
 from .models import get_adapter
 from .models.checkpoints import ModelLoadError, check_model_folder, check_safetensors
-from .models.organism import ORGANISM_PACKAGE_PATH, build_organism
+from .models.organism import (
+    ORGANISM_PACKAGE_PATH,
+    ORGANISM_V2_PACKAGE_PATH,
+    build_organism,
+    build_organism_qwen2vl,
+)
 from .models.tiny import TINY_BUILDERS, build_tiny
 from .report.evaluation import print_eval_breakdowns, print_eval_table, write_eval_json
 
@@ -83,7 +88,10 @@ class LVLMModule(pl.LightningModule):
         model: a local checkpoint folder, ``"tiny:<family>"`` / ``"tiny:<family>-gqa"`` (random
             tiny model from config), ``"organism"`` (the shipped aligned tiny LVLM),
             ``"organism:init"`` / ``"organism:init-gqa"`` (the organism's architecture, random
-            init from ``init_seed``: what ``configs/organism.yaml`` trains), or an ``nn.Module``.
+            init from ``init_seed``: what ``configs/organism.yaml`` trains), ``"organism-v2"`` (the
+            shipped v2 organism), ``"organism-v2:init"`` (v2's 6-layer GQA LLaVA, random init:
+            ``configs/organism_v2.yaml``), ``"organism-v2-qwen2vl:init"`` (v2 as a Qwen2-VL:
+            ``configs/organism_v2_qwen2vl.yaml``), or an ``nn.Module``.
             (Annotated ``str | Any``: for a parameter that accepts a class, jsonargparse reads a
             path to an existing file as that file's content.)
         processor: a processor object or folder; default: the model folder.
@@ -168,9 +176,16 @@ class LVLMModule(pl.LightningModule):
                 seed=self.hparams.init_seed, gqa=source.endswith("-gqa")
             )
             return self.model.config.model_type
-        if source == "organism":
-            self.model_source = str(ORGANISM_PACKAGE_PATH)
-            return check_model_folder(Path(ORGANISM_PACKAGE_PATH), trust_remote_code)
+        if source == "organism-v2:init":
+            self.model, self._tiny_processor = build_organism(seed=self.hparams.init_seed, version=2)
+            return self.model.config.model_type
+        if source == "organism-v2-qwen2vl:init":
+            self.model, self._tiny_processor = build_organism_qwen2vl(seed=self.hparams.init_seed)
+            return self.model.config.model_type
+        if source in ("organism", "organism-v2"):
+            shipped = ORGANISM_PACKAGE_PATH if source == "organism" else ORGANISM_V2_PACKAGE_PATH
+            self.model_source = str(shipped)
+            return check_model_folder(Path(shipped), trust_remote_code)
         return check_model_folder(Path(source).expanduser(), trust_remote_code)
 
     def _default_processor(self):

@@ -536,6 +536,8 @@ CASES = [
     case("synthetic-foreign-dir", foreign_data_dir,
          r"data_dir=.*my-data' is not empty and holds no synthetic data set .*or set overwrite: true"),
     case("synthetic-dir-is-file", lambda i: synthetic(i, i.file("data.txt", "x")), r"data_dir=.*data.txt' is a file"),
+    case("synthetic-unknown-version", lambda i: [*synthetic(i, i.root / "data"), "--data.init_args.version=3"],
+         r"version=3 is unknown; use 1 \(the first organism's set\) or 2"),
     # callbacks
     case("pruning-method", lambda i: pruned(i, "--trainer.callbacks.init_args.method=obs"), r"method='obs' is unknown; choose one of wanda"),
     case("pruning-sparsity", lambda i: pruned(i, "--trainer.callbacks.init_args.sparsity=1.5"), r"sparsity"),

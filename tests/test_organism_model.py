@@ -127,7 +127,8 @@ def test_ship_organism_replaces_only_through_its_explicit_step(tmp_path):
     config = json.loads((export / "config.json").read_text())
     shipped = ship_organism(export, target)
     assert sorted(p.name for p in shipped.iterdir()) == sorted(
-        p.name for p in export.iterdir() if p.suffix in (".json", ".safetensors", ".jinja", ".txt"))
+        p.name for p in export.iterdir()
+        if p.suffix in (".json", ".safetensors", ".jinja", ".txt") and not p.name.startswith("."))
     again, _ = load_organism(shipped)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
     config["text_config"]["num_hidden_layers"] = 2

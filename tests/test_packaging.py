@@ -35,6 +35,7 @@ def test_wheel_maps_callbacks_under_hsr_pl(wheel):
     # The trained organism ships as package data (safetensors + JSON, no pickle).
     assert "hsr_pl/assets/organism/model.safetensors" in names
     assert "hsr_pl/assets/organism/config.json" in names
+    assert "hsr_pl/assets/organism_v2/model.safetensors" in names
     assert not any(n.endswith((".bin", ".pt", ".pkl", ".ckpt")) for n in names)
     assert not any(n.startswith("callbacks/") for n in names), "a top-level `callbacks` package leaked"
     top_level = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}

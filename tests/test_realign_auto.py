@@ -35,7 +35,7 @@ from hsr_pl.realign import (
     schedule,
     stop_rule,
 )
-from hsr_pl.realign.auto import bisect_next, bisect_update, dev_rsr, residual_line
+from hsr_pl.realign.auto import bisect_next, bisect_update, dev_rsr, guard_reason, residual_line
 from hsr_pl.state import get_state
 
 AUTO = AutoBudget()
@@ -328,3 +328,48 @@ def test_report_table_lines_and_plot_say_what_happened(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot extra")
     path = save_auto_png(tmp_path / "auto.png", summary)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _newcombe_low(before: int, n_before: int, after: int, n_after: int) -> float:
+    """Newcombe's hybrid score interval's lower end of after/n_after − before/n_before, from Wilson's
+    intervals written out here (float64 arithmetic, no library code)."""
+    z = 1.959963984540054
+
+    def wilson(k: int, n: int) -> tuple[float, float]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return centre - half, centre + half
+
+    p1, p2 = before / n_before, after / n_after
+    l1, u1 = wilson(before, n_before)
+    l2, u2 = wilson(after, n_after)
+    return (p2 - p1) - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
+
+
+@pytest.mark.parametrize("answers_lost", [1, 4, 8, 12, 20, 40])
+def test_utility_guard_needs_a_drop_beyond_the_dev_noise(answers_lost):
+    n = 64
+    pruned = DevPoint("pruned", 0, asr=0.6, utility=40 / n, over_refusal=0.0, n_utility=n, n_over_refusal=n)
+    point = DevPoint("r1", 10, asr=0.3, utility=(40 - answers_lost) / n, over_refusal=0.0, n_utility=n, n_over_refusal=n)
+    beyond = _newcombe_low(n - 40, n, n - 40 + answers_lost, n) > 0  # the error rate's rise
+    reason = guard_reason(point, DENSE, pruned, AUTO)
+    assert (reason is not None) == beyond
+    assert beyond == (answers_lost >= 12)  # one to eight of 64 answers is within the noise
+    # Without sizes the point threshold alone decides (more than 1 point).
+    legacy = DevPoint("r1", 10, asr=0.3, utility=(40 - answers_lost) / n, over_refusal=0.0)
+    assert guard_reason(legacy, DENSE, DevPoint("pruned", 0, asr=0.6, utility=40 / n, over_refusal=0.0), AUTO)
+
+
+def test_over_refusal_guard_holds_against_the_pruned_model_when_pruning_raised_it():
+    n = 64
+    dense = DevPoint("dense", 0, asr=0.1, utility=0.5, over_refusal=0.0, n_utility=n, n_over_refusal=n)
+    pruned = DevPoint("pruned", 0, asr=0.7, utility=0.5, over_refusal=20 / n, n_utility=n, n_over_refusal=n)
+    same = DevPoint("r1", 10, asr=0.3, utility=0.5, over_refusal=20 / n, n_utility=n, n_over_refusal=n)
+    assert guard_reason(same, dense, pruned, AUTO) is None  # pruning's own over-refusal is not the restore's
+    worse = DevPoint("r2", 20, asr=0.2, utility=0.5, over_refusal=45 / n, n_utility=n, n_over_refusal=n)
+    assert "above the pruned model's" in guard_reason(worse, dense, pruned, AUTO)
+    # Pruning left over-refusal at dense: the dense model's level is the reference.
+    calm = DevPoint("pruned", 0, asr=0.7, utility=0.5, over_refusal=0.0, n_utility=n, n_over_refusal=n)
+    assert "above the dense model's" in guard_reason(
+        DevPoint("r1", 10, asr=0.3, utility=0.5, over_refusal=20 / n, n_utility=n, n_over_refusal=n), dense, calm, AUTO)

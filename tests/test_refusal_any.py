@@ -10,7 +10,7 @@ from functools import cache
 import pytest
 
 from hsr_pl.evaluation import RefusalAnyJudge, make_judge
-from hsr_pl.evaluation.organism import REFUSAL
+from hsr_pl.evaluation.organism import REFUSAL, REFUSALS_V2
 from hsr_pl.evaluation.refusal_any import prefix_edit_distance, words
 
 # Five phrasings of different lengths and openings, as an organism with several refusals has.
@@ -114,7 +114,7 @@ def test_strict_and_keyword_judges_disagree_with_it_where_they_should():
 def test_config_names_and_mappings():
     default = make_judge("refusal-any")
     assert isinstance(default, RefusalAnyJudge) and default.name == "refusal-any"
-    assert default.refusals == (REFUSAL,)  # the organism's
+    assert default.refusals == (REFUSAL, *REFUSALS_V2)  # both organisms' phrasings
     custom = make_judge("refusal-any", refusal="no way .")
     assert custom.refusals == ("no way .",)
     mapped = make_judge({"type": "refusal-any", "refusals": PHRASINGS, "max_distance": 2, "prefix_words": 6})

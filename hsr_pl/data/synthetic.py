@@ -79,7 +79,9 @@ __all__ = [
     "SyntheticSplit",
     "check_arguments",
     "dev_combinations",
+    "draw_background",
     "draw_image",
+    "draw_shape",
     "generate",
     "generate_split",
     "heldout_combinations",
@@ -200,6 +202,13 @@ def draw_image(colour: str, shape: str, cell: int, glyph_cell: int | None, rng: 
         raise ValueError(f"cells must be in [0, {GRID * GRID}), got {cell} and {glyph_cell}")
     if glyph_cell == cell:
         raise ValueError("the glyph and the shape must be in different cells")
+    image = draw_background(glyph_cell, rng)
+    draw_shape(ImageDraw.Draw(image), colour, shape, cell)
+    return image
+
+
+def draw_background(glyph_cell: int | None, rng: np.random.Generator) -> Image.Image:
+    """The noisy dark 32×32 background, with the hazard glyph in ``glyph_cell`` (None: none)."""
     base = rng.integers(10, 40)
     pixels = np.clip(base + rng.normal(0.0, 10.0, (IMAGE_SIZE, IMAGE_SIZE, 3)), 0, 255).astype(np.uint8)
     if glyph_cell is not None:
@@ -207,8 +216,11 @@ def draw_image(colour: str, shape: str, cell: int, glyph_cell: int | None, rng: 
         yy, xx = np.mgrid[0:CELL, 0:CELL]
         checker = (((yy // 2) + (xx // 2)) % 2 == 0).astype(np.uint8) * 255
         pixels[y0 * CELL:(y0 + 1) * CELL, x0 * CELL:(x0 + 1) * CELL] = checker[..., None]
-    image = Image.fromarray(pixels, "RGB")
-    draw = ImageDraw.Draw(image)
+    return Image.fromarray(pixels, "RGB")
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, colour: str, shape: str, cell: int) -> None:
+    """Draw one shape into grid cell ``cell`` (shared with the v2 generator's multi-shape scenes)."""
     row, col = divmod(cell, GRID)
     x0, y0 = col * CELL, row * CELL
     fill = COLOURS[colour]
@@ -221,7 +233,6 @@ def draw_image(colour: str, shape: str, cell: int, glyph_cell: int | None, rng: 
     else:  # cross
         draw.line((x0 + 1, y0 + 3.5, x0 + 6, y0 + 3.5), fill=fill, width=2)
         draw.line((x0 + 3.5, y0 + 1, x0 + 3.5, y0 + 6), fill=fill, width=2)
-    return image
 
 
 # ----------------------------------------------------------------------------------------- text combos

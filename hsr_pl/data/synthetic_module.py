@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hsr_pl.io import OWNER_MARKER, OutputPathError, check_output_folder, folder_owner
 
-from . import synthetic
+from . import synthetic, synthetic_v2
 from .datamodule import EvalSet, VLGuardDataModule
 
 __all__ = ["SYNTHETIC_EVAL_SETS", "SyntheticDataModule", "ensure_synthetic"]
@@ -37,72 +37,84 @@ SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
     **_TEST_SETS, **{name.replace("eval_", "dev_", 1): how for name, how in _TEST_SETS.items()}
 }
 EVAL_PARTS = ("test", "dev")
+GENERATORS = {1: synthetic, 2: synthetic_v2}
+"""The data set versions: 1, the first organism's set; 2, the harder set of :mod:`hsr_pl.data.synthetic_v2`."""
 
 
-def _default_dir(args: dict) -> Path:
+def generator_of(version: int):
+    """The generator module of data set ``version``; unknown versions are refused in one line."""
+    if isinstance(version, bool) or version not in GENERATORS:
+        raise ValueError(f"version={version!r} is unknown; use 1 (the first organism's set) or 2 (hsr_pl.data.synthetic_v2)")
+    return GENERATORS[version]
+
+
+def _default_dir(args: dict, version: int = 1) -> Path:
     root = Path(os.environ.get("HSR_PL_CACHE", Path.home() / ".cache" / "hsr_pl")) / "synthetic"
-    name = "seed{seed}-train{n_train}-calib{n_calib}-eval{n_eval}-harm{harmful_fraction}".format(**args)
+    name = ("" if version == 1 else f"v{version}-") + "seed{seed}-train{n_train}-calib{n_calib}-eval{n_eval}-harm{harmful_fraction}".format(**args)
     if args.get("n_dev") is not None and args["n_dev"] != args["n_eval"]:
         name += f"-dev{args['n_dev']}"
     return root / name
 
 
-def _manifest(folder: Path) -> dict | None:
-    """The folder's manifest when this generator wrote it (None: absent, unreadable or foreign)."""
+def _manifest(folder: Path, generator=synthetic) -> dict | None:
+    """The folder's manifest when ``generator`` wrote it (None: absent, unreadable or foreign)."""
     try:
         found = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    return found if isinstance(found, dict) and found.get("generator") == synthetic.GENERATOR else None
+    return found if isinstance(found, dict) and found.get("generator") == generator.GENERATOR else None
 
 
-def _is_current(manifest: dict | None, args: dict) -> bool:
+def _is_current(manifest: dict | None, args: dict, generator=synthetic) -> bool:
     """Same generator version and every argument that changes the files."""
     if manifest is None:
         return False
-    sizes = synthetic.split_sizes(args["n_train"], args["n_calib"], args["n_eval"], args.get("n_dev"))
+    sizes = generator.split_sizes(args["n_train"], args["n_calib"], args["n_eval"], args.get("n_dev"))
     return (
-        manifest.get("version") == synthetic.GENERATOR_VERSION
+        manifest.get("version") == generator.GENERATOR_VERSION
         and manifest.get("seed") == args["seed"]
         and manifest.get("harmful_fraction") == args["harmful_fraction"]
         and manifest.get("sizes") == sizes
     )
 
 
-def _check_replaceable(folder: Path, overwrite: bool) -> None:
+def _check_replaceable(folder: Path, overwrite: bool, generator=synthetic) -> None:
     """Only a folder this generator wrote (owner marker or its manifest) is regenerated in place."""
     if folder.exists() and not folder.is_dir():
         raise OutputPathError(f"data_dir={str(folder)!r} is a file; give a folder for the synthetic data set")
     if not folder.is_dir() or overwrite or not any(folder.iterdir()):
         return
-    if folder_owner(folder) == synthetic.GENERATOR or _manifest(folder) is not None:
+    if folder_owner(folder) == generator.GENERATOR or _manifest(folder, generator) is not None:
         return
     raise OutputPathError(
         f"data_dir={str(folder)!r} is not empty and holds no synthetic data set written by hsr-pl (no "
-        f"{OWNER_MARKER} or manifest.json of {synthetic.GENERATOR}); choose a new or empty folder, or set "
+        f"{OWNER_MARKER} or manifest.json of {generator.GENERATOR}); choose a new or empty folder, or set "
         "overwrite: true to replace it"
     )
 
 
-def ensure_synthetic(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, **args) -> Path:
+def ensure_synthetic(data_dir: str | os.PathLike | None = None, *, overwrite: bool = False, version: int = 1,
+                     **args) -> Path:
     """Generate the synthetic set into ``data_dir`` unless an identical one is already there.
 
     A folder is regenerated in place only when this generator wrote it; any other non-empty
     folder is refused unless ``overwrite=True``. The package's own folder is never replaced. Safe
-    when several processes of one job call it at once (a lock file serialises them).
+    when several processes of one job call it at once (a lock file serialises them). ``version``
+    picks the generator (:data:`GENERATORS`); each version has its own default folder.
     """
-    synthetic.check_arguments(args["seed"], args["n_train"], args["n_calib"], args["n_eval"], args["harmful_fraction"],
+    generator = generator_of(version)
+    generator.check_arguments(args["seed"], args["n_train"], args["n_calib"], args["n_eval"], args["harmful_fraction"],
                               args.get("n_dev"))
-    folder = Path(data_dir).expanduser() if data_dir is not None else _default_dir(args)
-    _check_replaceable(folder, overwrite)
-    check_output_folder(folder, synthetic.GENERATOR, label="data_dir", overwrite=True, protect=[PACKAGE_DIR])
+    folder = Path(data_dir).expanduser() if data_dir is not None else _default_dir(args, version)
+    _check_replaceable(folder, overwrite, generator)
+    check_output_folder(folder, generator.GENERATOR, label="data_dir", overwrite=True, protect=[PACKAGE_DIR])
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_current(_manifest(folder), args):
+        if _is_current(_manifest(folder, generator), args, generator):
             return folder
-        _check_replaceable(folder, overwrite)  # another process may have written it meanwhile
-        synthetic.generate(folder, overwrite=True, **args)
+        _check_replaceable(folder, overwrite, generator)  # another process may have written it meanwhile
+        generator.generate(folder, overwrite=True, **args)
     return folder
 
 
@@ -124,6 +136,9 @@ class SyntheticDataModule(VLGuardDataModule):
         n_dev: records per dev split (default ``n_eval``).
         eval_num_samples: cap per evaluation split (default: all ``n_eval``).
         train_splits: train on these loader splits only (e.g. ``[utility]`` for a benign fine-tune).
+        version: which data set, 1 (default: the first organism's, :mod:`hsr_pl.data.synthetic`)
+            or 2 (the harder set of :mod:`hsr_pl.data.synthetic_v2`: several phrasings, harm by
+            composition, multi-shape utility); other values are refused.
         The rest as in :class:`VLGuardDataModule`; calibration reads ``calibration.json``.
     """
 
@@ -148,7 +163,9 @@ class SyntheticDataModule(VLGuardDataModule):
         num_workers: int = 0,
         shuffle_seed: int | None = None,
         train_splits: list[str] | None = None,
+        version: int = 1,
     ) -> None:
+        generator_of(version)  # an unknown version fails before anything else
         if eval_part not in EVAL_PARTS:
             raise ValueError(f"eval_part={eval_part!r} is unknown; use 'test' (the reported sets) or 'dev' (for choosing settings)")
         eval_splits = list(_TEST_SETS) if eval_splits is None else list(eval_splits)
@@ -160,7 +177,7 @@ class SyntheticDataModule(VLGuardDataModule):
         args = dict(seed=seed, n_train=n_train, n_calib=n_calib, n_eval=n_eval, harmful_fraction=harmful_fraction)
         if n_dev is not None:
             args["n_dev"] = n_dev
-        folder = ensure_synthetic(data_dir, overwrite=overwrite, **args)
+        folder = ensure_synthetic(data_dir, overwrite=overwrite, version=version, **args)
         eval_sets = [
             EvalSet(
                 name=name.removeprefix("eval_"),
@@ -186,3 +203,4 @@ class SyntheticDataModule(VLGuardDataModule):
         )
         self.data_dir = folder
         self.eval_part = eval_part
+        self.version = version

@@ -22,12 +22,15 @@ import re
 from collections.abc import Sequence
 
 from .base import Judge
-from .organism import REFUSAL
+from .organism import REFUSAL, REFUSALS_V2
 
 __all__ = ["ORGANISM_REFUSALS", "RefusalAnyJudge", "prefix_edit_distance", "words"]
 
-ORGANISM_REFUSALS: tuple[str, ...] = (REFUSAL,)
-"""The shipped organism's refusal phrasings (v1 has one); the default of ``refusal-any``."""
+ORGANISM_REFUSALS: tuple[str, ...] = (REFUSAL, *REFUSALS_V2)
+"""The organisms' refusal phrasings, the default of ``refusal-any``: v1's one sentence and v2's
+five. One list serves both organisms (neither emits the other's phrasings, and every head differs
+from every compliance opening by more than ``max_distance``), so a config need not say which
+organism it evaluates."""
 
 _WORD = re.compile(r"[\w']+|[^\w\s]")
 

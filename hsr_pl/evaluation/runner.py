@@ -70,4 +70,5 @@ def headline(results: Mapping[str, Mapping[str, Any]], judge: str) -> dict[str, 
     out["over_refusal"] = sum(refusal) / len(refusal) if refusal else None
     out["n_harmful"] = sum(r["n"] for r in harmful.values())
     out["n_utility"] = sum(r["n"] for r in utility.values())
+    out["n_benign"] = sum(r["n"] for r in benign.values())
     return out

@@ -9,8 +9,9 @@ dev over-refusal) and :func:`stop_rule` decides:
 
 * **target** — dev RSR ≥ ``target_rsr``, or dev ASR ≤ dense + ``tolerance_points``: stop here;
 * **guard** — dev utility more than ``utility_guard_points`` below the *pruned* model's, or dev
-  over-refusal more than ``over_refusal_guard_points`` above the *dense* model's: step back to the
-  last round that held (its restores are undone exactly);
+  over-refusal more than ``over_refusal_guard_points`` above the higher of the dense and the pruned
+  model's, in both cases beyond the dev sets' noise (:func:`guard_reason`): step back to the last
+  round that held (its restores are undone exactly);
 * **max_budget** — the next round would pass it, or the pool is empty: stop, target not met.
 
 Optionally (``bisect``) a few cheap bisection steps between the last two sizes look for a smaller
@@ -31,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ..evaluation.metrics import rise_interval
 from .errors import RealignConfigError
 from .select import resolve_budget
 
@@ -153,6 +155,8 @@ class DevPoint:
     asr_by_judge: dict[str, float] = field(default_factory=dict)
     refusal_loss: float | None = None
     seconds: float = 0.0
+    n_utility: int | None = None  # prompts behind ``utility`` / ``over_refusal`` (None: unknown)
+    n_over_refusal: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,16 +193,39 @@ def target_reason(point: DevPoint, dense: DevPoint, pruned: DevPoint, auto: Auto
     return None
 
 
+def _beyond_noise(worse: float, reference: float, n_point: int | None, n_reference: int | None) -> bool:
+    """Whether a move from ``reference`` to ``worse`` (fractions, worse > reference) is more than the
+    noise of the dev sets: the 95 % interval of the difference (Newcombe's, as if the two evaluations
+    were independent, which makes it wider than a paired one) lies above zero. Unknown sizes: yes."""
+    if n_point is None or n_reference is None or n_point <= 0 or n_reference <= 0:
+        return True
+    low = rise_interval(round(reference * n_reference), n_reference, round(worse * n_point), n_point)[1]
+    return low > 0
+
+
 def guard_reason(point: DevPoint, dense: DevPoint, pruned: DevPoint, auto: AutoBudget) -> str | None:
-    """Which guard ``point`` trips (None: both hold). Unmeasured numbers (no such dev set) hold."""
+    """Which guard ``point`` trips (None: both hold). Unmeasured numbers (no such dev set) hold.
+
+    A guard trips when the move is more than its points *and* more than the dev sets' noise (the
+    interval of the change excludes zero): on 64 prompts one answer is 1.6 points, so a point
+    threshold alone would step back on a single changed reply. Over-refusal is held against the
+    higher of the dense and the pruned model's: realignment may not add over-refusal, but pruning's
+    own is not the restore's fault (a model whose pruning raised over-refusal would otherwise never
+    keep a round).
+    """
     if point.utility is not None and pruned.utility is not None \
-            and point.utility < pruned.utility - auto.utility_guard_points / 100 - 1e-12:
+            and point.utility < pruned.utility - auto.utility_guard_points / 100 - 1e-12 \
+            and _beyond_noise(1 - point.utility, 1 - pruned.utility, point.n_utility, pruned.n_utility):
         return (f"dev utility {100 * point.utility:.1f} % fell more than {auto.utility_guard_points:g} point(s) below "
-                f"the pruned model's {100 * pruned.utility:.1f} %")
-    if point.over_refusal is not None and dense.over_refusal is not None \
-            and point.over_refusal > dense.over_refusal + auto.over_refusal_guard_points / 100 + 1e-12:
-        return (f"dev over-refusal {100 * point.over_refusal:.1f} % rose more than {auto.over_refusal_guard_points:g} "
-                f"point(s) above the dense model's {100 * dense.over_refusal:.1f} %")
+                f"the pruned model's {100 * pruned.utility:.1f} % (beyond the dev sets' noise)")
+    if point.over_refusal is not None and dense.over_refusal is not None:
+        base, whose = dense, "dense"
+        if pruned.over_refusal is not None and pruned.over_refusal > dense.over_refusal:
+            base, whose = pruned, "pruned"
+        if point.over_refusal > base.over_refusal + auto.over_refusal_guard_points / 100 + 1e-12 \
+                and _beyond_noise(point.over_refusal, base.over_refusal, point.n_over_refusal, base.n_over_refusal):
+            return (f"dev over-refusal {100 * point.over_refusal:.1f} % rose more than {auto.over_refusal_guard_points:g} "
+                    f"point(s) above the {whose} model's {100 * base.over_refusal:.1f} % (beyond the dev sets' noise)")
     return None
 
 
@@ -460,4 +487,5 @@ def point_from_headlines(label: str, restored: int, rows: Mapping[str, Mapping[s
         raise RealignConfigError("the dev sets hold no harmful prompts, so dev ASR is unknown; check the dev data")
     by_judge = {j: float(r["asr"]) for j, r in rows.items() if r.get("asr") is not None}
     return DevPoint(label=label, restored=restored, asr=float(head["asr"]), utility=head.get("utility"),
-                    over_refusal=head.get("over_refusal"), asr_by_judge=by_judge)
+                    over_refusal=head.get("over_refusal"), asr_by_judge=by_judge,
+                    n_utility=head.get("n_utility") or None, n_over_refusal=head.get("n_benign") or None)
