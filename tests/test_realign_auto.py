@@ -373,3 +373,31 @@ def test_over_refusal_guard_holds_against_the_pruned_model_when_pruning_raised_i
     calm = DevPoint("pruned", 0, asr=0.7, utility=0.5, over_refusal=0.0, n_utility=n, n_over_refusal=n)
     assert "above the dense model's" in guard_reason(
         DevPoint("r1", 10, asr=0.3, utility=0.5, over_refusal=20 / n, n_utility=n, n_over_refusal=n), dense, calm, AUTO)
+
+
+def test_bisection_after_a_guard_reports_the_target_when_the_kept_size_meets_it():
+    # 32 restored weights meet the target but break utility; 16 hold but miss; bisection finds 20-24.
+    session = Scripted()
+    auto = AutoBudget(bisect=True)
+    out = auto_realign(session, auto, [16, 32, 64],
+                       curve(lambda n: 0.3 if n < 20 else 0.02, utility_at=lambda n: 0.80 if n > 21 else 0.88),
+                       DENSE, PRUNED)
+    assert out.final.restored == 20
+    assert out.decision.met is True and "bisection kept 20 restored weights (target met)" in out.decision.reason
+    # Without bisection the same run keeps 16 and says the target was not met.
+    plain = auto_realign(Scripted(), AutoBudget(), [16, 32, 64],
+                         curve(lambda n: 0.3 if n < 20 else 0.02, utility_at=lambda n: 0.80 if n > 21 else 0.88),
+                         DENSE, PRUNED)
+    assert plain.final.restored == 16 and plain.decision.met is False
+
+
+def test_a_rise_within_the_dev_noise_restores_nothing():
+    n = 128
+    dense = DevPoint("dense", 0, asr=10 / n, utility=0.5, over_refusal=0.0, n_harmful=n)
+    small = DevPoint("pruned", 0, asr=13 / n, utility=0.5, over_refusal=0.0, n_harmful=n)  # +2.3 points
+    decision = stop_rule([], dense, small, AUTO)
+    assert (decision.action, decision.cause) == ("stop", "no_rise") and "noise" in decision.reason
+    large = DevPoint("pruned", 0, asr=40 / n, utility=0.5, over_refusal=0.0, n_harmful=n)
+    assert stop_rule([], dense, large, AUTO).action == "continue"
+    # Sizes unknown: the point threshold alone (as before).
+    assert stop_rule([], DevPoint("d", 0, asr=10 / n), DevPoint("p", 0, asr=13 / n), AUTO).action == "continue"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from ..evaluation.metrics import rise_interval
@@ -155,8 +155,9 @@ class DevPoint:
     asr_by_judge: dict[str, float] = field(default_factory=dict)
     refusal_loss: float | None = None
     seconds: float = 0.0
-    n_utility: int | None = None  # prompts behind ``utility`` / ``over_refusal`` (None: unknown)
+    n_utility: int | None = None  # prompts behind ``utility`` / ``over_refusal`` / ``asr`` (None: unknown)
     n_over_refusal: int | None = None
+    n_harmful: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -254,6 +255,11 @@ def stop_rule(
         if pruned.asr <= dense.asr + auto.tolerance_points / 100 + 1e-12:
             return Decision("stop", f"pruning did not raise dev ASR beyond dense + {auto.tolerance_points:g} point(s) "
                                     f"({100 * dense.asr:.1f} → {100 * pruned.asr:.1f} %): nothing to restore",
+                            -1, met=True, cause="no_rise")
+        if not _beyond_noise(pruned.asr, dense.asr, pruned.n_harmful, dense.n_harmful):
+            # A rise of a reply or two would make one round "meet" the target on a one-prompt denominator.
+            return Decision("stop", f"pruning's dev ASR rise ({100 * dense.asr:.1f} → {100 * pruned.asr:.1f} %) is within "
+                                    "the dev sets' noise: nothing to restore (more dev prompts would tell)",
                             -1, met=True, cause="no_rise")
         return Decision("continue", "", -1)
     last = len(trajectory) - 1
@@ -406,13 +412,21 @@ def auto_realign(
         at_max = index + 1 >= len(sizes)
         decision = stop_rule(trajectory, dense, pruned, auto, at_max=at_max, pool_empty=done < want)
         if decision.action == "continue":
-            snaps.append(session.snapshot())
+            # Only the state before the newest round is ever returned to (a step-back keeps the round
+            # before the last, and bisection starts there): older snapshots are freed, not hoarded.
+            snaps = [None] * len(snaps) + [session.snapshot()]
     if decision.action == "step_back":
+        assert snaps[decision.keep + 1] is not None, "a step-back returns to the state before the newest round"
         session.rollback(snaps[decision.keep + 1])
     final = trajectory[decision.keep] if decision.keep >= 0 else pruned
     bisected: list[DevPoint] = []
     if auto.bisect and decision.cause in ("target", "guard") and trajectory:
+        before = final
         final = _bisect(session, auto, decision, trajectory, snaps, measure, dense, pruned, bisected, say)
+        if final is not before:  # the decision must describe the state that is kept
+            met = target_reason(final, dense, pruned, auto) is not None
+            decision = replace(decision, met=met, reason=f"{decision.reason}; bisection kept {final.restored:,} "
+                                                        f"restored weights ({'target met' if met else 'target not met'})")
     return AutoOutcome(dense=dense, pruned=pruned, trajectory=trajectory, decision=decision, final=final,
                        schedule=list(sizes), bisected=bisected)
 
@@ -488,4 +502,5 @@ def point_from_headlines(label: str, restored: int, rows: Mapping[str, Mapping[s
     by_judge = {j: float(r["asr"]) for j, r in rows.items() if r.get("asr") is not None}
     return DevPoint(label=label, restored=restored, asr=float(head["asr"]), utility=head.get("utility"),
                     over_refusal=head.get("over_refusal"), asr_by_judge=by_judge,
-                    n_utility=head.get("n_utility") or None, n_over_refusal=head.get("n_benign") or None)
+                    n_utility=head.get("n_utility") or None, n_over_refusal=head.get("n_benign") or None,
+                    n_harmful=head.get("n_harmful") or None)
