@@ -166,13 +166,20 @@ def build_all(members: list[Member], jobs: int = 2) -> dict[str, Path]:
 
 def merge_runs(files: list[str], lists: tuple[str, ...] = ("records",)) -> dict:
     """One payload from benchmark runs made separately (e.g. one per member, some side by side): the
-    record lists joined, every run's command kept, ``seconds`` the sum of the runs' own times."""
+    record lists joined (a later run of the same cell replaces the earlier one: a rerun after a fix),
+    every run's command kept, ``seconds`` the sum of the runs' own times."""
     parts = [json.loads(Path(f).read_text(encoding="utf-8")) for f in files]
     payload = {**parts[0], "command": " ; ".join(part["command"] for part in parts),
                "seconds": round(sum(part["seconds"] for part in parts), 1), "runs": len(parts),
                "seconds_note": "sum of the runs' own wall times (some ran side by side on the 2 cores)"}
     for key in lists:
-        payload[key] = [r for part in parts for r in part.get(key, [])]
+        joined: dict = {}
+        for part in parts:  # a later run of the same cell (member, pruner, sparsity, method, split) replaces it
+            for r in part.get(key, []):
+                cell = tuple(r.get(k) for k in ("member", "pruner", "sparsity", "method", "split")) if isinstance(r, dict) else (len(joined),)
+                joined.pop(cell, None)
+                joined[cell] = r
+        payload[key] = list(joined.values())
     return payload
 
 

@@ -52,6 +52,8 @@ JUDGES = ["refusal-any", "keyword-gcg-nocase", "coherent-compliance"]
 """Their names, as the metrics carry them."""
 HEADLINE = "refusal-any"
 HARMFUL = ("harmful_text", "harmful_image")
+SET_SIZE = 300
+"""Prompts per dev/test set in the member's data folder: ``n`` larger than this would be silently capped."""
 DATA_ARGS = {"version": 2, "harmful_fraction": 0.1}
 """The v2 training configs' data: the benchmarks read the member's own cached folder (its 300-record
 sets, a seeded subset of ``n`` per set), so no data is generated twice."""
@@ -247,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="only join the records of runs made in parallel (e.g. one per family) into --out")
     args = parser.parse_args(argv)
+    if not 0 < args.n_eval <= SET_SIZE:
+        parser.error(f"--n-eval must be in 1..{SET_SIZE} (the test sets hold {SET_SIZE} prompts each)")
     if args.merge:
         _write(zoo.merge_runs(args.merge), Path(args.out))
         return

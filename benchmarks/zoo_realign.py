@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo  # noqa: E402
-from zoo_effect import DATA_ARGS, JUDGE_SPECS, JUDGES, PRUNERS  # noqa: E402
+from zoo_effect import DATA_ARGS, JUDGE_SPECS, JUDGES, PRUNERS, SET_SIZE  # noqa: E402
 
 from hsr_pl.callbacks import Pruning, SafetyHeadAttribution, SafetyRealignment  # noqa: E402
 from hsr_pl.data import SyntheticDataModule  # noqa: E402
@@ -52,10 +52,10 @@ HEADLINE = "refusal-any"
 HARMFUL = ("harmful_text", "harmful_image")
 MAX_NEW_TOKENS = 16
 TEST_SETS = ["eval_harmful_text", "eval_harmful_image", "eval_utility", "eval_benign"]
-METHODS = {
-    "paper-rule": lambda: MarginRule(p="auto", max_p=0.7),
-    "fixed-1e-4": lambda: GradientOrder(budget="1‱"),
-    "auto": lambda: GradientOrder(budget="auto"),
+METHODS = {  # each takes the dev prompts per set, so auto reads the same dev sets as the dev records
+    "paper-rule": lambda n_dev: MarginRule(p="auto", max_p=0.7),
+    "fixed-1e-4": lambda n_dev: GradientOrder(budget="1‱"),
+    "auto": lambda n_dev: GradientOrder(budget="auto", dev_samples=n_dev),
 }
 DEFAULT_PRUNERS = ["wanda", "wanda-matrix", "sparsegpt", "magnitude", "wanda-2:4"]
 
@@ -94,7 +94,9 @@ def rsr_with_interval(dense: int, pruned: int, realigned: int, n: int, draws: in
     d = rng.binomial(n, dense / n, draws)
     p = rng.binomial(n, pruned / n, draws)
     r = rng.binomial(n, realigned / n, draws)
-    keep = p > d
+    keep = p > d  # a draw without a rise has no RSR; dropping it narrows the interval, so count them
+    if keep.mean() < 0.95:
+        return rsr, None, f"rise too small for an interval ({100 * (1 - keep.mean()):.0f} % of draws had none)"
     values = (p[keep] - r[keep]) / (p[keep] - d[keep])
     lo, hi = np.percentile(values, [2.5, 97.5])
     return rsr, [float(lo), float(hi)], None
@@ -171,7 +173,7 @@ def run_member(member: zoo.Member, path: Path, pruners: list[str], sparsities: l
                 start = time.perf_counter()
                 module = _module(path)
                 report = work / f"{member.name}-{pruner}-{sparsity}-{method}.json"
-                realign = SafetyRealignment(method=METHODS[method](), top_h=top_h, scores_path=str(scores),
+                realign = SafetyRealignment(method=METHODS[method](n_dev), top_h=top_h, scores_path=str(scores),
                                             safety_calibration="safety+over_refusal", num_samples=128,
                                             batch_size=16, output=str(report), when="validation_start",
                                             table=False)
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/zoo_realign")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only join runs made in parallel into --out")
     args = parser.parse_args(argv)
+    if not (0 < args.n_eval <= SET_SIZE and 0 < args.n_dev <= SET_SIZE):
+        parser.error(f"--n-eval and --n-dev must be in 1..{SET_SIZE} (the sets hold {SET_SIZE} prompts each)")
     if args.merge:
         _write(zoo.merge_runs(args.merge, ("records", "skipped")), Path(args.out))
         return

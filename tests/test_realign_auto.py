@@ -193,8 +193,8 @@ def test_loop_stops_at_the_first_round_that_meets_the_target():
 
 def test_loop_steps_back_exactly_the_tripping_round():
     session = Scripted()
-    out = auto_realign(session, AUTO, [10, 20, 40, 80], curve(lambda n: 0.3, utility_at=lambda n: 0.80 if n > 20 else 0.88),
-                       DENSE, PRUNED)
+    out = auto_realign(session, AUTO, [10, 20, 40, 80],
+                       curve(lambda n: 0.3 - n / 1000, utility_at=lambda n: 0.80 if n > 20 else 0.88), DENSE, PRUNED)
     assert out.decision.action == "step_back" and out.final.restored == 20
     assert session.ids == list(range(20))
 
@@ -203,8 +203,24 @@ def test_loop_reports_max_budget_and_empty_pool():
     out = auto_realign(Scripted(), AUTO, [10, 20], curve(lambda n: 0.3), DENSE, PRUNED)
     assert out.decision.cause == "max_budget" and not out.decision.met
     assert out.summary(AUTO, 1000)["residual"].startswith("target not met")
-    out = auto_realign(Scripted(pool=15), AUTO, [10, 20, 40], curve(lambda n: 0.3), DENSE, PRUNED)
+    out = auto_realign(Scripted(pool=15), AUTO, [10, 20, 40], curve(lambda n: 0.3 - n / 1000), DENSE, PRUNED)
     assert out.decision.cause == "pool" and out.final.restored == 15
+
+
+def test_a_run_that_misses_its_target_keeps_its_lowest_dev_asr():
+    # The rounds get worse after 20 weights: the run ends at max_budget and keeps 20, not 80.
+    session = Scripted()
+    out = auto_realign(session, AUTO, [10, 20, 40, 80], curve(lambda n: {10: 0.30, 20: 0.20, 40: 0.35, 80: 0.40}[n]),
+                       DENSE, PRUNED)
+    assert (out.decision.action, out.decision.cause, out.final.restored) == ("step_back", "max_budget", 20)
+    assert "kept 20 restored weights, the lowest dev ASR of the run" in out.decision.reason
+    assert session.ids == list(range(20))  # the session is back at that state
+    # Every round worse than the pruned model: nothing is kept.
+    session = Scripted()
+    out = auto_realign(session, AUTO, [10, 20], curve(lambda n: 0.5), DENSE, PRUNED)
+    assert out.final.restored == 0 and session.ids == [] and out.decision.keep == -1
+    # Equal dev ASR: the fewest weights.
+    assert stop_rule([at(10, 0.3), at(20, 0.3)], DENSE, PRUNED, AUTO, at_max=True).keep == 0
 
 
 def test_bisection_finds_the_smallest_size_that_meets_the_target():
@@ -270,7 +286,7 @@ def test_auto_step_back_on_a_real_model_equals_stopping_one_round_earlier(tmp_pa
     want = _weights(reference, names)
 
     session = _session(module, path)
-    measure = curve(lambda n: 0.3, utility_at=lambda n: 0.5 if n > 10 else 0.88)
+    measure = curve(lambda n: 0.3 - n / 1000, utility_at=lambda n: 0.5 if n > 10 else 0.88)
     out = auto_realign(session, AUTO, [5, 10, 20], measure, DENSE, PRUNED)
     assert out.decision.action == "step_back" and session.restored == 10
     got = _weights(module, names)
@@ -314,7 +330,7 @@ def test_report_table_lines_and_plot_say_what_happened(tmp_path):
 
     from hsr_pl.report.auto import auto_lines, auto_table, save_auto_png
 
-    out = auto_realign(Scripted(), AUTO, [10, 20], curve(lambda n: 0.3), DENSE, PRUNED)
+    out = auto_realign(Scripted(), AUTO, [10, 20], curve(lambda n: 0.32 - n / 1000), DENSE, PRUNED)
     summary = {**out.summary(AUTO, 1000), "judge": "keyword-gcg-nocase"}
     lines = auto_lines(summary)
     assert lines[-1] == "stopped: max_budget reached (20 restored weights) before the target"
@@ -373,3 +389,46 @@ def test_over_refusal_guard_holds_against_the_pruned_model_when_pruning_raised_i
     calm = DevPoint("pruned", 0, asr=0.7, utility=0.5, over_refusal=0.0, n_utility=n, n_over_refusal=n)
     assert "above the dense model's" in guard_reason(
         DevPoint("r1", 10, asr=0.3, utility=0.5, over_refusal=20 / n, n_utility=n, n_over_refusal=n), dense, calm, AUTO)
+
+
+def test_bisection_after_a_guard_reports_the_target_when_the_kept_size_meets_it():
+    # 32 restored weights meet the target but break utility; 16 hold but miss; bisection finds 20-24.
+    session = Scripted()
+    auto = AutoBudget(bisect=True)
+    out = auto_realign(session, auto, [16, 32, 64],
+                       curve(lambda n: 0.3 if n < 20 else 0.02, utility_at=lambda n: 0.80 if n > 21 else 0.88),
+                       DENSE, PRUNED)
+    assert out.final.restored == 20
+    assert out.decision.met is True and "bisection kept 20 restored weights (target met)" in out.decision.reason
+    # Without bisection the same run keeps 16 and says the target was not met.
+    plain = auto_realign(Scripted(), AutoBudget(), [16, 32, 64],
+                         curve(lambda n: 0.3 if n < 20 else 0.02, utility_at=lambda n: 0.80 if n > 21 else 0.88),
+                         DENSE, PRUNED)
+    assert plain.final.restored == 16 and plain.decision.met is False
+
+
+def test_a_rise_within_the_dev_noise_restores_nothing():
+    n = 128
+    dense = DevPoint("dense", 0, asr=10 / n, utility=0.5, over_refusal=0.0, n_harmful=n)
+    small = DevPoint("pruned", 0, asr=13 / n, utility=0.5, over_refusal=0.0, n_harmful=n)  # +2.3 points
+    decision = stop_rule([], dense, small, AUTO)
+    assert (decision.action, decision.cause) == ("stop", "no_rise") and "noise" in decision.reason
+    large = DevPoint("pruned", 0, asr=40 / n, utility=0.5, over_refusal=0.0, n_harmful=n)
+    assert stop_rule([], dense, large, AUTO).action == "continue"
+    # Sizes unknown: the point threshold alone (as before).
+    assert stop_rule([], DevPoint("d", 0, asr=10 / n), DevPoint("p", 0, asr=13 / n), AUTO).action == "continue"
+
+
+def test_a_guard_steps_back_to_the_best_held_state_not_a_worse_one():
+    # Round 2 made dev ASR worse than round 1; round 3 breaks utility: back to round 1, not round 2.
+    rounds = [at(10, 0.20), at(20, 0.35), at(40, 0.10, utility=0.50)]
+    decision = stop_rule(rounds, DENSE, PRUNED, AUTO)
+    assert (decision.action, decision.cause, decision.keep) == ("step_back", "guard", 0)
+    # Every held round worse than pruned: back to the pruned model.
+    worse = [at(10, 0.50), at(20, 0.10, utility=0.50)]
+    assert stop_rule(worse, DENSE, PRUNED, AUTO).keep == -1
+    session = Scripted()
+    out = auto_realign(session, AUTO, [10, 20, 40, 80],
+                       curve(lambda n: {10: 0.20, 20: 0.35, 40: 0.10, 80: 0.05}[n], utility_at=lambda n: 0.5 if n >= 40 else 0.88),
+                       DENSE, PRUNED)
+    assert out.final.restored == 10 and session.ids == list(range(10))

@@ -169,3 +169,12 @@ def test_merge_joins_records_and_sums_the_runs_times(zoo, tmp_path):
     merged = zoo.merge_runs([str(a), str(b)], ("records", "skipped"))
     assert merged["records"] == [1, 2, 3] and merged["skipped"] == [9]
     assert merged["seconds"] == 15.5 and merged["runs"] == 2 and merged["command"] == "run a ; run b"
+
+
+def test_merge_lets_a_rerun_replace_its_cell(zoo, tmp_path):
+    cell = {"member": "m", "pruner": "wanda", "sparsity": 0.7, "method": "auto", "split": "test"}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"command": "a", "seconds": 1, "records": [{**cell, "rsr": 0.1}, {**cell, "split": "dev", "rsr": 0.2}]}))
+    b.write_text(json.dumps({"command": "b", "seconds": 1, "records": [{**cell, "rsr": 0.9}]}))
+    merged = zoo.merge_runs([str(a), str(b)])
+    assert sorted((r["split"], r["rsr"]) for r in merged["records"]) == [("dev", 0.2), ("test", 0.9)]

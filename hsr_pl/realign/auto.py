@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from ..evaluation.metrics import rise_interval
@@ -155,8 +155,9 @@ class DevPoint:
     asr_by_judge: dict[str, float] = field(default_factory=dict)
     refusal_loss: float | None = None
     seconds: float = 0.0
-    n_utility: int | None = None  # prompts behind ``utility`` / ``over_refusal`` (None: unknown)
+    n_utility: int | None = None  # prompts behind ``utility`` / ``over_refusal`` / ``asr`` (None: unknown)
     n_over_refusal: int | None = None
+    n_harmful: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,14 +256,21 @@ def stop_rule(
             return Decision("stop", f"pruning did not raise dev ASR beyond dense + {auto.tolerance_points:g} point(s) "
                                     f"({100 * dense.asr:.1f} → {100 * pruned.asr:.1f} %): nothing to restore",
                             -1, met=True, cause="no_rise")
+        if not _beyond_noise(pruned.asr, dense.asr, pruned.n_harmful, dense.n_harmful):
+            # A rise of a reply or two would make one round "meet" the target on a one-prompt denominator.
+            return Decision("stop", f"pruning's dev ASR rise ({100 * dense.asr:.1f} → {100 * pruned.asr:.1f} %) is within "
+                                    "the dev sets' noise: nothing to restore (more dev prompts would tell)",
+                            -1, met=True, cause="no_rise")
         return Decision("continue", "", -1)
     last = len(trajectory) - 1
     point = trajectory[last]
     tripped = guard_reason(point, dense, pruned, auto)
     if tripped is not None:
-        keep = last - 1
-        while keep >= 0 and guard_reason(trajectory[keep], dense, pruned, auto) is not None:
-            keep -= 1
+        # Back to the held state with the lowest dev ASR (the pruned model included; the fewest weights
+        # on ties): in a monotone run that is the round before this one.
+        held = [i for i in range(last) if guard_reason(trajectory[i], dense, pruned, auto) is None]
+        best = min(held, key=lambda i: (trajectory[i].asr, trajectory[i].restored), default=-1)
+        keep = -1 if best < 0 or pruned.asr <= trajectory[best].asr else best
         back_to = trajectory[keep].restored if keep >= 0 else 0
         met = keep >= 0 and target_reason(trajectory[keep], dense, pruned, auto) is not None
         return Decision("step_back", f"{tripped} at {point.restored:,} restored weights: stepped back to {back_to:,}",
@@ -270,12 +278,17 @@ def stop_rule(
     reached = target_reason(point, dense, pruned, auto)
     if reached is not None:
         return Decision("stop", f"{reached} at {point.restored:,} restored weights", last, met=True, cause="target")
-    if pool_empty:
-        return Decision("stop", f"no pruned weight left in scope after {point.restored:,} restored weights", last,
-                        cause="pool")
-    if at_max:
-        return Decision("stop", f"max_budget reached ({point.restored:,} restored weights) before the target", last,
-                        cause="max_budget")
+    if pool_empty or at_max:
+        why = (f"no pruned weight left in scope after {point.restored:,} restored weights" if pool_empty
+               else f"max_budget reached ({point.restored:,} restored weights) before the target")
+        # Target missed: keep the state with the lowest dev ASR (the fewest weights on ties), the pruned
+        # model included, so a run whose rounds made things worse never returns a worse model.
+        best = min(range(last + 1), key=lambda i: (trajectory[i].asr, trajectory[i].restored))
+        keep = -1 if pruned.asr <= trajectory[best].asr else best
+        if keep != last:
+            back_to = trajectory[keep].restored if keep >= 0 else 0
+            why += f": kept {back_to:,} restored weights, the lowest dev ASR of the run"
+        return Decision("stop" if keep == last else "step_back", why, keep, cause="pool" if pool_empty else "max_budget")
     return Decision("continue", "", last)
 
 
@@ -393,6 +406,7 @@ def auto_realign(
     trajectory: list[DevPoint] = []
     decision = stop_rule(trajectory, dense, pruned, auto)
     snaps = [session.snapshot()]  # snaps[i]: the state before round i (snaps[0]: the pruned model)
+    best = -1  # the round with the lowest dev ASR so far (-1: the pruned model)
     while decision.action == "continue":
         index = len(trajectory)
         start = time.perf_counter()
@@ -406,13 +420,26 @@ def auto_realign(
         at_max = index + 1 >= len(sizes)
         decision = stop_rule(trajectory, dense, pruned, auto, at_max=at_max, pool_empty=done < want)
         if decision.action == "continue":
+            # Kept: the pruned model, the state after the best round so far (where a run that misses
+            # its target steps back to) and the state before the newest round (a guard's step-back and
+            # bisection start there); the others are freed, not hoarded.
+            if best < 0 or point.asr < trajectory[best].asr:
+                best = index
             snaps.append(session.snapshot())
+            snaps = [snap if i in (0, best + 1, len(snaps) - 1) else None for i, snap in enumerate(snaps)]
     if decision.action == "step_back":
+        assert snaps[decision.keep + 1] is not None, "a step-back returns to a state that was kept"
         session.rollback(snaps[decision.keep + 1])
     final = trajectory[decision.keep] if decision.keep >= 0 else pruned
     bisected: list[DevPoint] = []
-    if auto.bisect and decision.cause in ("target", "guard") and trajectory:
+    contiguous = decision.cause == "target" or decision.keep == len(trajectory) - 2  # bisect between neighbours only
+    if auto.bisect and decision.cause in ("target", "guard") and trajectory and contiguous:
+        before = final
         final = _bisect(session, auto, decision, trajectory, snaps, measure, dense, pruned, bisected, say)
+        if final is not before:  # the decision must describe the state that is kept
+            met = target_reason(final, dense, pruned, auto) is not None
+            decision = replace(decision, met=met, reason=f"{decision.reason}; bisection kept {final.restored:,} "
+                                                        f"restored weights ({'target met' if met else 'target not met'})")
     return AutoOutcome(dense=dense, pruned=pruned, trajectory=trajectory, decision=decision, final=final,
                        schedule=list(sizes), bisected=bisected)
 
@@ -488,4 +515,5 @@ def point_from_headlines(label: str, restored: int, rows: Mapping[str, Mapping[s
     by_judge = {j: float(r["asr"]) for j, r in rows.items() if r.get("asr") is not None}
     return DevPoint(label=label, restored=restored, asr=float(head["asr"]), utility=head.get("utility"),
                     over_refusal=head.get("over_refusal"), asr_by_judge=by_judge,
-                    n_utility=head.get("n_utility") or None, n_over_refusal=head.get("n_benign") or None)
+                    n_utility=head.get("n_utility") or None, n_over_refusal=head.get("n_benign") or None,
+                    n_harmful=head.get("n_harmful") or None)
