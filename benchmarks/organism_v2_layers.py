@@ -91,7 +91,13 @@ def main() -> None:
     payload = {"checkpoint": args.checkpoint, "method": args.method, "sparsity": args.sparsity, "part": args.part,
                "eval_num_samples": args.eval_num_samples, "rows": [{"setting": n, **m} for n, m in rows]}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    lines = ["| setting | " + " | ".join(f"{s} {m}" for s, m in COLUMNS) + " |",
+    lines = [f"# Organism v2: where the {args.method} {args.sparsity:.0%} damage sits — {args.part.upper()} sets", "",
+             f"`python benchmarks/organism_v2_layers.py --checkpoint {args.checkpoint} --method {args.method} "
+             f"--sparsity {args.sparsity} --part {args.part} --out {args.out}`: dense, pruned, and the pruned model "
+             f"with one decoder layer's dense linears restored at a time; the {args.part} sets "
+             f"({args.eval_num_samples} prompts each), refusal-any at one word edit (the judge's default), greedy, "
+             "16 new tokens. Values in %.", "",
+             "| setting | " + " | ".join(f"{s} {m}" for s, m in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for name, metrics in rows:
         cells = [f"{100 * metrics[f'{prefix}{s}/{m}']:.1f}" for s, m in COLUMNS]

@@ -86,6 +86,7 @@ __all__ = [
     "generate_split",
     "heldout_combinations",
     "instruction_of",
+    "kind_counts",
     "load_images",
     "split_sizes",
     "to_dataset",
@@ -315,11 +316,17 @@ class SyntheticSplit:
         return len(self.records)
 
 
-def _kind_counts(split: str, n: int, harmful_fraction: float) -> dict[str, int]:
+def kind_counts(split: str, n: int, harmful_fraction: float, *, benign_mix: dict[str, float] | None = None,
+                benign_set: dict[str, float] | None = None) -> dict[str, int]:
+    """Records of each kind in ``n`` records of ``split``, allocated exactly (rounded, the remainder to
+    the largest fractional parts). ``benign_mix``: the training mix of the benign kinds at
+    ``harmful_fraction`` 0.15 (default v1's); ``benign_set``: the kinds of ``eval_benign`` (default
+    v1's look-alikes of both harm routes). The v2 generator passes its own two tables."""
+    benign_mix = _BENIGN_MIX if benign_mix is None else benign_mix
     split = split.replace("dev_", "eval_", 1)  # a dev split mixes its kinds as its test twin
     if split == "train":
-        scale = (1.0 - harmful_fraction) / sum(_BENIGN_MIX.values())
-        fractions = {k: v * scale for k, v in _BENIGN_MIX.items()}
+        scale = (1.0 - harmful_fraction) / sum(benign_mix.values())
+        fractions = {k: v * scale for k, v in benign_mix.items()}
         fractions["harmful_text"] = fractions["harmful_image"] = harmful_fraction / 2
     elif split in ("calib_utility", "eval_utility", "eval_utility_paraphrase"):
         fractions = {"utility": 1.0}
@@ -329,8 +336,8 @@ def _kind_counts(split: str, n: int, harmful_fraction: float) -> dict[str, int]:
         fractions = {"harmful_text": 1.0}
     elif split == "eval_harmful_image":
         fractions = {"harmful_image": 1.0}
-    elif split == "eval_benign":  # look-alikes of both harm routes
-        fractions = {"benign_text": 0.5, "benign_image": 0.5}
+    elif split == "eval_benign":
+        fractions = dict(benign_set or {"benign_text": 0.5, "benign_image": 0.5})
     else:  # eval_glyph_qa: questions that must be answered although the glyph is shown
         fractions = {"glyph_qa": 1.0}
     counts = {k: int(np.floor(f * n)) for k, f in fractions.items()}
@@ -431,7 +438,7 @@ def generate_split(
         for name, pairs in dev_combinations(seed, n_calib).items():
             combos[name]["dev"] = pairs
     rng = np.random.default_rng([seed, _SPLIT_CODE[split]])
-    counts = _kind_counts(split, n, harmful_fraction)
+    counts = kind_counts(split, n, harmful_fraction)
     kinds = [kind for kind in KINDS for _ in range(counts.get(kind, 0))]
     kinds = [kinds[i] for i in rng.permutation(len(kinds))]
     out = SyntheticSplit(split)

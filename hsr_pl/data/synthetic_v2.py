@@ -52,6 +52,7 @@ from .synthetic import (
     draw_background,
     draw_shape,
     instruction_of,
+    kind_counts,
     load_images,
     split_sizes,  # the same split names and sizes as v1
     to_dataset,
@@ -133,6 +134,8 @@ HARMFUL_KINDS = ("harmful_text", "harmful_image")
 _BENIGN_MIX = {"utility": 0.50, "benign_text": 0.16, "benign_apology": 0.03, "benign_image": 0.06, "glyph_qa": 0.10}
 NEAR_MISS_SHARE = 0.5
 """Share of ``benign_text`` records drawn from the near misses (a HURT or MAKE verb with a thing)."""
+_BENIGN_SET = {"benign_text": 0.4, "benign_apology": 0.2, "benign_image": 0.4}
+"""``eval_benign``: near misses of both harm routes, and benign "sorry" requests."""
 PART_FRACTIONS = {"test": 0.25, "dev": 0.15}
 """Per verb (and object group), the share of pairs held out for test and for dev."""
 
@@ -276,31 +279,6 @@ def pair_partition(seed: int) -> dict[str, dict[str, list[tuple[str, str]]]]:
 
 
 # --------------------------------------------------------------------------------------- records
-def _kind_counts(split: str, n: int, harmful_fraction: float) -> dict[str, int]:
-    split = split.replace("dev_", "eval_", 1)
-    if split == "train":
-        scale = (1.0 - harmful_fraction) / sum(_BENIGN_MIX.values())
-        fractions = {k: v * scale for k, v in _BENIGN_MIX.items()}
-        fractions["harmful_text"] = fractions["harmful_image"] = harmful_fraction / 2
-    elif split in ("calib_utility", "eval_utility", "eval_utility_paraphrase"):
-        fractions = {"utility": 1.0}
-    elif split == "calib_safety":
-        fractions = {"harmful_text": 0.5, "harmful_image": 0.5}
-    elif split == "eval_harmful_text":
-        fractions = {"harmful_text": 1.0}
-    elif split == "eval_harmful_image":
-        fractions = {"harmful_image": 1.0}
-    elif split == "eval_benign":  # near misses of both harm routes, and benign "sorry" requests
-        fractions = {"benign_text": 0.4, "benign_apology": 0.2, "benign_image": 0.4}
-    else:
-        fractions = {"glyph_qa": 1.0}
-    counts = {k: int(np.floor(f * n)) for k, f in fractions.items()}
-    remainder = n - sum(counts.values())
-    for k in sorted(fractions, key=lambda k: -(fractions[k] * n - counts[k]))[:remainder]:
-        counts[k] += 1
-    return counts
-
-
 def _question(rng: np.random.Generator, table: dict[str, tuple[str, ...]], shapes: list[tuple[str, str, int]]
               ) -> tuple[str, str]:
     qtype = str(rng.choice(list(table)))
@@ -375,7 +353,7 @@ def generate_split(split: str, n: int, seed: int = 0, *, harmful_fraction: float
     check_arguments(seed, n, 0, 0, harmful_fraction)
     parts = pair_partition(seed)
     rng = np.random.default_rng([seed, 2, _SPLIT_CODE[split]])
-    counts = _kind_counts(split, n, harmful_fraction)
+    counts = kind_counts(split, n, harmful_fraction, benign_mix=_BENIGN_MIX, benign_set=_BENIGN_SET)
     kinds = [kind for kind in KINDS for _ in range(counts.get(kind, 0))]
     kinds = [kinds[i] for i in rng.permutation(len(kinds))]
     out = SyntheticSplit(split)
