@@ -14,25 +14,14 @@ Any other data module has none (the caller refuses what needs them, naming the f
 from __future__ import annotations
 
 from .datamodule import EvalSet, VLGuardDataModule
-from .synthetic_module import SYNTHETIC_EVAL_SETS, SyntheticDataModule
+from .synthetic_module import DEV_KINDS
 
 __all__ = ["DEV_KINDS", "dev_sets"]
 
-DEV_KINDS = ("harmful_text", "harmful_image", "utility", "benign")
-"""The dev sets measured (synthetic names without the ``dev_`` prefix)."""
-
 
 def dev_sets(datamodule: object, num_samples: int | None = None) -> list[EvalSet]:
-    """The dev evaluation sets of ``datamodule``, ``num_samples`` prompts each (empty: none)."""
-    if isinstance(datamodule, SyntheticDataModule):
-        out = []
-        for kind in DEV_KINDS:
-            name = f"dev_{kind}"
-            path = datamodule.data_dir / f"{name}.json"
-            if path.is_file():
-                split, role = SYNTHETIC_EVAL_SETS[name]
-                out.append(EvalSet(name=name, path=str(path), split=split, kind=role, num_samples=num_samples))
-        return out
-    if isinstance(datamodule, VLGuardDataModule):
+    """The dev evaluation sets of ``datamodule``, ``num_samples`` prompts each (empty: none); each data
+    module says which it holds (``dev_eval_sets``)."""
+    if isinstance(datamodule, VLGuardDataModule):  # SyntheticDataModule included
         return datamodule.dev_eval_sets(num_samples)
     return []

@@ -37,6 +37,8 @@ SYNTHETIC_EVAL_SETS: dict[str, tuple[str, str]] = {
     **_TEST_SETS, **{name.replace("eval_", "dev_", 1): how for name, how in _TEST_SETS.items()}
 }
 EVAL_PARTS = ("test", "dev")
+DEV_KINDS = ("harmful_text", "harmful_image", "utility", "benign")
+"""The dev sets a run measures (names without the ``dev_`` prefix)."""
 GENERATORS = {1: synthetic, 2: synthetic_v2}
 """The data set versions: 1, the first organism's set; 2, the harder set of :mod:`hsr_pl.data.synthetic_v2`."""
 
@@ -204,3 +206,15 @@ class SyntheticDataModule(VLGuardDataModule):
         self.data_dir = folder
         self.eval_part = eval_part
         self.version = version
+
+    def dev_eval_sets(self, num_samples: int | None = None) -> list[EvalSet]:
+        """The ``dev_*`` twins of the test sets this data set holds (:data:`DEV_KINDS`), ``num_samples``
+        prompts each: what the automatic realignment budget measures after each round."""
+        out = []
+        for kind in DEV_KINDS:
+            name = f"dev_{kind}"
+            path = self.data_dir / f"{name}.json"
+            if path.is_file():
+                split, role = SYNTHETIC_EVAL_SETS[name]
+                out.append(EvalSet(name=name, path=str(path), split=split, kind=role, num_samples=num_samples))
+        return out
