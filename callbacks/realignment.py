@@ -561,9 +561,10 @@ class SafetyRealignment(HSRCallback):
                 if pruned_point is not None:
                     after = self._measure(trainer, pl_module, "realigned", self.result.restored)
                     dev_report = self._dev_check(dev_dense, pruned_point, after)
+        as_run = {**self.settings(), "preserve_structure": self.config.preserve_structure}
         self.report = {
             **self.result.summary(),
-            "settings": {**self.settings(), "preserve_structure": self.config.preserve_structure},  # as run
+            "settings": as_run,
             "importance": self.config.importance,
             "calibration": {
                 "utility": self.utility_calibration, "safety": self.safety_calibration,
@@ -581,7 +582,7 @@ class SafetyRealignment(HSRCallback):
         self._report(trainer)
         # In memory, for whoever re-runs variants from the same pruned weights while it is notified.
         state.realignment_run = RealignmentRun(
-            config=self.config, result=self.result, settings={**self.settings(), "preserve_structure": self.config.preserve_structure}, dense=self.dense,
+            config=self.config, result=self.result, settings=as_run, dense=self.dense,
             calibration=lambda kind: self._batches(
                 trainer, pl_module, self.safety_calibration if kind == "safety" else self.utility_calibration
             ),
