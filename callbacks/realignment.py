@@ -582,7 +582,7 @@ class SafetyRealignment(HSRCallback):
         self._report(trainer)
         # In memory, for whoever re-runs variants from the same pruned weights while it is notified.
         state.realignment_run = RealignmentRun(
-            config=self.config, result=self.result, settings=as_run, dense=self.dense,
+            config=self.config, result=self.result, settings=dict(as_run), dense=self.dense,
             calibration=lambda kind: self._batches(
                 trainer, pl_module, self.safety_calibration if kind == "safety" else self.utility_calibration
             ),
