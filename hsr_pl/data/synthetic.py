@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ __all__ = [
     "split_sizes",
     "to_dataset",
     "vlguard_role",
+    "write_data_set",
 ]
 
 IMAGE_SIZE = 32
@@ -540,16 +541,38 @@ def generate(
     """
     check_arguments(seed, n_train, n_calib, n_eval, harmful_fraction, n_dev)
     dev_pairs = dev_combinations(seed, n_calib)  # before any write: refuses an n_calib that leaves none
+    counts = split_sizes(n_train, n_calib, n_eval, n_dev)
+    combos = heldout_combinations(seed)
+    manifest = {
+        "generator": GENERATOR, "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
+        "harmful_fraction": harmful_fraction, "sizes": counts,
+        "refusal": REFUSAL, "compliance_prefix": COMPLIANCE_PREFIX,
+        "vocabulary": list(VOCABULARY),
+        "heldout_pairs": {k: [" ".join(p) for p in v["eval"]] for k, v in combos.items()},
+        "dev_pairs": {k: [" ".join(p) for p in v] for k, v in dev_pairs.items()},
+        "splits": {"test": list(EVAL_SPLITS), "dev": list(DEV_SPLITS)},
+    }
+    return write_data_set(
+        out_dir, GENERATOR, counts, manifest, overwrite=overwrite,
+        make_split=lambda split, n: generate_split(split, n, seed, harmful_fraction=harmful_fraction, n_calib=n_calib),
+    )
+
+
+def write_data_set(out_dir: str | os.PathLike[str], owner: str, counts: dict[str, int], manifest: dict[str, Any], *,
+                   make_split: Callable[[str, int], SyntheticSplit], overwrite: bool = False) -> Path:
+    """Write a generated data set: each split of ``counts`` (``make_split(name, n)``) as ``<split>.json``
+    with its PNGs, ``calibration.json`` (both calibration splits) and ``manifest.json``, built in a
+    temporary sibling and renamed into place (:func:`hsr_pl.io.atomic_folder`, owned by ``owner``);
+    an existing non-empty ``out_dir`` needs ``overwrite=True``. Both generators write through here."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another out_dir")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it, or choose another out_dir")
-    counts = split_sizes(n_train, n_calib, n_eval, n_dev)
-    with atomic_folder(out, GENERATOR, label="data_dir", overwrite=overwrite) as tmp:
+    with atomic_folder(out, owner, label="data_dir", overwrite=overwrite) as tmp:
         records_by_split: dict[str, list[dict[str, Any]]] = {}
         for split, n in counts.items():
-            data = generate_split(split, n, seed, harmful_fraction=harmful_fraction, n_calib=n_calib)
+            data = make_split(split, n)
             (tmp / "images" / split).mkdir(parents=True)
             for record, image in zip(data.records, data.images, strict=True):
                 image.save(tmp / record["image"], format="PNG", optimize=False)
@@ -557,16 +580,6 @@ def generate(
             _write_json(tmp / f"{split}.json", data.records)
         _write_json(tmp / "calibration.json",
                     records_by_split["calib_utility"] + records_by_split["calib_safety"])
-        combos = heldout_combinations(seed)
-        manifest = {
-            "generator": GENERATOR, "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
-            "harmful_fraction": harmful_fraction, "sizes": counts,
-            "refusal": REFUSAL, "compliance_prefix": COMPLIANCE_PREFIX,
-            "vocabulary": list(VOCABULARY),
-            "heldout_pairs": {k: [" ".join(p) for p in v["eval"]] for k, v in combos.items()},
-            "dev_pairs": {k: [" ".join(p) for p in v] for k, v in dev_pairs.items()},
-            "splits": {"test": list(EVAL_SPLITS), "dev": list(DEV_SPLITS)},
-        }
         _write_json(tmp / "manifest.json", manifest)
     return out
 

@@ -31,7 +31,6 @@ deterministic: the same arguments give byte-identical files.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..evaluation.organism import COMPLIANCE_TEMPLATES_V2, REFUSALS_V2
-from ..io import atomic_folder
 from .synthetic import (
     COLOURS,
     DEV_SPLITS,
@@ -57,6 +55,7 @@ from .synthetic import (
     split_sizes,  # the same split names and sizes as v1
     to_dataset,
     vlguard_role,
+    write_data_set,
 )
 from .synthetic import check_arguments as _check_v1
 
@@ -382,34 +381,17 @@ def generate(
     the manifest also lists the pair partition and the phrasings.
     """
     check_arguments(seed, n_train, n_calib, n_eval, harmful_fraction, n_dev)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; choose another out_dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it, or choose another out_dir")
     counts = split_sizes(n_train, n_calib, n_eval, n_dev)
-    with atomic_folder(out, GENERATOR, label="data_dir", overwrite=overwrite) as tmp:
-        by_split: dict[str, list[dict[str, Any]]] = {}
-        for split, n in counts.items():
-            data = generate_split(split, n, seed, harmful_fraction=harmful_fraction)
-            (tmp / "images" / split).mkdir(parents=True)
-            for record, image in zip(data.records, data.images, strict=True):
-                image.save(tmp / record["image"], format="PNG", optimize=False)
-            by_split[split] = data.records
-            _write_json(tmp / f"{split}.json", data.records)
-        _write_json(tmp / "calibration.json", by_split["calib_utility"] + by_split["calib_safety"])
-        manifest = {
-            "generator": GENERATOR, "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
-            "harmful_fraction": harmful_fraction, "sizes": counts,
-            "refusals": list(REFUSALS_V2), "compliance_templates": list(COMPLIANCE_TEMPLATES_V2),
-            "vocabulary": list(VOCABULARY),
-            "pairs": {group: {part: [act_text(*p) for p in pairs] for part, pairs in parts.items()}
-                      for group, parts in pair_partition(seed).items()},
-            "splits": {"test": list(EVAL_SPLITS), "dev": list(DEV_SPLITS)},
-        }
-        _write_json(tmp / "manifest.json", manifest)
-    return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    manifest = {
+        "generator": GENERATOR, "version": GENERATOR_VERSION, "format": "vlguard", "seed": seed,
+        "harmful_fraction": harmful_fraction, "sizes": counts,
+        "refusals": list(REFUSALS_V2), "compliance_templates": list(COMPLIANCE_TEMPLATES_V2),
+        "vocabulary": list(VOCABULARY),
+        "pairs": {group: {part: [act_text(*p) for p in pairs] for part, pairs in parts.items()}
+                  for group, parts in pair_partition(seed).items()},
+        "splits": {"test": list(EVAL_SPLITS), "dev": list(DEV_SPLITS)},
+    }
+    return write_data_set(
+        out_dir, GENERATOR, counts, manifest, overwrite=overwrite,
+        make_split=lambda split, n: generate_split(split, n, seed, harmful_fraction=harmful_fraction),
+    )
